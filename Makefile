@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= default
+RUN_DIR ?= runs/$(CONFIG)-$(shell date +%Y%m%d-%H%M%S)
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: train test env clean-env
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml scripts/requirements.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PYTHON) scripts/requirements.py deps > $(VENV)/requirements.txt
+	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
+	$(PYTHON) scripts/requirements.py nodeps > $(VENV)/requirements-nodeps.txt
+	$(PY) -m pip install --quiet --no-deps -r $(VENV)/requirements-nodeps.txt
+	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow; print('environment ready: torch', torch.__version__)"
+	touch $(STAMP)
+
+## train: the default job (2 workers via `torchx run -s local_cwd`); CONFIG=, RUN_DIR=, NPROC=, ARGS= override
+train: $(STAMP)
+	$(PY) -m pipeline.launch --run-dir $(RUN_DIR) --nproc $(NPROC) -- --config $(CONFIG) $(ARGS)
+
+## test: the whole test suite
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-env:
+	rm -rf $(VENV)

@@ -1,0 +1,175 @@
+"""Parquet -> TorchRec ``Batch``: an ``IterableDataset`` streaming row groups, split evenly across ranks.
+
+Each rank reads a contiguous, equal-sized slice of the rows (every rank must run the same number of steps, or the
+collectives of the sharded model would hang); the at most ``world_size - 1`` rows left over are counted and
+reported, never dropped silently. Within a row group everything is vectorized with numpy.
+
+KJT layout of one batch (B rows, keys cat_0..cat_25; a missing value is an empty bag)::
+
+    keys    : cat_0            cat_1            ...
+    lengths : [1 0 1 ... 1]    [1 1 1 ... 0]    ...   (26 * B entries, key-major)
+    values  : ids of cat_0 for rows with a value, then cat_1, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, LABEL, SPARSE_COLUMNS, check_schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReaderConfig:
+    """How Parquet rows become batches."""
+
+    batch_size: int = 512
+    """Rows per batch on each rank."""
+    shuffle: bool = False
+    """Shuffle rows within each row group, deterministically per (seed, epoch)."""
+    seed: int = 0
+    """Seed of the shuffle."""
+    drop_last: bool = False
+    """Drop a final batch smaller than batch_size (it is counted either way)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class _RowGroupRef:
+    path: Path
+    index: int
+    start: int  # global row index of the row group's first row
+    rows: int
+
+
+class ParquetBatches(IterableDataset):
+    """Stream ``Batch``es from one or more Parquet files in the project's layout (see ``datasets.schema``)."""
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        num_embeddings: Sequence[int],
+        cfg: ReaderConfig,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(num_embeddings) != len(SPARSE_COLUMNS):
+            raise ValueError(f"num_embeddings needs {len(SPARSE_COLUMNS)} entries, got {len(num_embeddings)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.num_embeddings = np.asarray(num_embeddings, dtype=np.uint64)
+        self.epoch = 0
+        self._groups: list[_RowGroupRef] = []
+        total = 0
+        for p in map(Path, paths):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p}: no such Parquet file")
+            try:
+                meta = pq.ParquetFile(p).metadata
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"{p}: not a readable Parquet file ({e})") from e
+            check_schema(meta.schema.to_arrow_schema(), str(p))
+            for i in range(meta.num_row_groups):
+                n = meta.row_group(i).num_rows
+                self._groups.append(_RowGroupRef(p, i, total, n))
+                total += n
+        self.total_rows = total
+        per_rank = total // world_size
+        self.rows_unused = total - per_rank * world_size
+        self.row_begin, self.row_end = rank * per_rank, (rank + 1) * per_rank
+        full, rest = divmod(per_rank, cfg.batch_size)
+        self.num_batches = full + (1 if rest and not cfg.drop_last else 0)
+        self.rows_dropped_last = rest if cfg.drop_last else 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _row_groups(self) -> Iterator[tuple[_RowGroupRef, int, int]]:
+        """Row groups overlapping this rank's slice, with the local [lo, hi) rows to keep."""
+        for g in self._groups:
+            lo, hi = max(self.row_begin, g.start), min(self.row_end, g.start + g.rows)
+            if lo < hi:
+                yield g, lo - g.start, hi - g.start
+
+    def _decode(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        labels = table.column(LABEL).to_numpy().astype(np.float32)
+        dense = np.empty((table.num_rows, len(DENSE_COLUMNS)), dtype=np.float32)
+        for j, c in enumerate(DENSE_COLUMNS):
+            x = table.column(c).to_numpy(zero_copy_only=False)  # float64 with NaN where null
+            dense[:, j] = np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0.0))
+        ids = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=np.int64)
+        valid = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=bool)
+        for t, c in enumerate(SPARSE_COLUMNS):
+            col = table.column(c).combine_chunks()
+            valid[t] = col.is_valid().to_numpy(zero_copy_only=False)
+            raw = col.fill_null(0).to_numpy().astype(np.uint64)
+            ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
+        return labels, dense, ids, valid
+
+    def __iter__(self) -> Iterator[Batch]:
+        bs = self.cfg.batch_size
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank])
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        pending_rows = 0
+        emitted = 0
+        open_files: dict[Path, pq.ParquetFile] = {}
+        for g, lo, hi in self._row_groups():
+            f = open_files.setdefault(g.path, pq.ParquetFile(g.path))
+            table = f.read_row_group(g.index).slice(lo, hi - lo)
+            parts = self._decode(table)
+            if self.cfg.shuffle:
+                order = rng.permutation(table.num_rows)
+                parts = (parts[0][order], parts[1][order], parts[2][:, order], parts[3][:, order])
+            pending.append(parts)
+            pending_rows += table.num_rows
+            if pending_rows < bs:
+                continue
+            labels, dense, ids, valid = _concat(pending)
+            n_full = (pending_rows // bs) * bs
+            for s in range(0, n_full, bs):
+                yield _make_batch(labels[s:s + bs], dense[s:s + bs], ids[:, s:s + bs], valid[:, s:s + bs])
+                emitted += 1
+            pending = [(labels[n_full:], dense[n_full:], ids[:, n_full:], valid[:, n_full:])]
+            pending_rows -= n_full
+        if pending_rows and not self.cfg.drop_last:
+            yield _make_batch(*_concat(pending))
+            emitted += 1
+        assert emitted == self.num_batches, (emitted, self.num_batches)
+
+
+def _concat(parts):
+    if len(parts) == 1:
+        return parts[0]
+    return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts], axis=1), np.concatenate([p[3] for p in parts], axis=1))
+
+
+def _make_batch(labels: np.ndarray, dense: np.ndarray, ids: np.ndarray, valid: np.ndarray) -> Batch:
+    lengths = valid.reshape(-1).astype(np.int32)
+    values = ids[valid]  # boolean indexing of the key-major array keeps the KJT order
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=FEATURE_NAMES, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths)
+    )
+    return Batch(dense_features=torch.from_numpy(np.ascontiguousarray(dense)), sparse_features=kjt,
+                 labels=torch.from_numpy(np.ascontiguousarray(labels)))

@@ -1,0 +1,1 @@
+"""Model assembly, the train/eval loop, checkpoints and the CLI entry points."""

@@ -1,0 +1,79 @@
+"""Distributed checkpoints (``torch.distributed.checkpoint``) of model, optimizer and progress, written atomically.
+
+A checkpoint is written under a temporary name and renamed once every rank has finished and rank 0 has written
+its ``manifest.json``; a folder without a manifest is never loaded, so a crash mid-write cannot be resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.optim import Optimizer
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class Checkpointer:
+    """Saves ``step_XXXXXXXX`` folders under ``root`` and finds the newest complete one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / MANIFEST).is_file())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, model: nn.Module, optimizer: Optimizer, progress: dict[str, Any]) -> Path:
+        final = self.root / f"step_{step:08d}"
+        tmp = self.root / f".tmp_step_{step:08d}"
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+        _barrier()
+        if _rank() == 0:
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "progress": progress}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            log.info("checkpoint saved: %s", final)
+        _barrier()
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+        """Load weights and optimizer state in place (resharding as needed); returns the saved progress."""
+        manifest = json.loads((path / MANIFEST).read_text())
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        state = {"model": model.state_dict()}
+        # Plain SGD has no state tensors, so nothing of it is in the checkpoint (its lr comes from the config).
+        has_optim_state = any(k.startswith("optim.") for k in saved)
+        if has_optim_state:
+            state["optim"] = optimizer.state_dict()
+        dcp.load(state, checkpoint_id=str(path))
+        model.load_state_dict(state["model"])
+        if has_optim_state:
+            optimizer.load_state_dict(state["optim"])
+        log.info("resumed from %s (step %d)", path, manifest["step"])
+        return manifest["progress"]

@@ -1,0 +1,147 @@
+"""Typed configuration of a training job; a named experiment is a function returning a ``JobConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from datasets.reader import ReaderConfig
+from datasets.schema import NUM_SPARSE
+from datasets.synthetic import SyntheticConfig
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig:
+    """Shapes of the DLRM (``torchrec.models.dlrm.DLRM``)."""
+
+    embedding_dim: int = 16
+    """Width of every embedding table (DLRM's dot interaction needs one width)."""
+    num_embeddings: tuple[int, ...] = SyntheticConfig().cardinalities
+    """Rows of each of the 26 tables; categorical hashes are taken modulo this."""
+    dense_arch: tuple[int, ...] = (128, 64, 16)
+    """Bottom MLP layer sizes; the last must equal embedding_dim."""
+    over_arch: tuple[int, ...] = (256, 128, 1)
+    """Top MLP layer sizes; the last must be 1."""
+
+    def __post_init__(self) -> None:
+        self.num_embeddings = tuple(self.num_embeddings)
+        self.dense_arch, self.over_arch = tuple(self.dense_arch), tuple(self.over_arch)
+        if len(self.num_embeddings) != NUM_SPARSE:
+            raise ValueError(f"model.num_embeddings needs {NUM_SPARSE} entries, got {len(self.num_embeddings)}")
+        if self.dense_arch[-1] != self.embedding_dim:
+            raise ValueError(f"model.dense_arch must end with embedding_dim={self.embedding_dim}, got {self.dense_arch}")
+        if self.over_arch[-1] != 1:
+            raise ValueError(f"model.over_arch must end with 1, got {self.over_arch}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DataConfig:
+    """Where the data comes from and how it is batched."""
+
+    data_dir: str = ""
+    """Folder with train/val/test Parquet (files or folders of files); empty = the bundled synthetic data."""
+    batch_size: int = 256
+    """Training rows per batch on each rank."""
+    eval_batch_size: int = 4096
+    """Evaluation rows per batch on each rank."""
+    shuffle: bool = True
+    """Shuffle training rows within row groups, differently each epoch."""
+    synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
+    """Shape of the synthetic dataset used when data_dir is empty."""
+
+    def reader(self, *, train: bool, seed: int) -> ReaderConfig:
+        if train:
+            return ReaderConfig(batch_size=self.batch_size, shuffle=self.shuffle, seed=seed)
+        return ReaderConfig(batch_size=self.eval_batch_size)
+
+
+@dataclasses.dataclass(kw_only=True)
+class OptimConfig:
+    """Plain SGD, as in the DQRM paper."""
+
+    lr: float = 0.1
+    """Learning rate of the dense (MLP) SGD optimizer."""
+    embedding_lr: float = 0.1
+    """Learning rate of the fused (in-backward) embedding SGD."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.embedding_lr <= 0:
+            raise ValueError("learning rates must be positive")
+
+
+@dataclasses.dataclass(kw_only=True)
+class JobConfig:
+    """A whole training job."""
+
+    name: str = "default"
+    """Name of the experiment (the named config it came from)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    epochs: int = 5
+    """Passes over the training split."""
+    limit_train_batches: int = 0
+    """Stop each epoch after this many batches (0 = the whole split)."""
+    limit_eval_batches: int = 0
+    """Evaluate on at most this many batches per rank (0 = the whole split)."""
+    eval_every_steps: int = 0
+    """Also evaluate on the validation split every N training steps (0 = only at epoch end)."""
+    seed: int = 0
+    """Seed of model initialization and shuffling."""
+    run_dir: str = "runs/default"
+    """Where logs, checkpoints, metrics and plots go; a run dir with checkpoints is resumed."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps"):
+            if getattr(self, f) < 0:
+                raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(cfg: Any, dotted: str) -> None:
+    """Set ``a.b.c=value`` on nested dataclasses, parsing ``value`` by the field's current type."""
+    if "=" not in dotted:
+        raise ValueError(f"override {dotted!r} must look like field.path=value")
+    path, raw = dotted.split("=", 1)
+    *parents, leaf = path.split(".")
+    obj = cfg
+    for p in parents:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            raise ValueError(f"override {dotted!r}: no config section {p!r}")
+        obj = getattr(obj, p)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if leaf not in names:
+        raise ValueError(f"override {dotted!r}: {type(obj).__name__} has no field {leaf!r} (fields: {sorted(names)})")
+    current = getattr(obj, leaf)
+    value = _parse_like(current, raw, dotted)
+    if dataclasses.is_dataclass(obj) and getattr(type(obj), "__dataclass_params__").frozen:
+        raise ValueError(f"override {dotted!r}: {type(obj).__name__} is frozen; set the whole section in a named config")
+    setattr(obj, leaf, value)
+    obj.__post_init__() if hasattr(obj, "__post_init__") else None
+
+
+def _parse_like(current: Any, raw: str, where: str) -> Any:
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return raw.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(int(x) for x in raw.split(",") if x)
+        return raw
+    except ValueError as e:
+        raise ValueError(f"override {where!r}: cannot parse {raw!r} as {type(current).__name__} ({e})") from None

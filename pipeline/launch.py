@@ -1,0 +1,52 @@
+"""``make train``: launch ``pipeline.train`` through ``torchx run -s local_cwd`` and fail when the job fails.
+
+Everything after ``--`` goes to ``python -m pipeline.train``. torchx's own logs (one folder per attempt, with each
+rank's stdout/stderr) are kept in ``RUN_DIR/torchx``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+COMPONENT = "./torchx_components/dlrm.py:train"
+
+
+def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, scheduler: str = "local_cwd",
+                   max_retries: int = 0) -> list[str]:
+    torchx = str(Path(sys.executable).with_name("torchx"))
+    return [torchx, "run", "-s", scheduler, "--wait", "--log",
+            "--scheduler_args", f"log_dir={run_dir / 'torchx'}",
+            COMPONENT, "--nproc_per_node", str(nproc), "--max_retries", str(max_retries),
+            "--", "--run-dir", str(run_dir), *train_args]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    split = argv.index("--") if "--" in argv else len(argv)
+    p = argparse.ArgumentParser(prog="python -m pipeline.launch",
+                                description="Run a training job locally through torchx (local_cwd scheduler).")
+    p.add_argument("--run-dir", type=Path, required=True, help="run directory (logs, checkpoints, summary)")
+    p.add_argument("--nproc", type=int, default=2, help="worker processes (ranks)")
+    p.add_argument("--max-retries", type=int, default=0, help="restarts allowed after a worker fails")
+    args = p.parse_args(argv[:split])
+    train_args = argv[split + 1:]
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
+    print("+ " + " ".join(cmd), flush=True)
+    # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        print(f"error: training job failed (exit {rc}); rank logs are in {args.run_dir / 'torchx'} and "
+              f"{args.run_dir / 'logs'}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

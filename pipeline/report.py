@@ -1,0 +1,52 @@
+"""The run summary: a table on the console, ``summary.json`` and a PNG of the metrics per epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def epoch_table(history: list[dict[str, Any]], bayes: dict[str, float] | None = None) -> str:
+    head = (f"{'epoch':>5} {'train loss':>10} {'val AUC':>8} {'val acc%':>8} {'test AUC':>8} {'test acc%':>9} "
+            f"{'test logloss':>12} {'samples/s':>10}")
+    lines = [head, "-" * len(head)]
+    for s in history:
+        v, t = s["val"], s["test"]
+        lines.append(f"{s['epoch']:>5} {s['train_loss']:>10.4f} {v['auc']:>8.4f} {100 * v['accuracy']:>8.2f} "
+                     f"{t['auc']:>8.4f} {100 * t['accuracy']:>9.2f} {t['logloss']:>12.4f} {s['samples_per_s']:>10.0f}")
+    if bayes:
+        lines.append(f"{'best':>5} {'':>10} {'':>8} {'':>8} {bayes['auc']:>8.4f} {100 * bayes['accuracy']:>9.2f} "
+                     f"{bayes['logloss']:>12.4f}   (true click probabilities of the synthetic test split)")
+    return "\n".join(lines)
+
+
+def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: dict[str, float] | None = None,
+                title: str = "") -> None:
+    """Test AUC and accuracy per epoch, one line per run in ``series``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "auc", "test AUC"), (axes[1], "accuracy", "test accuracy (%)")):
+        scale = 100 if key == "accuracy" else 1
+        for name, history in series.items():
+            ax.plot([s["epoch"] for s in history], [scale * s["test"][key] for s in history], marker="o", label=name)
+        if bayes:
+            ax.axhline(scale * bayes[key], color="grey", linestyle="--", label="best achievable")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2))
+    return path

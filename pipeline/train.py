@@ -1,0 +1,181 @@
+"""Entry point of a training job: ``python -m pipeline.train --config NAME [overrides]`` (one process per rank)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from datasets.reader import ParquetBatches
+from datasets.synthetic import ensure_synthetic
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import JobConfig, apply_override, to_dict
+from pipeline.configs import CONFIGS, get_config
+from pipeline.model import build_dlrm
+from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.report import epoch_table, plot_curves, write_summary
+from pipeline.trainer import Splits, Trainer
+from sharding.plan import describe_plan, plan_sharding, plan_table, save_plan, shard_model
+
+log = logging.getLogger("dqrm")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Train a TorchRec DLRM on Criteo-shaped Parquet data. Run one process per rank "
+                    "(torchrun / `torchx run`); without a launcher it runs at world size 1.",
+    )
+    p.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named experiment (default: default)")
+    p.add_argument("--run-dir", help="where logs, checkpoints and the summary go (resumed if it has checkpoints)")
+    p.add_argument("--data-dir", help="folder with train/val/test Parquet; omit for the bundled synthetic data")
+    p.add_argument("--epochs", type=int, help="passes over the training split")
+    p.add_argument("--batch-size", type=int, help="training rows per batch per rank")
+    p.add_argument("--lr", type=float, help="learning rate of both the MLP and the embedding SGD")
+    p.add_argument("--limit-train-batches", type=int, help="stop each epoch after N batches (smoke tests)")
+    p.add_argument("--limit-eval-batches", type=int, help="evaluate on at most N batches per rank")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set model.embedding_dim=32 (repeatable)")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> JobConfig:
+    cfg = get_config(args.config)
+    flags = {"run_dir": args.run_dir, "data.data_dir": args.data_dir, "epochs": args.epochs,
+             "data.batch_size": args.batch_size, "optim.lr": args.lr, "optim.embedding_lr": args.lr,
+             "limit_train_batches": args.limit_train_batches, "limit_eval_batches": args.limit_eval_batches}
+    for field, value in flags.items():
+        if value is not None:
+            apply_override(cfg, f"{field}={value}")
+    for item in args.set:
+        apply_override(cfg, item)
+    return cfg
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group a launcher set up (nccl on GPUs, gloo on CPU), or a group of one without a launcher
+    (DistributedModelParallel needs a process group even alone)."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend)
+    else:
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    root = logging.getLogger()
+    for h in list(root.handlers):  # a library may have called basicConfig already
+        root.removeHandler(h)
+    root.setLevel(logging.WARNING)  # libraries (torchrec, fbgemm) log per-table details at INFO on the root logger
+    for h in handlers:
+        h.setFormatter(fmt)
+        # torchrec's planner warns once per table that it is sharded as planned: not news.
+        h.addFilter(lambda r: "Sharding spec not found" not in r.getMessage())
+        root.addHandler(h)
+    for ours in ("dqrm", "pipeline", "datasets", "sharding", "quant"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+
+
+def resolve_data(cfg: JobConfig, rank: int) -> tuple[dict[str, list[Path]], dict | None]:
+    """Paths of the train/val/test Parquet files; generates the synthetic default once (rank 0) if needed."""
+    if not cfg.data.data_dir:
+        if rank == 0:
+            ensure_synthetic(cfg.data.synthetic)
+        if dist.is_initialized():
+            dist.barrier()
+        root = ensure_synthetic(cfg.data.synthetic)
+        meta = json.loads((root / "meta.json").read_text())
+        return {s: [root / f"{s}.parquet"] for s in ("train", "val", "test")}, meta["splits"]["test"]["bayes"]
+    root = Path(cfg.data.data_dir)
+    out = {}
+    for split in ("train", "val", "test"):
+        single, folder = root / f"{split}.parquet", root / split
+        files = [single] if single.is_file() else sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+        if not files:
+            raise FileNotFoundError(f"{root}: no {split}.parquet or {split}/*.parquet; convert raw Criteo first "
+                                    f"with `python -m datasets.convert`")
+        out[split] = files
+    return out, None
+
+
+def run(cfg: JobConfig) -> dict:
+    rank, world_size, device = init_distributed()
+    run_dir = cfg.run_path
+    setup_logging(run_dir, rank)
+    log.info("job %s: world size %d on %s, run dir %s", cfg.name, world_size, device, run_dir)
+    paths, bayes = resolve_data(cfg, rank)
+    splits = Splits(**{
+        s: ParquetBatches(paths[s], cfg.model.num_embeddings, cfg.data.reader(train=s == "train", seed=cfg.seed),
+                          rank=rank, world_size=world_size)
+        for s in ("train", "val", "test")})
+    for s in ("train", "val", "test"):
+        d = getattr(splits, s)
+        if d.rows_unused:
+            log.warning("%s: %d of %d rows unused so that all %d ranks run the same number of batches",
+                        s, d.rows_unused, d.total_rows, world_size)
+
+    torch.manual_seed(cfg.seed)
+    model = build_dlrm(cfg.model, device)
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
+    plan = plan_sharding(model, world_size=world_size, device=device, pg=dist.group.WORLD)
+    model = shard_model(model, plan, device)
+    optimizer = build_optimizer(model, cfg.optim)
+    rows = describe_plan(plan)
+    if rank == 0:
+        log.info("sharding plan:\n%s", plan_table(rows))
+        save_plan(rows, run_dir / "plan.json")
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank)
+    if trainer.resume():
+        log.info("resuming at epoch %d (step %d)", trainer.start_epoch + 1, trainer.step)
+    t0 = time.perf_counter()
+    history = trainer.train()
+    summary = {"config": cfg.name, "world_size": world_size, "device": str(device), "epochs": history,
+               "eval_history": trainer.eval_history, "bayes_test": bayes,
+               "wall_seconds_this_attempt": time.perf_counter() - t0}
+    if rank == 0:
+        write_summary(run_dir, summary)
+        plot_curves({cfg.name: history}, run_dir / "metrics.png", bayes=bayes, title=f"{cfg.name}: test metrics")
+        print("\n" + epoch_table(history, bayes), flush=True)
+        if bayes:
+            best = max(history, key=lambda s: s["test"]["auc"])
+            print(f"best test AUC {best['test']['auc']:.4f} (epoch {best['epoch']}) is "
+                  f"{bayes['auc'] - best['test']['auc']:.4f} below the best achievable {bayes['auc']:.4f}")
+        print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = build_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The train/eval loop: ``train()`` -> ``train_epoch()`` -> ``train_step()`` (one ``TrainPipelineSparseDist.progress``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import sys
+import time
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from tqdm import tqdm
+
+from datasets.reader import ParquetBatches
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import JobConfig
+from pipeline.metrics import binary_metrics, gather
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Splits:
+    train: ParquetBatches
+    val: ParquetBatches
+    test: ParquetBatches
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Trains a sharded DLRM through TorchRec's ``TrainPipelineSparseDist``, evaluating and checkpointing each epoch."""
+
+    def __init__(self, cfg: JobConfig, model: nn.Module, optimizer: Optimizer, device: torch.device, data: Splits,
+                 checkpointer: Checkpointer, *, rank: int = 0) -> None:
+        self.cfg, self.model, self.optimizer, self.device, self.data = cfg, model, optimizer, device, data
+        self.checkpointer, self.rank = checkpointer, rank
+        self.pipeline = TrainPipelineSparseDist(model, optimizer, device)
+        self.step = 0
+        self.start_epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint in the run dir, if there is one."""
+        latest = self.checkpointer.latest()
+        if latest is None:
+            return False
+        progress = self.checkpointer.load(latest, self.model, self.optimizer)
+        self.step, self.start_epoch = progress["step"], progress["epoch"]
+        self.history, self.eval_history = progress["history"], progress.get("eval_history", [])
+        return True
+
+    def train(self) -> list[dict[str, Any]]:
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            stats = self.train_epoch(epoch)
+            stats["val"], stats["test"] = self.evaluate("val"), self.evaluate("test")
+            self.history.append(stats)
+            self._log_epoch(stats)
+            self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1))
+        return self.history
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        self.model.train()
+        self.data.train.set_epoch(epoch)
+        limit = self.cfg.limit_train_batches or len(self.data.train)
+        batches = itertools.islice(iter(self.data.train), limit)
+        total = min(limit, len(self.data.train))
+        loss_sum, steps, t0 = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
+        with tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", disable=self.rank != 0,
+                  mininterval=1 if sys.stderr.isatty() else 15, file=sys.stderr) as bar:
+            while True:
+                try:
+                    loss = self.train_step(batches)
+                except StopIteration:
+                    break
+                loss_sum += loss
+                steps += 1
+                self.step += 1
+                bar.update()
+                if self.cfg.eval_every_steps and self.step % self.cfg.eval_every_steps == 0:
+                    self.eval_history.append({"step": self.step, "epoch": epoch, "val": self.evaluate("val")})
+                    log.info("step %d: val AUC %.4f", self.step, self.eval_history[-1]["val"]["auc"])
+        seconds = time.perf_counter() - t0
+        mean_loss = float(loss_sum) / max(steps, 1)
+        if not torch.isfinite(torch.tensor(mean_loss)):
+            raise NonFiniteLossError(f"rank {self.rank}: training loss became {mean_loss} in epoch {epoch + 1} "
+                                     f"(by step {self.step}); lower optim.lr or check the input data")
+        rows = steps * self.data.train.cfg.batch_size * _world_size()
+        return {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
+                "train_seconds": seconds, "samples_per_s": rows / seconds if seconds else 0.0}
+
+    def train_step(self, batches: Iterator) -> torch.Tensor:
+        loss, _logits, _labels = self.pipeline.progress(batches)
+        return loss.detach().double()
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict[str, float]:
+        """Score a split with the model taken out of the pipeline (the pipeline's in-flight batches are kept)."""
+        data: ParquetBatches = getattr(self.data, split)
+        model = self.pipeline.detach()
+        was_training = model.training
+        model.eval()
+        logits, labels = [], []
+        limit = self.cfg.limit_eval_batches or len(data)
+        for batch in itertools.islice(iter(data), limit):
+            _, (_, out, lab) = model(batch.to(self.device))
+            logits.append(out.float())
+            labels.append(lab.float())
+        model.train(was_training)
+        self.pipeline.attach(model)
+        return binary_metrics(gather(torch.cat(logits)).cpu(), gather(torch.cat(labels)).cpu())
+
+    def _progress(self, next_epoch: int) -> dict[str, Any]:
+        return {"epoch": next_epoch, "step": self.step, "history": self.history, "eval_history": self.eval_history}
+
+    def _log_epoch(self, s: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        v, t = s["val"], s["test"]
+        log.info("epoch %d/%d | train loss %.4f | val AUC %.4f acc %.2f%% logloss %.4f | test AUC %.4f acc %.2f%% "
+                 "logloss %.4f | %.0f samples/s", s["epoch"], self.cfg.epochs, s["train_loss"], v["auc"],
+                 100 * v["accuracy"], v["logloss"], t["auc"], 100 * t["accuracy"], t["logloss"], s["samples_per_s"])
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -1,0 +1,1 @@
+"""Sharding plans and gradient-communication compression for TorchRec models."""

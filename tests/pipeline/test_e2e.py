@@ -1,0 +1,67 @@
+"""The real entry point, launched through torchx with two workers, for a few steps of the tiny config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _launch(run_dir: Path, cache: Path, *train_args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DQRM_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--",
+           "--config", "tiny", *train_args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    run_dir, cache = base / "run", base / "cache"
+    proc = _launch(run_dir, cache, "--epochs", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir, cache, proc
+
+
+def test_torchx_job_trains_checkpoints_and_reports(finished_run):
+    run_dir, _, proc = finished_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    epochs = summary["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert summary["world_size"] == 2
+    # The loss falls and the model learns something beyond chance.
+    assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
+    assert 0.5 < epochs[0]["val"]["auc"] < epochs[1]["val"]["auc"]
+    for e in epochs:
+        for split in ("val", "test"):
+            assert e[split]["rows"] == 4096
+            assert 0 < e[split]["logloss"] < 1
+    checkpoints = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert [c.name for c in checkpoints] == ["step_00000064", "step_00000128"]
+    assert all((c / "manifest.json").is_file() for c in checkpoints)
+    assert (run_dir / "metrics.png").stat().st_size > 10_000
+    assert (run_dir / "plan.json").is_file() and (run_dir / "logs" / "rank1.log").is_file()
+    out = proc.stdout + proc.stderr
+    assert "test AUC" in out and "epoch 2/2" in out
+
+
+def test_rerun_resumes_from_latest_checkpoint(finished_run):
+    run_dir, cache, _ = finished_run
+    proc = _launch(run_dir, cache, "--epochs", "3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming at epoch 3 (step 128)" in proc.stdout + proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [e["epoch"] for e in summary["epochs"]] == [1, 2, 3]
+    assert summary["epochs"][2]["step"] == 192
+
+
+def test_failed_job_exits_nonzero(tmp_path):
+    proc = _launch(tmp_path / "run", tmp_path / "cache", "--data-dir", str(tmp_path / "nowhere"))
+    assert proc.returncode != 0
+    assert "no train.parquet" in proc.stdout + proc.stderr

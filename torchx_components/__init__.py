@@ -1,0 +1,1 @@
+"""torchx job definitions: ``torchx run ./torchx_components/dlrm.py:train ...``."""
