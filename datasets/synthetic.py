@@ -53,8 +53,12 @@ class SyntheticConfig:
     """Number of distinct ids of each of the 26 categorical features."""
     zipf_exponent: float = 1.05
     """Exponent of the Zipf law the ids are drawn from (larger = fewer rare ids)."""
-    id_effect_scale: float = 0.4
-    """Standard deviation of the hidden per-id logit effect in the large tables."""
+    id_effect_scale: float = 0.6
+    """Standard deviation of the hidden per-id logit effect in tables of at most head_cardinality ids."""
+    tail_effect_scale: float = 0.15
+    """Standard deviation of the per-id effect in larger tables: weak signal, much memorizable noise."""
+    head_cardinality: int = 10_000
+    """Tables up to this size carry the strong, quickly learned signal."""
     interaction_dim: int = 4
     """Width of the hidden factor vectors behind the pairwise interactions."""
     base_ctr: float = 0.25
@@ -89,8 +93,10 @@ class _HiddenModel:
     def __init__(self, cfg: SyntheticConfig, rng: np.random.Generator) -> None:
         self.cfg = cfg
         n = len(cfg.cardinalities)
-        # Larger tables carry more per-id signal: their long tail is what a DLRM memorizes.
-        scales = np.array([cfg.id_effect_scale * min(1.0, 0.25 + np.log10(c) / 6) for c in cfg.cardinalities])
+        # Small tables carry strong signal learned within an epoch; the long tail of the large tables carries weak
+        # signal, so memorizing its rare ids from a few noisy labels is what makes a DLRM overfit.
+        scales = np.where(np.array(cfg.cardinalities) <= cfg.head_cardinality, cfg.id_effect_scale,
+                          cfg.tail_effect_scale)
         self.effects = [rng.normal(0.0, s, c).astype(np.float32) for s, c in zip(scales, cfg.cardinalities)]
         self.missing_effect = rng.normal(0.0, 0.3, n).astype(np.float32)
         # Zipf ranks are shuffled so that frequent ids are spread over the id space, like hashes.
@@ -101,7 +107,8 @@ class _HiddenModel:
             self.cdfs.append(np.cumsum(w) / w.sum())
         self.cat_missing = np.where(rng.random(n) < 0.3, rng.uniform(0.05, 0.45, n), 0.0)
         k = cfg.interaction_dim
-        self.pairs = [(a, b) for a, b in rng.choice(n, size=(10, 2)) if a != b]
+        head = np.flatnonzero(np.array(cfg.cardinalities) <= cfg.head_cardinality)
+        self.pairs = [(int(a), int(b)) for a, b in rng.choice(head, size=(10, 2)) if a != b]
         inter_tables = sorted({t for p in self.pairs for t in p})
         self.factors = {t: rng.normal(0.0, 0.6 / np.sqrt(k), (cfg.cardinalities[t], k)).astype(np.float32)
                         for t in inter_tables}
@@ -109,7 +116,7 @@ class _HiddenModel:
         self.dense_sigma = rng.uniform(0.7, 2.0, NUM_DENSE)
         self.dense_shift = np.where(rng.random(NUM_DENSE) < 0.2, 3, 0)  # a few columns go negative
         self.dense_missing = rng.uniform(0.0, 0.45, NUM_DENSE)
-        self.dense_weight = rng.normal(0.0, 0.35, NUM_DENSE)
+        self.dense_weight = rng.normal(0.0, 0.5, NUM_DENSE)
         self.dense_center = rng.uniform(0.5, 3.0, NUM_DENSE)
         self.bias = 0.0
         self.bias = self._calibrate_bias(cfg.base_ctr, np.random.default_rng(cfg.seed + 1))

@@ -1,0 +1,127 @@
+"""Embedding QAT on sharded, fused TBEs: fake-quantize only the rows a batch touches, with a straight-through estimator.
+
+Pooling is linear, so ``pool(FQ(W)) = pool(W) + pool(FQ(W_touched) - W_touched)``. A forward hook on each TBE adds
+the second term, computed without gradient from the rows that TBE owns; the TBE's own backward (and its fused
+optimizer) then applies exactly the straight-through gradient to the FP32 master rows. The cost depends on the
+batch, not on the table size, and nothing of the table is copied.
+
+Granularities:
+* ``table`` (the DQRM paper): symmetric, one scale per table, ``alpha = max|W|`` over the whole table (all shards,
+  agreed by an all-reduce), recomputed every ``scale_update_every`` training steps and held in between;
+* ``row`` (FBGEMM's native format): asymmetric scale and bias from each row's own min and max.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
+from quant.tbe import TBELayout, find_tbes
+
+
+class EmbeddingFakeQuantizer(nn.Module):
+    """Holds the per-table grid (a buffer, so it is checkpointed with the model) and the TBE hooks."""
+
+    def __init__(self, layouts: list[TBELayout], table_names: list[str], bits: dict[str, int], granularity: str,
+                 scale_update_every: int, pg: dist.ProcessGroup | None = None) -> None:
+        super().__init__()
+        if granularity not in ("table", "row"):
+            raise ValueError(f"granularity must be 'table' or 'row', got {granularity!r}")
+        self.granularity, self.scale_update_every, self.pg = granularity, scale_update_every, pg
+        self.table_names = list(table_names)
+        index = {n: i for i, n in enumerate(self.table_names)}
+        self.register_buffer("alpha", torch.zeros(len(table_names)))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("table_bits", torch.tensor([bits[n] for n in self.table_names], dtype=torch.long))
+        self.enabled = True
+        self._layouts = layouts
+        self._global = [torch.tensor([index[n] for n in lay.table_names], dtype=torch.long) for lay in layouts]
+        for lay in layouts:
+            if granularity == "row" and any(lay.column_sharded()):
+                raise NotImplementedError(
+                    f"row granularity needs whole rows, but {lay.table_names} are column-wise sharded; "
+                    "use granularity='table' or a table-wise/row-wise/data-parallel plan for these tables")
+        self._handles = [lay.tbe.register_forward_hook(self._make_hook(i), with_kwargs=True)
+                         for i, lay in enumerate(layouts)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def update_scales(self) -> None:
+        """``alpha[t] = max|W_t|`` over every shard of table t on every rank."""
+        alpha = torch.zeros_like(self.alpha)
+        for lay, gidx in zip(self._layouts, self._global):
+            flat, offsets = lay.flat_weights(), lay.weights_offsets().to("cpu", torch.long)
+            for t, g in enumerate(gidx.tolist()):
+                n = lay.local_rows[t] * lay.local_dims[t]
+                if n:
+                    start = int(offsets[t])
+                    alpha[g] = torch.maximum(alpha[g], flat[start:start + n].detach().abs().max().to(alpha.device))
+        if self.pg is not None and dist.is_initialized() and dist.get_world_size(self.pg) > 1:
+            dist.all_reduce(alpha, op=dist.ReduceOp.MAX, group=self.pg)
+        self.alpha.copy_(alpha)
+
+    def on_train_step(self) -> None:
+        """Called once per training forward: refreshes the table scales every ``scale_update_every`` steps."""
+        if self.granularity == "table" and int(self.steps) % self.scale_update_every == 0:
+            self.update_scales()
+        self.steps += 1
+
+    def _make_hook(self, i: int):
+        def hook(module, args, kwargs, output):
+            if not self.enabled:
+                return output
+            return output + self._correction(i, kwargs, output)
+        return hook
+
+    @torch.no_grad()
+    def _correction(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        lay, gidx = self._layouts[i], self._global[i]
+        indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
+        psw = kwargs.get("per_sample_weights")
+        dev = output.device
+        num_features = lay.feature_table_map.numel()
+        batch = (offsets.numel() - 1) // num_features
+        lengths = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
+        feature = bag // batch
+        table = lay.feature_table_map.to(dev)[feature]
+        flat = lay.flat_weights()
+        w_off = lay.weights_offsets().to(dev, torch.long)
+        col0 = lay.feature_dim_offsets.to(dev)[feature]
+        sample = bag % batch
+        corr = torch.zeros_like(output)
+        dims = torch.tensor(lay.local_dims, device=dev)[table]
+        for d in sorted(set(lay.local_dims)):
+            sel = (dims == d).nonzero().squeeze(1) if len(set(lay.local_dims)) > 1 else None
+            t_sel = table if sel is None else table[sel]
+            idx_sel = indices if sel is None else indices[sel]
+            ar = torch.arange(d, device=dev)
+            rows = flat[(w_off[t_sel] + idx_sel * d).unsqueeze(1) + ar]
+            g = gidx.to(dev)[t_sel]
+            bits = self.table_bits.to(dev)[g]
+            if self.granularity == "table":
+                scale, bias = symmetric_qparams(self.alpha.to(dev)[g], bits)
+                scale, bias = scale.unsqueeze(1), bias.unsqueeze(1)
+            else:
+                scale, bias = rowwise_qparams(rows, bits)
+            delta = fake_quantize(rows, scale, bias, bits.unsqueeze(1)) - rows
+            if psw is not None:
+                delta = delta * (psw if sel is None else psw[sel]).unsqueeze(1)
+            s_sel, c_sel = (sample, col0) if sel is None else (sample[sel], col0[sel])
+            pos = (s_sel * output.shape[1] + c_sel).unsqueeze(1) + ar
+            corr.view(-1).index_add_(0, pos.reshape(-1), delta.reshape(-1).to(corr.dtype))
+        return corr
+
+
+def attach_embedding_qat(model: nn.Module, table_names: list[str], bits: dict[str, int], granularity: str,
+                         scale_update_every: int, pg: dist.ProcessGroup | None) -> EmbeddingFakeQuantizer:
+    layouts = find_tbes(model)
+    if not layouts:
+        raise ValueError("no sharded embedding kernels found: call quantize_ on the DistributedModelParallel model")
+    return EmbeddingFakeQuantizer(layouts, table_names, bits, granularity, scale_update_every, pg)

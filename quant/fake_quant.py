@@ -1,0 +1,67 @@
+"""Fake-quantization arithmetic that reproduces FBGEMM's row-wise INT-N format bit for bit.
+
+FBGEMM stores each row as ``[codes][fp16 scale][fp16 bias]`` and dequantizes ``value = scale * code + bias`` with
+``code in [0, 2^b - 1]``. Its quantizer (``FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf``) takes
+``bias = fp16(min(row))``, ``scale = fp16((max(row) - bias) / (2^b - 1))`` (1.0 where that is 0) and
+``code = clamp(round_half_even((w - bias) * (1 / scale)), 0, 2^b - 1)``. The paper's symmetric per-table grid
+fits the same format exactly: ``scale = fp16(alpha / (2^(b-1) - 1))`` on every row and ``bias = -2^(b-1) * scale``.
+No library offers this for TorchRec tables (torchao's embedding QAT is for ``nn.Embedding`` and not FBGEMM-exact),
+so it is written here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_BITS = (2, 4, 8)
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def rowwise_qparams(rows: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FBGEMM's asymmetric per-row (scale, bias), as fp16-rounded float32 columns of shape (n, 1)."""
+    qmax = (2 ** torch.as_tensor(bits, device=rows.device) - 1).to(torch.float32).reshape(-1, 1)
+    bias = _fp16(rows.amin(dim=1, keepdim=True))
+    scale = _fp16((rows.amax(dim=1, keepdim=True) - bias) / qmax)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, bias
+
+
+def symmetric_qparams(alpha: torch.Tensor, bits: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's symmetric grid for ``alpha = max|W|`` in FBGEMM's (scale, bias) form (fp16-exact)."""
+    bits = torch.as_tensor(bits, device=alpha.device)
+    half = (2 ** (bits - 1)).to(torch.float32)
+    scale = _fp16(alpha.to(torch.float32) / (half - 1))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, -half * scale  # exact: a power of two times an fp16 value
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    """Integer codes in ``[0, 2^b - 1]`` (float tensor), computed exactly as FBGEMM does."""
+    qmax = (2 ** torch.as_tensor(bits, device=w.device) - 1).to(torch.float32)
+    if qmax.dim() == 1:
+        qmax = qmax.reshape(-1, 1)
+    codes = torch.round((w - bias) * (1.0 / scale))  # torch.round is round-half-to-even
+    return torch.minimum(codes.clamp_(min=0), qmax)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    """``scale * code + bias``: the value FBGEMM's integer kernel will see for ``w``."""
+    return quantize_codes(w, scale, bias, bits) * scale + bias
+
+
+def pack_rows(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack codes into FBGEMM's bytes (element 2k in the low nibble for INT4) and (scale, bias) into 4 bytes/row."""
+    c = codes.to(torch.uint8)
+    per_byte = 8 // bits
+    rows, dim = c.shape
+    if dim % per_byte:
+        c = torch.cat([c, c.new_zeros(rows, per_byte - dim % per_byte)], dim=1)
+    c = c.view(rows, -1, per_byte)
+    packed = torch.zeros(c.shape[:2], dtype=torch.uint8)
+    for k in range(per_byte):
+        packed |= c[:, :, k] << (k * bits)
+    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).contiguous()
+    return packed.contiguous(), sb.view(torch.uint8).reshape(rows, 4)

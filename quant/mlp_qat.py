@@ -1,0 +1,75 @@
+"""Weight-only MLP QAT: symmetric fake-quant with one scale per output row; activations stay float.
+
+torch.ao has no weight-only INT4/INT8 linear that computes in float (its dynamic linear also quantizes
+activations), so the fake-quant parametrization and its integer counterpart ``QuantizedLinear`` are written here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    qmax = 2 ** (bits - 1) - 1
+    s = w.detach().abs().amax(dim=1) / qmax
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def row_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.round(w / scale.unsqueeze(1)).clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+class RowwiseWeightFakeQuant(nn.Module):
+    """Parametrization ``W -> codes * scale`` with a straight-through gradient (exact forward)."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        scale = row_scales(w, self.bits)
+        q = (row_codes(w.detach(), scale, self.bits) * scale.unsqueeze(1)).detach()
+        return q + (w - w.detach())  # the value is q exactly; the gradient is the identity
+
+
+class QuantizedLinear(nn.Module):
+    """Integer weights (int8 storage of INT-b codes) and fp32 row scales; dequantized in float at use."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scale", scale.to(torch.float32).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.codes.to(torch.float32) * self.scale.unsqueeze(1), self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
+        w = original_weight(linear).detach().float()
+        scale = row_scales(w, bits)
+        return cls(row_codes(w, scale, bits), scale, linear.bias, bits)
+
+    def packed_bytes(self) -> int:
+        """Size in a packed layout: b-bit codes plus one fp32 scale per row, plus the fp32 bias."""
+        rows, cols = self.codes.shape
+        return rows * ((cols * self.bits + 7) // 8) + 4 * rows + (0 if self.bias is None else 4 * self.bias.numel())
+
+
+def original_weight(linear: nn.Linear) -> torch.Tensor:
+    if parametrize.is_parametrized(linear, "weight"):
+        return linear.parametrizations.weight.original
+    return linear.weight
+
+
+def fake_quantize_linears(module: nn.Module, bits: int) -> list[nn.Linear]:
+    """Parametrize every ``nn.Linear`` weight under ``module``; returns them."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    for m in linears:
+        if not parametrize.is_parametrized(m, "weight"):
+            parametrize.register_parametrization(m, "weight", RowwiseWeightFakeQuant(bits))
+    return linears

@@ -1,0 +1,91 @@
+"""Finds the FBGEMM table-batched embedding kernels (TBEs) inside a TorchRec-sharded model, with their layout.
+
+QAT needs the raw FP32 rows that a sharded ``EmbeddingBagCollection`` looks up, and TorchRec offers no public path
+to its kernels: they sit in ``ShardedEmbeddingBagCollection._lookups[i]._emb_modules[j]`` (a plain list, so
+``named_modules()`` does not reach them; data-parallel lookups are wrapped in DDP). This module is the only place
+that reaches into those private attributes, so that a TorchRec upgrade breaks one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass
+class TBELayout:
+    """One TBE and what QAT needs to read its rows (all per *local* table of the TBE, in the TBE's order)."""
+
+    tbe: nn.Module
+    table_names: list[str]
+    local_rows: list[int]
+    local_dims: list[int]
+    full_dims: list[int]
+    feature_table_map: torch.Tensor  # feature index -> local table index
+    feature_dim_offsets: torch.Tensor  # feature index -> first output column
+
+    def flat_weights(self) -> torch.Tensor:
+        """The TBE's single flat FP32 buffer holding every table (no copy)."""
+        tbe = self.tbe
+        if getattr(tbe, "weights", None) is not None and isinstance(tbe.weights, torch.Tensor):
+            return tbe.weights  # DenseTableBatchedEmbeddingBagsCodegen (data-parallel tables)
+        for name in ("weights_host", "weights_dev", "weights_uvm"):
+            buf = getattr(tbe, name, None)
+            if buf is not None and buf.numel() > 0:
+                others = [n for n in ("weights_host", "weights_dev", "weights_uvm")
+                          if n != name and getattr(tbe, n, None) is not None and getattr(tbe, n).numel() > 0]
+                if others:
+                    raise NotImplementedError(f"QAT needs all tables of a TBE in one memory; {self.table_names} "
+                                              f"are split across {[name, *others]} (caching kernels are unsupported)")
+                return buf
+        raise RuntimeError(f"TBE holding {self.table_names} has no weights buffer")
+
+    def weights_offsets(self) -> torch.Tensor:
+        return self.tbe.weights_offsets
+
+    def column_sharded(self) -> list[bool]:
+        return [d != f for d, f in zip(self.local_dims, self.full_dims)]
+
+
+def _kernels(model: nn.Module):
+    for module in model.modules():
+        lookups = getattr(module, "_lookups", None)
+        if not isinstance(lookups, list):
+            continue
+        for lookup in lookups:
+            inner = getattr(lookup, "module", lookup)  # data-parallel lookups are DDP-wrapped
+            for kernel in getattr(inner, "_emb_modules", []):
+                yield kernel
+
+
+def find_tbes(model: nn.Module) -> list[TBELayout]:
+    """Every pooled-embedding TBE of the sharded model on this rank."""
+    layouts = []
+    for kernel in _kernels(model):
+        tbe, config = kernel.emb_module, kernel.config
+        tables = config.embedding_tables
+        ftm = [t for t, tab in enumerate(tables) for _ in range(tab.num_features())]
+        if getattr(tbe, "feature_table_map", None) is not None and list(tbe.feature_table_map) != ftm:
+            raise RuntimeError(f"unexpected feature order in TBE of {[t.name for t in tables]}")
+        d_offsets = tbe.D_offsets.detach().to("cpu", torch.long)
+        layouts.append(TBELayout(
+            tbe=tbe,
+            table_names=[t.name for t in tables],
+            local_rows=[t.local_rows for t in tables],
+            local_dims=[t.local_cols for t in tables],
+            full_dims=[t.embedding_dim for t in tables],
+            feature_table_map=torch.tensor(ftm, dtype=torch.long),
+            feature_dim_offsets=d_offsets[:-1].clone(),
+        ))
+    return layouts
+
+
+def table_configs(model: nn.Module) -> list:
+    """The ``EmbeddingBagConfig`` of every table of the model's (sharded or plain) EmbeddingBagCollection."""
+    inner = model.module if hasattr(model, "module") else model
+    ebc = inner.model.sparse_arch.embedding_bag_collection
+    if hasattr(ebc, "embedding_bag_configs"):
+        return list(ebc.embedding_bag_configs())
+    return list(ebc._embedding_bag_configs)  # ShardedEmbeddingBagCollection keeps them private
