@@ -9,6 +9,9 @@ from typing import Any
 from datasets.reader import ReaderConfig
 from datasets.schema import NUM_SPARSE
 from datasets.synthetic import SyntheticConfig
+from quant.api import QuantSpec
+
+QUANT_MODES = ("fp32", "qat", "ptq")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -79,6 +82,11 @@ class JobConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    quant_mode: str = "qat"
+    """'fp32': no quantization; 'qat': train with fake-quant on `quant`'s grid, then export; 'ptq': train in
+    float, quantize to `quant`'s grid after each epoch for evaluation, then export."""
+    quant: QuantSpec = dataclasses.field(default_factory=QuantSpec)
+    """The integer grid (bits, granularity, scale update period) for qat and ptq."""
     epochs: int = 5
     """Passes over the training split."""
     limit_train_batches: int = 0
@@ -93,6 +101,8 @@ class JobConfig:
     """Where logs, checkpoints, metrics and plots go; a run dir with checkpoints is resumed."""
 
     def __post_init__(self) -> None:
+        if self.quant_mode not in QUANT_MODES:
+            raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {self.quant_mode!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps"):
@@ -142,6 +152,8 @@ def _parse_like(current: Any, raw: str, where: str) -> Any:
             return float(raw)
         if isinstance(current, tuple):
             return tuple(int(x) for x in raw.split(",") if x)
+        if isinstance(current, dict):  # name:int,name:int
+            return {k: int(v) for k, v in (item.split(":", 1) for item in raw.split(",") if item)}
         return raw
     except ValueError as e:
         raise ValueError(f"override {where!r}: cannot parse {raw!r} as {type(current).__name__} ({e})") from None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import dataclasses
+
 from datasets.synthetic import SyntheticConfig
+from quant.api import QuantSpec
 from pipeline.config import DataConfig, JobConfig, ModelConfig
 
 # MLPerf DLRM shapes (REFERENCE.md §3).
@@ -15,8 +18,31 @@ TERABYTE_CARDINALITIES = (9980333, 36084, 17217, 7378, 20134, 3, 7112, 1442, 61,
 
 
 def default() -> JobConfig:
-    """The bundled synthetic data and a DLRM small enough for two CPU cores."""
+    """INT4 QAT (the paper's scheme: per-table symmetric embeddings, per-row MLP weights) on the bundled synthetic
+    data, with a DLRM small enough for two CPU cores."""
     return JobConfig(name="default", run_dir="runs/default")
+
+
+def default_fp32() -> JobConfig:
+    """The default job without quantization: the FP32 baseline."""
+    return dataclasses.replace(default(), name="default_fp32", quant_mode="fp32", run_dir="runs/default_fp32")
+
+
+def default_int8() -> JobConfig:
+    """INT8 QAT of tables and MLPs."""
+    return dataclasses.replace(default(), name="default_int8", quant=QuantSpec(embedding_bits=8, mlp_bits=8),
+                               run_dir="runs/default_int8")
+
+
+def default_ptq4() -> JobConfig:
+    """FP32 training, INT4 post-training quantization (no QAT) for contrast; also reports the FP32 metrics."""
+    return dataclasses.replace(default(), name="default_ptq4", quant_mode="ptq", run_dir="runs/default_ptq4")
+
+
+def default_int4_row() -> JobConfig:
+    """INT4 QAT with FBGEMM's native per-row asymmetric grid instead of the paper's per-table one."""
+    return dataclasses.replace(default(), name="default_int4_row", quant=QuantSpec(granularity="row"),
+                               run_dir="runs/default_int4_row")
 
 
 TINY_CARDINALITIES = (3, 4, 10, 14, 24, 27, 60, 100, 200, 300, 600, 1000, 1500, 2500, 5000, 8000, 100, 200, 300,
@@ -32,34 +58,49 @@ def tiny() -> JobConfig:
                         synthetic=SyntheticConfig(num_train=16_384, num_val=4096, num_test=4096,
                                                   cardinalities=TINY_CARDINALITIES, row_group_size=4096)),
         epochs=2,
+        quant=QuantSpec(scale_update_every=20),
         run_dir="runs/tiny",
     )
 
 
 def kaggle() -> JobConfig:
-    """Criteo Kaggle, MLPerf shapes: dim 16, bottom 13-512-256-64-16, top 512-256-1, batch 128 per trainer."""
+    """INT4 QAT on Criteo Kaggle, MLPerf shapes: dim 16, bottom 13-512-256-64-16, top 512-256-1, batch 128 per trainer."""
     return JobConfig(
         name="kaggle",
         model=ModelConfig(embedding_dim=16, num_embeddings=KAGGLE_CARDINALITIES,
                           dense_arch=(512, 256, 64, 16), over_arch=(512, 256, 1)),
         data=DataConfig(data_dir="data/kaggle", batch_size=128, eval_batch_size=16384),
+        quant=QuantSpec(scale_update_every=200),
         run_dir="runs/kaggle",
     )
 
 
 def terabyte() -> JobConfig:
-    """Criteo Terabyte (10M cap), MLPerf shapes: dim 64, bottom 13-512-256-64, top 512-512-256-1, batch 2048."""
+    """INT4 QAT on Criteo Terabyte (10M cap), MLPerf shapes: dim 64, bottom 13-512-256-64, top 512-512-256-1, batch 2048."""
     return JobConfig(
         name="terabyte",
         model=ModelConfig(embedding_dim=64, num_embeddings=TERABYTE_CARDINALITIES,
                           dense_arch=(512, 256, 64), over_arch=(512, 512, 256, 1)),
         data=DataConfig(data_dir="data/terabyte", batch_size=2048, eval_batch_size=16384),
         epochs=1,
+        quant=QuantSpec(scale_update_every=1000),
         run_dir="runs/terabyte",
     )
 
 
-CONFIGS: dict[str, Callable[[], JobConfig]] = {f.__name__: f for f in (default, tiny, kaggle, terabyte)}
+def kaggle_fp32() -> JobConfig:
+    """Criteo Kaggle without quantization (the paper's FP32 row)."""
+    return dataclasses.replace(kaggle(), name="kaggle_fp32", quant_mode="fp32", run_dir="runs/kaggle_fp32")
+
+
+def terabyte_fp32() -> JobConfig:
+    """Criteo Terabyte without quantization."""
+    return dataclasses.replace(terabyte(), name="terabyte_fp32", quant_mode="fp32", run_dir="runs/terabyte_fp32")
+
+
+CONFIGS: dict[str, Callable[[], JobConfig]] = {
+    f.__name__: f for f in (default, default_fp32, default_int8, default_ptq4, default_int4_row, tiny, kaggle,
+                            kaggle_fp32, terabyte, terabyte_fp32)}
 
 
 def get_config(name: str) -> JobConfig:

@@ -8,6 +8,7 @@ from typing import Any
 
 
 def epoch_table(history: list[dict[str, Any]], bayes: dict[str, float] | None = None) -> str:
+    """Per-epoch metrics; for post-training quantization runs, the quantized test metrics too."""
     head = (f"{'epoch':>5} {'train loss':>10} {'val AUC':>8} {'val acc%':>8} {'test AUC':>8} {'test acc%':>9} "
             f"{'test logloss':>12} {'samples/s':>10}")
     lines = [head, "-" * len(head)]
@@ -15,6 +16,10 @@ def epoch_table(history: list[dict[str, Any]], bayes: dict[str, float] | None = 
         v, t = s["val"], s["test"]
         lines.append(f"{s['epoch']:>5} {s['train_loss']:>10.4f} {v['auc']:>8.4f} {100 * v['accuracy']:>8.2f} "
                      f"{t['auc']:>8.4f} {100 * t['accuracy']:>9.2f} {t['logloss']:>12.4f} {s['samples_per_s']:>10.0f}")
+        if "ptq_test" in s:
+            q, qv = s["ptq_test"], s["ptq_val"]
+            lines.append(f"{'  ptq':>5} {'':>10} {qv['auc']:>8.4f} {100 * qv['accuracy']:>8.2f} {q['auc']:>8.4f} "
+                         f"{100 * q['accuracy']:>9.2f} {q['logloss']:>12.4f}   (post-training quantized)")
     if bayes:
         lines.append(f"{'best':>5} {'':>10} {'':>8} {'':>8} {bayes['auc']:>8.4f} {100 * bayes['accuracy']:>9.2f} "
                      f"{bayes['logloss']:>12.4f}   (true click probabilities of the synthetic test split)")

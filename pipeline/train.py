@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -14,14 +16,21 @@ import torch
 import torch.distributed as dist
 
 from datasets.reader import ParquetBatches
+from datasets.schema import FEATURE_NAMES, NUM_DENSE
 from datasets.synthetic import ensure_synthetic
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobConfig, apply_override, to_dict
 from pipeline.configs import CONFIGS, get_config
 from pipeline.model import build_dlrm
+from pipeline.metrics import binary_metrics
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.predict import score
 from pipeline.report import epoch_table, plot_curves, write_summary
-from pipeline.trainer import Splits, Trainer
+from pipeline.trainer import Splits, Trainer, post_training_quantized
+from quant.api import QATConfig, quantize_, set_fake_quant
+from quant.convert import model_sizes
+from quant.export import export, load_with_manifest
+from quant.tbe import table_configs
 from sharding.plan import describe_plan, plan_sharding, plan_table, save_plan, shard_model
 
 log = logging.getLogger("dqrm")
@@ -137,6 +146,9 @@ def run(cfg: JobConfig) -> dict:
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
     plan = plan_sharding(model, world_size=world_size, device=device, pg=dist.group.WORLD)
     model = shard_model(model, plan, device)
+    if cfg.quant_mode != "fp32":
+        quantize_(model, QATConfig(spec=cfg.quant, step="prepare"), pg=dist.group.WORLD)
+        set_fake_quant(model, cfg.quant_mode == "qat")  # ptq trains in float
     optimizer = build_optimizer(model, cfg.optim)
     rows = describe_plan(plan)
     if rank == 0:
@@ -149,8 +161,9 @@ def run(cfg: JobConfig) -> dict:
         log.info("resuming at epoch %d (step %d)", trainer.start_epoch + 1, trainer.step)
     t0 = time.perf_counter()
     history = trainer.train()
-    summary = {"config": cfg.name, "world_size": world_size, "device": str(device), "epochs": history,
-               "eval_history": trainer.eval_history, "bayes_test": bayes,
+    exported = export_integer_model(cfg, trainer, model, paths["test"], rank) if cfg.quant_mode != "fp32" else None
+    summary = {"config": cfg.name, "quant_mode": cfg.quant_mode, "world_size": world_size, "device": str(device),
+               "epochs": history, "eval_history": trainer.eval_history, "bayes_test": bayes, "export": exported,
                "wall_seconds_this_attempt": time.perf_counter() - t0}
     if rank == 0:
         write_summary(run_dir, summary)
@@ -160,10 +173,55 @@ def run(cfg: JobConfig) -> dict:
             best = max(history, key=lambda s: s["test"]["auc"])
             print(f"best test AUC {best['test']['auc']:.4f} (epoch {best['epoch']}) is "
                   f"{bayes['auc'] - best['test']['auc']:.4f} below the best achievable {bayes['auc']:.4f}")
+        if exported:
+            print(export_report(exported), flush=True)
         print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
     return summary
+
+
+def export_integer_model(cfg: JobConfig, trainer: Trainer, model, test_paths: list[Path], rank: int) -> dict | None:
+    """Convert to FBGEMM integer modules, export, reload the artifact and score the test split with it (rank 0),
+    checking its logits against the fake-quantized model's. Collective: every rank calls it."""
+    ptq = post_training_quantized(model) if cfg.quant_mode == "ptq" else contextlib.nullcontext()
+    with ptq:
+        ref_logits, _ = trainer.predict("test")
+        int_model = quantize_(model, QATConfig(spec=cfg.quant, step="convert"))
+    if rank != 0:
+        return None
+    bits = cfg.quant.embedding_bits
+    path = cfg.run_path / f"model_int{bits}.pt"
+    manifest = {"config": cfg.name, "quant_mode": cfg.quant_mode, "quant": dataclasses.asdict(cfg.quant),
+                "num_embeddings": list(cfg.model.num_embeddings), "embedding_dim": cfg.model.embedding_dim,
+                "dense_features": NUM_DENSE, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
+                "id_mapping": "hash % num_embeddings, missing -> empty bag"}
+    export(int_model, FEATURE_NAMES, path, manifest)
+    module, manifest = load_with_manifest(path)
+    logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel())
+    mlp_params = sum(p.numel() for n, p in int_model.named_parameters())  # float leftovers (none for INT MLPs)
+    sizes = model_sizes(int_model, table_configs(model), _float_mlp_params(model))
+    sizes["artifact_bytes"] = path.stat().st_size
+    log.info("exported %s (%.1f MB)", path, sizes["artifact_bytes"] / 1e6)
+    return {"path": str(path), "test": binary_metrics(logits, labels), "bits": bits,
+            "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits, "sizes": sizes,
+            "float_params_left": mlp_params,
+            "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max())}
+
+
+def _float_mlp_params(model) -> int:
+    inner = model.module if hasattr(model, "module") else model
+    return sum(p.numel() for arch in (inner.model.dense_arch, inner.model.over_arch) for p in arch.parameters())
+
+
+def export_report(e: dict) -> str:
+    t, z = e["test"], e["sizes"]
+    return (f"exported INT{e['bits']} model ({e['granularity']} grid, INT{e['mlp_bits'] or 32} MLPs): "
+            f"test AUC {t['auc']:.4f} acc {100 * t['accuracy']:.2f}% logloss {t['logloss']:.4f} | "
+            f"max |artifact - fake-quant logits| {e['max_abs_logit_diff_vs_fake_quant']:.2e}\n"
+            f"sizes: FP32 {z['fp32_bytes'] / 1e6:.1f} MB, INT{e['bits']} FBGEMM layout {z['int_fbgemm_bytes'] / 1e6:.1f} MB "
+            f"({z['fp32_bytes'] / z['int_fbgemm_bytes']:.1f}x smaller), codes only {z['int_codes_only_bytes'] / 1e6:.1f} MB, "
+            f"artifact on disk {z['artifact_bytes'] / 1e6:.1f} MB  ->  {e['path']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -20,6 +21,7 @@ from datasets.reader import ParquetBatches
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobConfig
 from pipeline.metrics import binary_metrics, gather
+from quant.api import embedding_quantizer, set_fake_quant
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,9 @@ class Trainer:
         for epoch in range(self.start_epoch, self.cfg.epochs):
             stats = self.train_epoch(epoch)
             stats["val"], stats["test"] = self.evaluate("val"), self.evaluate("test")
+            if self.cfg.quant_mode == "ptq":
+                with post_training_quantized(self.model):
+                    stats["ptq_val"], stats["ptq_test"] = self.evaluate("val"), self.evaluate("test")
             self.history.append(stats)
             self._log_epoch(stats)
             self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1))
@@ -103,7 +108,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str) -> dict[str, float]:
-        """Score a split with the model taken out of the pipeline (the pipeline's in-flight batches are kept)."""
+        """AUC, accuracy and log loss of a split over all ranks."""
+        logits, labels = self.predict(split)
+        return binary_metrics(logits, labels)
+
+    @torch.no_grad()
+    def predict(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and labels of a split, all ranks' rows in file order, scored with the model taken out of the
+        pipeline (the pipeline's in-flight batches are kept)."""
         data: ParquetBatches = getattr(self.data, split)
         model = self.pipeline.detach()
         was_training = model.training
@@ -116,7 +128,7 @@ class Trainer:
             labels.append(lab.float())
         model.train(was_training)
         self.pipeline.attach(model)
-        return binary_metrics(gather(torch.cat(logits)).cpu(), gather(torch.cat(labels)).cpu())
+        return gather(torch.cat(logits)).cpu(), gather(torch.cat(labels)).cpu()
 
     def _progress(self, next_epoch: int) -> dict[str, Any]:
         return {"epoch": next_epoch, "step": self.step, "history": self.history, "eval_history": self.eval_history}
@@ -128,6 +140,19 @@ class Trainer:
         log.info("epoch %d/%d | train loss %.4f | val AUC %.4f acc %.2f%% logloss %.4f | test AUC %.4f acc %.2f%% "
                  "logloss %.4f | %.0f samples/s", s["epoch"], self.cfg.epochs, s["train_loss"], v["auc"],
                  100 * v["accuracy"], v["logloss"], t["auc"], 100 * t["accuracy"], t["logloss"], s["samples_per_s"])
+
+
+@contextlib.contextmanager
+def post_training_quantized(model: nn.Module):
+    """Evaluate a float-trained model on the integer grid: fake-quant on, per-table scales from the current weights."""
+    set_fake_quant(model, True)
+    quantizer = embedding_quantizer(model)
+    if quantizer is not None:
+        quantizer.update_scales()
+    try:
+        yield
+    finally:
+        set_fake_quant(model, False)
 
 
 def _world_size() -> int:

@@ -9,7 +9,7 @@ from torch import nn
 
 from quant.embedding_qat import EmbeddingFakeQuantizer, attach_embedding_qat
 from quant.fake_quant import SUPPORTED_BITS
-from quant.mlp_qat import fake_quantize_linears
+from quant.mlp_qat import RowwiseWeightFakeQuant, fake_quantize_linears
 from quant.tbe import table_configs
 
 QUANTIZER_NAME = "embedding_fake_quant"
@@ -82,8 +82,18 @@ def quantize_(model: nn.Module, config: QATConfig, *, pg: dist.ProcessGroup | No
 
 
 def _count_step(module: nn.Module, args) -> None:
-    if module.training:
-        getattr(module, QUANTIZER_NAME).on_train_step()
+    quantizer = getattr(module, QUANTIZER_NAME)
+    if module.training and quantizer.enabled:
+        quantizer.on_train_step()
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch every fake-quant of a prepared model on or off (off: the float model, e.g. for post-training
+    quantization, which trains in float and quantizes only to evaluate and export)."""
+    inner = model.module if hasattr(model, "module") else model
+    for m in inner.modules():
+        if isinstance(m, (RowwiseWeightFakeQuant, EmbeddingFakeQuantizer)):
+            m.enabled = enabled
 
 
 def embedding_quantizer(model: nn.Module) -> EmbeddingFakeQuantizer | None:

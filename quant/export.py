@@ -6,8 +6,10 @@ The artifact takes ``(dense [B, 13] float, values [N] int64, lengths [26 * B] in
 """
 
 
+import hashlib
+import json
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -28,18 +30,55 @@ class ServingDLRM(nn.Module):
         return self.dlrm(dense, kjt).squeeze(-1)
 
 
-def export(dlrm: DLRM, feature_names: List[str], path: Path) -> Path:
-    """FX-trace (TorchRec's tracer) then TorchScript the serving wrapper and save it."""
+FORMAT_VERSION = 1
+MANIFEST_NAME = "dqrm_manifest.json"
+
+
+def export(dlrm: DLRM, feature_names: List[str], path: Path, manifest: Dict[str, Any]) -> Path:
+    """FX-trace (TorchRec's tracer), TorchScript and save the serving wrapper, with ``manifest`` inside the file
+    and, beside it, ``<path>.json``: the same manifest plus the file's SHA-256."""
     from torchrec.fx import symbolic_trace
 
     traced = symbolic_trace(ServingDLRM(dlrm.eval(), feature_names))
     scripted = torch.jit.script(traced)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.jit.save(scripted, str(path))
+    full = {"format_version": FORMAT_VERSION, "feature_names": list(feature_names), **manifest}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.jit.save(scripted, str(tmp), _extra_files={MANIFEST_NAME: json.dumps(full)})
+    tmp.replace(path)
+    sidecar = dict(full, sha256=_sha256(path), bytes=path.stat().st_size)
+    Path(str(path) + ".json").write_text(json.dumps(sidecar, indent=2))
     return path
 
 
-def load(path: Path) -> torch.jit.ScriptModule:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
+    """Load an artifact, checking it against its manifest; errors name the file and what is wrong."""
     import fbgemm_gpu  # noqa: F401 - registers the FBGEMM operators the artifact calls
 
-    return torch.jit.load(str(path), map_location="cpu")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    sidecar = Path(str(path) + ".json")
+    if sidecar.is_file():
+        expected = json.loads(sidecar.read_text()).get("sha256")
+        if expected and _sha256(path) != expected:
+            raise ValueError(f"{path}: checksum does not match {sidecar.name} (file truncated or modified)")
+    extra = {MANIFEST_NAME: ""}
+    try:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: not a loadable dqrm model artifact ({str(e).splitlines()[0]})") from None
+    if not extra[MANIFEST_NAME]:
+        raise ValueError(f"{path}: has no {MANIFEST_NAME}; it was not written by dqrm's export")
+    manifest = json.loads(extra[MANIFEST_NAME])
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+    return module, manifest

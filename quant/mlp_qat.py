@@ -28,8 +28,11 @@ class RowwiseWeightFakeQuant(nn.Module):
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = bits
+        self.enabled = True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return w
         scale = row_scales(w, self.bits)
         q = (row_codes(w.detach(), scale, self.bits) * scale.unsqueeze(1)).detach()
         return q + (w - w.detach())  # the value is q exactly; the gradient is the identity
