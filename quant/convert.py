@@ -13,14 +13,13 @@ import copy
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.utils import parametrize
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from quant.api import QuantSpec, embedding_quantizer
 from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
-from quant.mlp_qat import QuantizedLinear
+from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
 from quant.tbe import table_configs
 
 _DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
@@ -59,16 +58,22 @@ def _table_key(name: str) -> str:
 
 
 def integer_mlp(mlp: nn.Module, bits: int) -> nn.Module:
-    """A copy of ``mlp`` with every Linear replaced by a ``QuantizedLinear`` (or de-parametrized when bits=0)."""
+    """A copy of ``mlp`` with every (fake-quant) Linear replaced by a ``QuantizedLinear`` (a plain Linear at 0 bits)."""
     mlp = copy.deepcopy(mlp)
     for module in list(mlp.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                new = QuantizedLinear.from_linear(child, bits) if bits else child
-                if not bits and parametrize.is_parametrized(child, "weight"):
-                    parametrize.remove_parametrizations(child, "weight", leave_parametrized=False)
-                setattr(module, name, new)
+            if isinstance(child, (nn.Linear, FakeQuantLinear)):
+                setattr(module, name, QuantizedLinear.from_linear(child, bits) if bits else _plain_linear(child))
     return mlp
+
+
+def _plain_linear(layer: nn.Module) -> nn.Linear:
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+    return out
 
 
 def convert_dlrm(model: nn.Module, spec: QuantSpec, *, pg: dist.ProcessGroup | None = None) -> DLRM | None:
@@ -93,9 +98,10 @@ def convert_dlrm(model: nn.Module, spec: QuantSpec, *, pg: dist.ProcessGroup | N
                                          data_type=_DATA_TYPES[bits]))
     qebc = QuantEmbeddingBagCollection(tables=tables, is_weighted=False, device=torch.device("cpu"),
                                        table_name_to_quantized_weights=weights)
-    dense_sizes = [m.out_features for m in inner.model.dense_arch.modules() if isinstance(m, nn.Linear)]
-    over_sizes = [m.out_features for m in inner.model.over_arch.modules() if isinstance(m, nn.Linear)]
-    dense_in = next(m.in_features for m in inner.model.dense_arch.modules() if isinstance(m, nn.Linear))
+    layers = (nn.Linear, FakeQuantLinear)
+    dense_sizes = [m.out_features for m in inner.model.dense_arch.modules() if isinstance(m, layers)]
+    over_sizes = [m.out_features for m in inner.model.over_arch.modules() if isinstance(m, layers)]
+    dense_in = next(m.in_features for m in inner.model.dense_arch.modules() if isinstance(m, layers))
     dlrm = DLRM(embedding_bag_collection=qebc, dense_in_features=dense_in, dense_arch_layer_sizes=dense_sizes,
                 over_arch_layer_sizes=over_sizes, dense_device=torch.device("cpu"))
     dlrm.dense_arch = integer_mlp(inner.model.dense_arch, spec.mlp_bits).cpu()

@@ -1,7 +1,7 @@
 """Weight-only MLP QAT: symmetric fake-quant with one scale per output row; activations stay float.
 
 torch.ao has no weight-only INT4/INT8 linear that computes in float (its dynamic linear also quantizes
-activations), so the fake-quant parametrization and its integer counterpart ``QuantizedLinear`` are written here.
+activations), so the fake-quant layer and its integer counterpart ``QuantizedLinear`` are written here.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 
 def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -23,7 +22,7 @@ def row_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class RowwiseWeightFakeQuant(nn.Module):
-    """Parametrization ``W -> codes * scale`` with a straight-through gradient (exact forward)."""
+    """``W -> codes * scale`` with a straight-through gradient (exact forward)."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -52,8 +51,8 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.codes.to(torch.float32) * self.scale.unsqueeze(1), self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int) -> "QuantizedLinear":
-        w = original_weight(linear).detach().float()
+    def from_linear(cls, linear: nn.Module, bits: int) -> "QuantizedLinear":
+        w = linear.weight.detach().float()
         scale = row_scales(w, bits)
         return cls(row_codes(w, scale, bits), scale, linear.bias, bits)
 
@@ -63,16 +62,29 @@ class QuantizedLinear(nn.Module):
         return rows * ((cols * self.bits + 7) // 8) + 4 * rows + (0 if self.bias is None else 4 * self.bias.numel())
 
 
-def original_weight(linear: nn.Linear) -> torch.Tensor:
-    if parametrize.is_parametrized(linear, "weight"):
-        return linear.parametrizations.weight.original
-    return linear.weight
+class FakeQuantLinear(nn.Module):
+    """A Linear whose forward uses the fake-quantized weight. It holds the *same* Parameter objects as the Linear it
+    replaces, so an existing DDP wrapper keeps reducing their gradients and state-dict keys do not change (a
+    ``torch.nn.utils.parametrize`` parametrization registered after DDP wrapping was seen to lose the all-reduce
+    of the weight gradient from the second step on)."""
+
+    def __init__(self, linear: nn.Linear, bits: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.fake_quant = RowwiseWeightFakeQuant(bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_quant(self.weight), self.bias)
 
 
-def fake_quantize_linears(module: nn.Module, bits: int) -> list[nn.Linear]:
-    """Parametrize every ``nn.Linear`` weight under ``module``; returns them."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    for m in linears:
-        if not parametrize.is_parametrized(m, "weight"):
-            parametrize.register_parametrization(m, "weight", RowwiseWeightFakeQuant(bits))
-    return linears
+def fake_quantize_linears(module: nn.Module, bits: int) -> int:
+    """Swap every ``nn.Linear`` under ``module`` for a ``FakeQuantLinear``; returns how many."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, FakeQuantLinear(child, bits))
+                count += 1
+    return count

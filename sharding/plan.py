@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,14 @@ from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.sharding_plan import (
+    column_wise,
+    construct_module_sharding_plan,
+    data_parallel,
+    get_default_sharders,
+    row_wise,
+    table_wise,
+)
 from torchrec.distributed.types import ShardingPlan
 
 
@@ -30,6 +38,51 @@ def plan_sharding(
     if pg is not None:
         return planner.collective_plan(model, sharders, pg)
     return planner.plan(model, sharders)
+
+
+EBC_PATH = "model.sparse_arch.embedding_bag_collection"
+PLACEMENTS = ("data_parallel", "table_wise", "row_wise", "column_wise")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TablePlacement:
+    """Where one table goes, as data: a sharding type and, for table_wise/column_wise, the ranks."""
+
+    kind: str
+    """One of data_parallel, table_wise, row_wise, column_wise."""
+    ranks: tuple[int, ...] = ()
+    """table_wise: the one rank; column_wise: the rank of each column shard; otherwise unused."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in PLACEMENTS:
+            raise ValueError(f"placement kind must be one of {PLACEMENTS}, got {self.kind!r}")
+        if self.kind == "table_wise" and len(self.ranks) != 1:
+            raise ValueError(f"table_wise needs exactly one rank, got {self.ranks}")
+        if self.kind == "column_wise" and not self.ranks:
+            raise ValueError("column_wise needs the rank of each column shard")
+
+
+def manual_plan(model: nn.Module, placements: dict[str, TablePlacement], *, world_size: int,
+                device: torch.device) -> ShardingPlan:
+    """A plan from explicit placements (the way to get row-wise sharding on CPU, where the planner lacks it)."""
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    for p in placements.values():
+        if any(not 0 <= r < world_size for r in p.ranks):
+            raise ValueError(f"placement {p} names a rank outside world size {world_size}")
+    generators = {name: _generator(p) for name, p in placements.items()}
+    module_plan = construct_module_sharding_plan(ebc, generators, local_size=world_size, world_size=world_size,
+                                                 device_type=device.type)
+    return ShardingPlan({EBC_PATH: module_plan})
+
+
+def _generator(p: TablePlacement):
+    if p.kind == "data_parallel":
+        return data_parallel()
+    if p.kind == "table_wise":
+        return table_wise(rank=p.ranks[0])
+    if p.kind == "row_wise":
+        return row_wise()
+    return column_wise(ranks=list(p.ranks))
 
 
 def shard_model(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:

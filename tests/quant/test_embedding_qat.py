@@ -1,0 +1,113 @@
+"""QAT on sharded tables: world size 2 equals world size 1, and the exported integer model equals the QAT model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from datasets.schema import FEATURE_NAMES
+from pipeline.config import OptimConfig
+from pipeline.optimizer import build_optimizer
+from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from quant.convert import gather_full_state
+from quant.export import export
+from tests.dist_utils import run_distributed
+from tests.helpers import batches, concat_batches, mixed_placements, sharded_model, tiny_data
+
+import os
+STEPS, LOCAL_BATCH = int(os.environ.get("QAT_TEST_STEPS", 6)), 64
+
+
+def _qat_run(rank, world_size, data_dir, spec, out_dir):
+    """A few QAT steps on rank-local halves of the same global batches; then eval logits, tables, export."""
+    placements = mixed_placements(world_size, with_column_wise=spec.granularity == "table")
+    model, _ = sharded_model(world_size, placements)
+    quantize_(model, QATConfig(spec=spec, step="prepare"), pg=dist.group.WORLD)
+    optimizer = build_optimizer(model, OptimConfig())
+    local = batches(data_dir / "train.parquet", LOCAL_BATCH, rank=0, world_size=1, limit=STEPS * 2)
+    model.train()
+    for step in range(STEPS):
+        pair = local[2 * step: 2 * step + 2]  # global batch = two halves of LOCAL_BATCH rows
+        batch = pair[rank] if world_size == 2 else concat_batches(pair)
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    eval_batches = batches(data_dir / "val.parquet", 256, rank=rank, world_size=world_size)
+    with torch.no_grad():
+        logits = torch.cat([model(b)[1][1] for b in eval_batches])
+    parts = [torch.empty_like(logits) for _ in range(world_size)]
+    dist.all_gather(parts, logits)
+    state = gather_full_state(model)
+    int_model = quantize_(model, QATConfig(spec=spec, step="convert"))
+    if rank != 0:
+        return None
+    tables = {k: v for k, v in state.items() if "embedding_bags" in k}
+    dense = {k: v for k, v in state.items() if "_arch" in k and "embedding_bags" not in k}
+    quantizer = embedding_quantizer(model)
+    result = {"logits": torch.cat(parts), "tables": tables, "dense": dense,
+              "alpha": None if quantizer is None else quantizer.alpha.clone()}
+    if out_dir is not None:
+        path = export(int_model, FEATURE_NAMES, out_dir / "model.pt", {"num_embeddings": []})
+        result["artifact"] = str(path)
+    return result
+
+
+SPECS = {
+    "table4": QuantSpec(embedding_bits=4, granularity="table", scale_update_every=4, mlp_bits=4),
+    "row4": QuantSpec(embedding_bits=4, granularity="row", mlp_bits=4),
+    "table8": QuantSpec(embedding_bits=8, granularity="table", scale_update_every=4, mlp_bits=8),
+    "row8": QuantSpec(embedding_bits=8, granularity="row", mlp_bits=8),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("qat-data"))
+
+
+@pytest.mark.parametrize("name", ["table4", "row4"])
+def test_sharded_qat_steps_equal_unsharded(name, data_dir):
+    spec = SPECS[name]
+    sharded = run_distributed(_qat_run, data_dir, spec, None, world_size=2)[0]
+    single = run_distributed(_qat_run, data_dir, spec, None, world_size=1)[0]
+    torch.testing.assert_close(sharded["alpha"], single["alpha"], atol=1e-5, rtol=0)
+    for key, table in single["tables"].items():
+        torch.testing.assert_close(sharded["tables"][key], table, atol=1e-5, rtol=0, msg=key)
+    torch.testing.assert_close(sharded["logits"], single["logits"], atol=1e-5, rtol=0)
+    if spec.granularity == "table":  # the grid was really used: alpha is a max over whole tables
+        assert (sharded["alpha"] > 0).all()
+
+
+@pytest.mark.parametrize("name", ["table4", "row4", "table8", "row8"])
+def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
+    """Prepare equals convert: the artifact, loaded in a fresh process with only torch and fbgemm_gpu, gives the
+    QAT model's eval logits (within 1e-5) and the same predicted classes."""
+    result = run_distributed(_qat_run, data_dir, SPECS[name], tmp_path, world_size=2)[0]
+    eval_batches = batches(data_dir / "val.parquet", 256, world_size=1)
+    inputs = [(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths()) for b in eval_batches]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = (
+        "import sys, torch, fbgemm_gpu\n"
+        "m = torch.jit.load(sys.argv[1])\n"
+        "inputs = torch.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    out = torch.cat([m(*x) for x in inputs])\n"
+        "torch.save(out, sys.argv[3])\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchrec', 'quant', 'pipeline')))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, result["artifact"], str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", "the artifact must not need torchrec or this repo"
+    served = torch.load(tmp_path / "out.pt")
+    qat = result["logits"]
+    assert served.shape == qat.shape
+    torch.testing.assert_close(served, qat, atol=1e-5, rtol=0)
+    assert torch.equal(served >= 0, qat >= 0)

@@ -1,0 +1,57 @@
+"""The fake-quant arithmetic is FBGEMM's, bit for bit."""
+
+import fbgemm_gpu  # noqa: F401
+import pytest
+import torch
+
+from quant.fake_quant import fake_quantize, pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+from quant.mlp_qat import QuantizedLinear, RowwiseWeightFakeQuant
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_rowwise_matches_fbgemm_quantizer_bit_exact(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(513, 16) * torch.rand(513, 1) * 3
+    w[7] = 0.25  # a constant row: FBGEMM uses scale 1.0 there
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
+    dequant = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, bits)
+    scale, bias = rowwise_qparams(w, bits)
+    assert torch.equal(fake_quantize(w, scale, bias, bits), dequant)
+    codes, sb = pack_rows(quantize_codes(w, scale, bias, bits), scale, bias, bits)
+    assert torch.equal(torch.cat([codes, sb], dim=1), fused)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_symmetric_table_grid_is_exact_in_fbgemm_format(bits):
+    torch.manual_seed(0)
+    w = torch.randn(300, 16)
+    alpha = w.abs().max()
+    scale, bias = symmetric_qparams(alpha.reshape(1), bits)
+    scale, bias = scale.expand(300, 1), bias.expand(300, 1)
+    fq = fake_quantize(w, scale, bias, bits)
+    # Symmetric: values are integer multiples of the fp16 scale in [-2^(b-1), 2^(b-1)-1].
+    k = fq / scale
+    assert torch.equal(k, torch.round(k))
+    assert k.min() >= -(2 ** (bits - 1)) and k.max() <= 2 ** (bits - 1) - 1
+    assert (fq - w).abs().max() <= scale[0, 0] / 2 + 1e-7
+    # FBGEMM's own dequantizer reads our packed rows back to the same values.
+    codes, sb = pack_rows(quantize_codes(w, scale, bias, bits), scale, bias, bits)
+    dequant = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(torch.cat([codes, sb], 1), bits)
+    assert torch.equal(dequant, fq)
+
+
+def test_mlp_fake_quant_has_exact_forward_and_straight_through_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(8, 5, requires_grad=True)
+    fq = RowwiseWeightFakeQuant(4)
+    out = fq(w)
+    assert len(torch.unique(out[0])) <= 16
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    lin = torch.nn.Linear(5, 8)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    q = QuantizedLinear.from_linear(lin, 4)
+    x = torch.randn(3, 5)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, fq(w.detach()), lin.bias))
+    assert q.codes.abs().max() <= 8
