@@ -1,0 +1,37 @@
+"""Shared bits of the benchmarks: spawning ranks, medians, printing a table and saving JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def machine() -> dict:
+    return {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+
+
+def save(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+    return path
+
+
+def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """``columns``: (key, header, format)."""
+    head = "  ".join(f"{h:>{max(len(h), 10)}}" for _, h, _ in columns)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append("  ".join(f"{format(r[k], f) if not isinstance(r[k], str) else r[k]:>{max(len(h), 10)}}"
+                               for k, h, f in columns))
+    return "\n".join(lines)
