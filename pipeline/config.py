@@ -44,8 +44,8 @@ class DataConfig:
 
     data_dir: str = ""
     """Folder with train/val/test Parquet (files or folders of files); empty = the bundled synthetic data."""
-    batch_size: int = 256
-    """Training rows per batch on each rank."""
+    batch_size: int = 64
+    """Training rows per batch on each rank (64 x 2 ranks = the paper's 128)."""
     eval_batch_size: int = 4096
     """Evaluation rows per batch on each rank."""
     shuffle: bool = True

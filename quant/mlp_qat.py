@@ -12,8 +12,8 @@ from torch import nn
 
 
 def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
-    qmax = 2 ** (bits - 1) - 1
-    s = w.detach().abs().amax(dim=1) / qmax
+    # Multiply by the reciprocal: CUDA divides by a Python scalar that way, so CPU and GPU agree bit for bit.
+    s = w.detach().abs().amax(dim=1) * (1.0 / (2 ** (bits - 1) - 1))
     return torch.where(s == 0, torch.ones_like(s), s)
 
 

@@ -1,0 +1,132 @@
+"""Serving throughput on CPU: the exported INT4 artifact against the same model with FP32 tables, at batch 2048.
+
+Both are exported by the same code path (TorchRec inference EBC on FBGEMM's IntN TBE, TorchScript), so only the
+precision differs; the eager FP32 training-side DLRM is reported as well. Same batches, variants alternated,
+medians over repetitions.
+
+    python -m bench.inference [--run-dir runs/default-...] [--batches 20] [--reps 5]
+
+Without --run-dir, a model is built from the `default` config with random weights (sizes and speed do not depend on
+training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bench.common import median, save, table
+from datasets.reader import ParquetBatches, ReaderConfig
+from datasets.schema import FEATURE_NAMES
+from datasets.synthetic import ensure_synthetic
+from pipeline.configs import get_config
+from pipeline.model import build_dlrm
+from pipeline.optimizer import fuse_embedding_optimizer
+from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from quant.export import export, load_with_manifest
+from sharding.plan import plan_sharding, shard_model
+
+BATCH = 2048
+
+
+def _artifacts(cfg, out: Path) -> dict[str, Path]:
+    torch.manual_seed(0)
+    model = build_dlrm(cfg.model, torch.device("cpu"))
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
+    model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD),
+                        torch.device("cpu"))
+    quantize_(model, QATConfig(spec=cfg.quant), pg=dist.group.WORLD)
+    embedding_quantizer(model).update_scales()
+    paths = {}
+    for name, spec in {"int4": cfg.quant, "int8": QuantSpec(embedding_bits=8, mlp_bits=8)}.items():
+        int_model = quantize_(model, QATConfig(spec=spec, step="convert"))
+        paths[name] = export(int_model, FEATURE_NAMES, out / f"{name}.pt",
+                             {"num_embeddings": list(cfg.model.num_embeddings)})
+    return paths, model
+
+
+def _fp32_artifact(cfg, model, out: Path) -> Path:
+    """The same export path with FP32 tables and MLPs (TorchRec inference EBC, DataType.FP32)."""
+    from torchrec.models.dlrm import DLRM
+    from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+    from quant.convert import gather_full_state, integer_mlp
+    from quant.tbe import table_configs
+
+    state = gather_full_state(model)
+    tables, weights = [], {}
+    for c in table_configs(model):
+        w = state[f"model.sparse_arch.embedding_bag_collection.embedding_bags.{c.name}.weight"]
+        tables.append(EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
+                                         feature_names=list(c.feature_names), data_type=DataType.FP32))
+        weights[c.name] = (w.contiguous().view(torch.uint8).view(w.shape[0], -1), None)
+    ebc = QuantEBC(tables=tables, is_weighted=False, device=torch.device("cpu"),
+                   table_name_to_quantized_weights=weights)
+    inner = model.module
+    dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=13, dense_arch_layer_sizes=list(cfg.model.dense_arch),
+                over_arch_layer_sizes=list(cfg.model.over_arch))
+    dlrm.dense_arch = integer_mlp(inner.model.dense_arch, 0)
+    dlrm.over_arch = integer_mlp(inner.model.over_arch, 0)
+    return export(dlrm, FEATURE_NAMES, out / "fp32.pt", {"num_embeddings": list(cfg.model.num_embeddings)})
+
+
+def _inputs(cfg, n):
+    root = ensure_synthetic(cfg.data.synthetic)
+    data = ParquetBatches([root / "test.parquet"], cfg.model.num_embeddings, ReaderConfig(batch_size=BATCH))
+    out = []
+    for b in data:
+        out.append((b.dense_features, b.sparse_features.values(), b.sparse_features.lengths()))
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.no_grad()
+def _time(module, inputs):
+    t0 = time.perf_counter()
+    for x in inputs:
+        module(*x)
+    return (time.perf_counter() - t0) / (len(inputs) * BATCH)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, default=20, help="batches of 2048 per repetition")
+    p.add_argument("--reps", type=int, default=5, help="repetitions (medians reported)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cfg = get_config("default")
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, model = _artifacts(cfg, Path(tmp))
+        paths["fp32"] = _fp32_artifact(cfg, model, Path(tmp))
+        modules = {name: load_with_manifest(path)[0] for name, path in paths.items()}
+        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        inputs = _inputs(cfg, args.batches)
+        for m in modules.values():
+            _time(m, inputs[:2])
+        times = {name: [] for name in modules}
+        for _ in range(args.reps):
+            for name, m in modules.items():
+                times[name].append(_time(m, inputs))
+    rows = []
+    fp32 = median(times["fp32"])
+    for name in ("fp32", "int8", "int4"):
+        t = median(times[name])
+        rows.append({"model": name, "samples_per_s": 1 / t, "speedup_vs_fp32": fp32 / t,
+                     "artifact_mb": sizes[name] / 1e6, "size_vs_fp32": sizes[name] / sizes["fp32"]})
+    print(table(rows, [("model", "model", "s"), ("samples_per_s", "samples/s", ".0f"),
+                       ("speedup_vs_fp32", "x FP32", ".2f"), ("artifact_mb", "file MB", ".1f"),
+                       ("size_vs_fp32", "size/FP32", ".3f")]))
+    print(f"json: {save('inference', {'batch': BATCH, 'threads': args.threads, 'rows': rows, 'raw_s': times})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""QAT / FP32 training step-time ratio as tables grow (10^5, 10^6, 10^7 rows), beside a naive full-table fake-quant.
+
+One process, DMP at world size 1 on CPU, a DLRM whose 4 largest tables have N rows (22 small ones), the same
+random batches for every variant, variants alternated over several repetitions; medians reported.
+
+- fp32:  plain training step;
+- qat:   dqrm's embedding + MLP QAT (only touched rows fake-quantized; table scale refreshed every 200 steps);
+- naive: QAT that recomputes the scale and fake-quantizes every row of every table on every step (what a
+         weight parametrization of the whole table would cost), for contrast.
+
+    python -m bench.qat_overhead [--rows 100000,1000000,10000000] [--steps 100] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.distributed as dist
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bench.common import median, save, table
+from datasets.schema import FEATURE_NAMES
+from pipeline.config import ModelConfig, OptimConfig
+from pipeline.model import build_dlrm
+from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from quant.fake_quant import fake_quantize, symmetric_qparams
+from sharding.plan import plan_sharding, shard_model
+
+BATCH = 128
+
+
+def _batches(cards, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        values = torch.cat([torch.randint(0, c, (BATCH,), generator=g) for c in cards])
+        kjt = KeyedJaggedTensor.from_lengths_sync(FEATURE_NAMES, values, torch.ones(26 * BATCH, dtype=torch.int32))
+        out.append(Batch(torch.rand(BATCH, 13, generator=g), kjt, (torch.rand(BATCH, generator=g) < 0.25).float()))
+    return out
+
+
+def _build(cards, variant):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_embeddings=cards)
+    model = build_dlrm(cfg, torch.device("cpu"))
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), OptimConfig())
+    plan = plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD)
+    model = shard_model(model, plan, torch.device("cpu"))
+    if variant != "fp32":
+        quantize_(model, QATConfig(spec=QuantSpec(scale_update_every=200 if variant == "qat" else 1)),
+                  pg=dist.group.WORLD)
+    if variant == "naive":
+        quantizer = embedding_quantizer(model)
+
+        def full_table_fake_quant(module, args):
+            for lay in quantizer._layouts:  # noqa: SLF001 - the contrast needs every row of every table
+                flat = lay.flat_weights().detach()
+                for t, rows in enumerate(lay.local_rows):
+                    w = flat[int(lay.weights_offsets()[t]):][: rows * lay.local_dims[t]].view(rows, -1)
+                    s, b = symmetric_qparams(w.abs().max().reshape(1), 4)
+                    fake_quantize(w, s, b, 4)
+        model.module.register_forward_pre_hook(full_table_fake_quant)
+    return model, build_optimizer(model, OptimConfig())
+
+
+def _time(model, opt, batches):
+    model.train()
+    t0 = time.perf_counter()
+    for b in batches:
+        loss, _ = model(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="100000,1000000,10000000", help="rows of each of the 4 large tables")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per repetition")
+    p.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
+    args = p.parse_args()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    rows = []
+    for n in map(int, args.rows.split(",")):
+        cards = tuple([1000] * 22 + [n] * 4)
+        batches = _batches(cards, args.steps)
+        models = {v: _build(cards, v) for v in ("fp32", "qat", "naive")}
+        for m, o in models.values():
+            _time(m, o, batches[:10])
+        times = {v: [] for v in models}
+        for _ in range(args.reps):
+            for v, (m, o) in models.items():
+                times[v].append(_time(m, o, batches))
+        med = {v: median(t) for v, t in times.items()}
+        rows.append({"rows_per_table": n, "fp32_ms": 1e3 * med["fp32"], "qat_ms": 1e3 * med["qat"],
+                     "naive_ms": 1e3 * med["naive"], "qat_ratio": med["qat"] / med["fp32"],
+                     "naive_ratio": med["naive"] / med["fp32"], "raw_s": times})
+        print(f"rows/table {n:,}: fp32 {1e3 * med['fp32']:.2f} ms, qat {1e3 * med['qat']:.2f} ms, "
+              f"naive {1e3 * med['naive']:.2f} ms", flush=True)
+        del models
+    print(table(rows, [("rows_per_table", "rows/table", ",d"), ("fp32_ms", "fp32 ms/step", ".2f"),
+                       ("qat_ms", "qat ms/step", ".2f"), ("naive_ms", "naive ms/step", ".2f"),
+                       ("qat_ratio", "qat/fp32", ".3f"), ("naive_ratio", "naive/fp32", ".2f")]))
+    print(f"json: {save('qat_overhead', {'batch': BATCH, 'steps': args.steps, 'reps': args.reps, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
