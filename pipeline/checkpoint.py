@@ -6,6 +6,7 @@ its ``manifest.json``; a folder without a manifest is never loaded, so a crash m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -30,6 +31,31 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> str | None:
+    """``None`` if every file listed in the manifest is present with its size and checksum, else what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} unreadable: {e}"
+    for name, info in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"file {name} missing"
+        if f.stat().st_size != info["bytes"]:
+            return f"file {name} has {f.stat().st_size} bytes, expected {info['bytes']} (truncated?)"
+        if _sha256(f) != info["sha256"]:
+            return f"file {name} checksum mismatch (corrupt or modified)"
+    return None
+
+
 class Checkpointer:
     """Saves ``step_XXXXXXXX`` folders under ``root`` and finds the newest complete one."""
 
@@ -45,6 +71,21 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    def latest_valid(self) -> Path | None:
+        """The newest checkpoint whose files match its manifest; rank 0 decides and every rank gets its choice.
+        Each one skipped is reported with what is wrong with it."""
+        choice: list[str | None] = [None]
+        if _rank() == 0:
+            for path in reversed(self.complete()):
+                problem = verify(path)
+                if problem is None:
+                    choice[0] = str(path)
+                    break
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
     def save(self, step: int, model: nn.Module, optimizer: Optimizer, progress: dict[str, Any]) -> Path:
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f".tmp_step_{step:08d}"
@@ -55,7 +96,8 @@ class Checkpointer:
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
         _barrier()
         if _rank() == 0:
-            (tmp / MANIFEST).write_text(json.dumps({"step": step, "progress": progress}, indent=2))
+            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "progress": progress}, indent=2))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             log.info("checkpoint saved: %s", final)

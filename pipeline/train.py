@@ -26,7 +26,7 @@ from pipeline.metrics import binary_metrics
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from pipeline.predict import score
 from pipeline.report import epoch_table, plot_curves, write_summary
-from pipeline.trainer import Splits, Trainer, post_training_quantized
+from pipeline.trainer import NonFiniteLossError, Splits, Trainer, post_training_quantized
 from quant.api import QATConfig, quantize_, set_fake_quant
 from quant.convert import model_sizes
 from quant.export import export, load_with_manifest
@@ -126,8 +126,22 @@ def resolve_data(cfg: JobConfig, rank: int) -> tuple[dict[str, list[Path]], dict
 
 
 def run(cfg: JobConfig) -> dict:
+    """One rank of a job; the process group lives exactly as long as this call."""
     rank, world_size, device = init_distributed()
+    try:
+        return _run(cfg, rank, world_size, device)
+    finally:
+        for h in list(logging.getLogger().handlers):
+            h.close()
+            logging.getLogger().removeHandler(h)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> dict:
     run_dir = cfg.run_path
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run dir {run_dir} exists and is not a directory")
     setup_logging(run_dir, rank)
     log.info("job %s: world size %d on %s, run dir %s", cfg.name, world_size, device, run_dir)
     paths, bayes = resolve_data(cfg, rank)
@@ -176,8 +190,6 @@ def run(cfg: JobConfig) -> dict:
         if exported:
             print(export_report(exported), flush=True)
         print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return summary
 
 
@@ -231,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except (FileNotFoundError, ValueError, NotImplementedError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -52,7 +52,7 @@ class Trainer:
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in the run dir, if there is one."""
-        latest = self.checkpointer.latest()
+        latest = self.checkpointer.latest_valid()
         if latest is None:
             return False
         progress = self.checkpointer.load(latest, self.model, self.optimizer)
@@ -86,6 +86,8 @@ class Trainer:
                     loss = self.train_step(batches)
                 except StopIteration:
                     break
+                if not torch.isfinite(loss):
+                    raise self._non_finite(loss, epoch)
                 loss_sum += loss
                 steps += 1
                 self.step += 1
@@ -95,12 +97,16 @@ class Trainer:
                     log.info("step %d: val AUC %.4f", self.step, self.eval_history[-1]["val"]["auc"])
         seconds = time.perf_counter() - t0
         mean_loss = float(loss_sum) / max(steps, 1)
-        if not torch.isfinite(torch.tensor(mean_loss)):
-            raise NonFiniteLossError(f"rank {self.rank}: training loss became {mean_loss} in epoch {epoch + 1} "
-                                     f"(by step {self.step}); lower optim.lr or check the input data")
         rows = steps * self.data.train.cfg.batch_size * _world_size()
         return {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
                 "train_seconds": seconds, "samples_per_s": rows / seconds if seconds else 0.0}
+
+    def _non_finite(self, loss: torch.Tensor, epoch: int) -> NonFiniteLossError:
+        last = self.checkpointer.latest()
+        return NonFiniteLossError(
+            f"rank {self.rank}: training loss is {float(loss)} at step {self.step + 1} (epoch {epoch + 1}); "
+            f"last good checkpoint: {last or 'none'}. Lower optim.lr / optim.embedding_lr or check the input data, "
+            f"then rerun with the same --run-dir to resume from that checkpoint")
 
     def train_step(self, batches: Iterator) -> torch.Tensor:
         loss, _logits, _labels = self.pipeline.progress(batches)

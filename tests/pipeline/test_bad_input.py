@@ -1,0 +1,199 @@
+"""A table of bad inputs: each fails with a one-line error naming what is wrong, a non-zero exit, and nothing
+earlier destroyed. (The raw-TSV converter's bad inputs belong to issue 4, which has no converter yet.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import predict, train
+from pipeline.checkpoint import Checkpointer
+
+TINY = ["--config", "tiny", "--epochs", "1", "--limit-train-batches", "4", "--limit-eval-batches", "1"]
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory):
+    """One finished tiny run (checkpoint + exported artifact) to damage copies of."""
+    base = tmp_path_factory.mktemp("bad-input")
+    run_dir = base / "run"
+    assert train.main([*TINY, "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def _data_dir(done_run):
+    return Path(json.loads((done_run / "config.json").read_text())["data"]["data_dir"] or "")
+
+
+def _synthetic_test_file(done_run) -> Path:
+    from datasets.synthetic import ensure_synthetic
+    from pipeline.configs import get_config
+
+    return ensure_synthetic(get_config("tiny").data.synthetic) / "test.parquet"
+
+
+def _check(rc, capsys, *needles, code=None):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and (code is None or rc == code)
+    assert err and err[-1].startswith("error: "), err
+    for n in needles:
+        assert n in err[-1], (n, err[-1])
+    return err[-1]
+
+
+# ---- CLI and configs -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "nosuch=1"], ["has no field 'nosuch'"]),
+    (["--set", "model.embedding_dim=abc"], ["cannot parse 'abc' as int"]),
+    (["--epochs", "0"], ["epochs must be at least 1"]),
+    (["--set", "quant.embedding_bits=3"], ["3 bits unsupported"]),
+    (["--set", "quant_mode=int3"], ["quant_mode must be one of"]),
+    (["--set", "quant.granularity=channel"], ["granularity must be 'table' or 'row'"]),
+    (["--set", "model.over_arch=32,2"], ["over_arch must end with 1"]),
+    (["--set", "epochs"], ["must look like field.path=value"]),
+])
+def test_bad_config(args, needles, capsys, tmp_path):
+    _check(train.main([*TINY, "--run-dir", str(tmp_path / "r"), *args]), capsys, *needles, code=2)
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_config_name(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", "nosuch"])
+    assert e.value.code == 2 and "invalid choice: 'nosuch'" in capsys.readouterr().err
+
+
+def test_missing_data_dir(capsys, tmp_path):
+    _check(train.main([*TINY, "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "none")]), capsys,
+           "no train.parquet", "datasets.convert")
+
+
+def test_run_dir_is_a_file(capsys, tmp_path):
+    (tmp_path / "f").write_text("keep me")
+    _check(train.main([*TINY, "--run-dir", str(tmp_path / "f")]), capsys, "is not a directory")
+    assert (tmp_path / "f").read_text() == "keep me"
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+def _bad_data_dir(tmp_path, good: Path, kind: str) -> Path:
+    d = tmp_path / kind
+    d.mkdir()
+    for split in ("train", "val", "test"):
+        shutil.copy(good, d / f"{split}.parquet")
+    target = d / "val.parquet"
+    table = pq.read_table(good)
+    if kind == "not-parquet":
+        target.write_bytes(b"label,I1\n1,2\n")
+    elif kind == "missing-column":
+        pq.write_table(table.drop(["C7"]), target)
+    elif kind == "wrong-type":
+        pq.write_table(table.set_column(table.schema.get_field_index("C3"), "C3",
+                                        table.column("C3").cast(pa.string())), target)
+    return d
+
+
+@pytest.mark.parametrize("kind, needles", [
+    ("not-parquet", ["val.parquet: not a readable Parquet file"]),
+    ("missing-column", ["val.parquet: column 'C7' is missing"]),
+    ("wrong-type", ["val.parquet: column 'C3' has type string, expected uint32"]),
+])
+def test_bad_parquet(kind, needles, done_run, capsys, tmp_path):
+    d = _bad_data_dir(tmp_path, _synthetic_test_file(done_run), kind)
+    _check(train.main([*TINY, "--run-dir", str(tmp_path / "r"), "--data-dir", str(d)]), capsys, *needles)
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete-file"])
+def test_damaged_checkpoint_falls_back_with_a_warning(damage, done_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    good = sorted((run / "checkpoints").glob("step_*"))[-1]
+    newer = good.with_name("step_99999999")
+    shutil.copytree(good, newer)
+    victim = next(f for f in sorted(newer.iterdir()) if f.suffix == ".distcp")
+    if damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:10])
+    elif damage == "corrupt":
+        raw = bytearray(victim.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        victim.write_bytes(bytes(raw))
+    else:
+        victim.unlink()
+    with caplog.at_level("WARNING"):
+        assert Checkpointer(run / "checkpoints").latest_valid() == good
+    assert "step_99999999 is unusable" in caplog.text and victim.name in caplog.text
+    assert newer.exists()  # reported, not deleted
+
+
+def test_incomplete_checkpoint_is_ignored(done_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    good = sorted((run / "checkpoints").glob("step_*"))[-1]
+    partial = good.with_name(".tmp_step_99999999")
+    shutil.copytree(good, partial)
+    (partial / "manifest.json").unlink()
+    assert Checkpointer(run / "checkpoints").latest_valid() == good
+
+
+# ---- exported artifacts ----------------------------------------------------------------------------------------
+def _artifact_copy(done_run, tmp_path):
+    src = done_run / "model_int4.pt"
+    dst = tmp_path / "model.pt"
+    shutil.copy(src, dst)
+    shutil.copy(str(src) + ".json", str(dst) + ".json")
+    return dst
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("missing", ["no such model file"]),
+    ("truncate", ["checksum does not match"]),
+    ("tamper", ["checksum does not match"]),
+    ("garbage-no-sidecar", ["not a loadable dqrm model artifact"]),
+    ("foreign-torchscript", ["has no dqrm_manifest.json"]),
+])
+def test_bad_artifact(damage, needles, done_run, tmp_path, capsys):
+    path = _artifact_copy(done_run, tmp_path)
+    sidecar = Path(str(path) + ".json")
+    if damage == "missing":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif damage == "tamper":
+        raw = bytearray(path.read_bytes())
+        raw[-100] ^= 0x01
+        path.write_bytes(bytes(raw))
+    elif damage == "garbage-no-sidecar":
+        sidecar.unlink()
+        path.write_bytes(b"\x00" * 100)
+    else:
+        sidecar.unlink()
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    rc = predict.main(["--model", str(path), "--data", str(_synthetic_test_file(done_run))])
+    _check(rc, capsys, *needles)
+
+
+def test_predict_on_wrong_schema(done_run, tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"label": pa.array([1], pa.int8())}), bad)
+    _check(predict.main(["--model", str(done_run / "model_int4.pt"), "--data", str(bad)]), capsys,
+           "bad.parquet: column 'I1' is missing")
+
+
+def test_predict_works_on_the_good_artifact(done_run, capsys):
+    assert predict.main(["--model", str(done_run / "model_int4.pt"), "--data",
+                         str(_synthetic_test_file(done_run)), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert m["rows"] == 4096 and 0.5 < m["auc"] <= 1
+
+
+# ---- training numerics -----------------------------------------------------------------------------------------
+def test_non_finite_loss_stops_with_step_rank_and_checkpoint(capsys, tmp_path):
+    rc = train.main([*TINY, "--run-dir", str(tmp_path / "r"), "--set", "optim.lr=1e30",
+                     "--set", "optim.embedding_lr=1e30", "--set", "quant_mode=fp32"])
+    _check(rc, capsys, "rank 0: training loss is", "at step", "last good checkpoint: none")
