@@ -95,6 +95,8 @@ class JobConfig:
     """Evaluate on at most this many batches per rank (0 = the whole split)."""
     eval_every_steps: int = 0
     """Also evaluate on the validation split every N training steps (0 = only at epoch end)."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every N training steps, mid-epoch (0 = only at epoch end)."""
     seed: int = 0
     """Seed of model initialization and shuffling."""
     run_dir: str = "runs/default"
@@ -105,7 +107,7 @@ class JobConfig:
             raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {self.quant_mode!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps"):
+        for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps", "checkpoint_every_steps"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
 

@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
+import signal
 import sys
 import time
 from typing import Any, Iterator
@@ -49,6 +51,8 @@ class Trainer:
         self.start_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.eval_history: list[dict[str, Any]] = []
+        # Position inside a partly trained epoch (restored from a mid-epoch checkpoint).
+        self.in_epoch: dict[str, Any] = {"batches_done": 0, "loss_sum": 0.0}
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in the run dir, if there is one."""
@@ -58,6 +62,7 @@ class Trainer:
         progress = self.checkpointer.load(latest, self.model, self.optimizer)
         self.step, self.start_epoch = progress["step"], progress["epoch"]
         self.history, self.eval_history = progress["history"], progress.get("eval_history", [])
+        self.in_epoch = progress.get("in_epoch") or {"batches_done": 0, "loss_sum": 0.0}
         return True
 
     def train(self) -> list[dict[str, Any]]:
@@ -69,6 +74,7 @@ class Trainer:
                     stats["ptq_val"], stats["ptq_test"] = self.evaluate("val"), self.evaluate("test")
             self.history.append(stats)
             self._log_epoch(stats)
+            self.in_epoch = {"batches_done": 0, "loss_sum": 0.0}
             self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1))
         return self.history
 
@@ -76,11 +82,15 @@ class Trainer:
         self.model.train()
         self.data.train.set_epoch(epoch)
         limit = self.cfg.limit_train_batches or len(self.data.train)
-        batches = itertools.islice(iter(self.data.train), limit)
+        skip = self.in_epoch["batches_done"]  # batches this epoch already trained before a restart
+        if skip:
+            log.info("epoch %d: skipping the %d batches trained before the restart", epoch + 1, skip)
+        batches = itertools.islice(iter(self.data.train), skip, limit)
         total = min(limit, len(self.data.train))
-        loss_sum, steps, t0 = torch.zeros((), dtype=torch.float64), 0, time.perf_counter()
-        with tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", disable=self.rank != 0,
-                  mininterval=1 if sys.stderr.isatty() else 15, file=sys.stderr) as bar:
+        loss_sum = torch.tensor(self.in_epoch["loss_sum"], dtype=torch.float64)
+        steps, t0 = skip, time.perf_counter()
+        with tqdm(total=total, initial=skip, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
+                  disable=self.rank != 0, mininterval=1 if sys.stderr.isatty() else 15, file=sys.stderr) as bar:
             while True:
                 try:
                     loss = self.train_step(batches)
@@ -92,12 +102,17 @@ class Trainer:
                 steps += 1
                 self.step += 1
                 bar.update()
+                _maybe_inject_fault(self.step, self.rank)
+                every = self.cfg.checkpoint_every_steps
+                if every and self.step % every == 0 and steps < total:
+                    self.in_epoch = {"batches_done": steps, "loss_sum": float(loss_sum)}
+                    self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch))
                 if self.cfg.eval_every_steps and self.step % self.cfg.eval_every_steps == 0:
                     self.eval_history.append({"step": self.step, "epoch": epoch, "val": self.evaluate("val")})
                     log.info("step %d: val AUC %.4f", self.step, self.eval_history[-1]["val"]["auc"])
         seconds = time.perf_counter() - t0
         mean_loss = float(loss_sum) / max(steps, 1)
-        rows = steps * self.data.train.cfg.batch_size * _world_size()
+        rows = (steps - skip) * self.data.train.cfg.batch_size * _world_size()
         return {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
                 "train_seconds": seconds, "samples_per_s": rows / seconds if seconds else 0.0}
 
@@ -136,8 +151,10 @@ class Trainer:
         self.pipeline.attach(model)
         return gather(torch.cat(logits)).cpu(), gather(torch.cat(labels)).cpu()
 
-    def _progress(self, next_epoch: int) -> dict[str, Any]:
-        return {"epoch": next_epoch, "step": self.step, "history": self.history, "eval_history": self.eval_history}
+    def _progress(self, epoch: int) -> dict[str, Any]:
+        """What a restart needs besides the model: ``epoch`` is the first epoch not finished."""
+        return {"epoch": epoch, "step": self.step, "history": self.history, "eval_history": self.eval_history,
+                "in_epoch": dict(self.in_epoch)}
 
     def _log_epoch(self, s: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -159,6 +176,16 @@ def post_training_quantized(model: nn.Module):
         yield
     finally:
         set_fake_quant(model, False)
+
+
+def _maybe_inject_fault(step: int, rank: int) -> None:
+    """Test hook: SIGKILL this worker at ``DQRM_FAULT_KILL_AT_STEP`` on rank ``DQRM_FAULT_KILL_RANK`` (first attempt
+    only), to exercise restart and resume the way a lost machine would."""
+    at = os.environ.get("DQRM_FAULT_KILL_AT_STEP")
+    if at and step == int(at) and rank == int(os.environ.get("DQRM_FAULT_KILL_RANK", "0")) \
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        log.warning("fault injection: killing rank %d at step %d", rank, step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _world_size() -> int:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
+from quant.fake_quant import rowwise_qparams, symmetric_qparams
 from quant.tbe import TBELayout, find_tbes
 
 
@@ -37,6 +37,8 @@ class EmbeddingFakeQuantizer(nn.Module):
         self.register_buffer("table_bits", torch.tensor([bits[n] for n in self.table_names], dtype=torch.long))
         self.enabled = True
         self._layouts = layouts
+        self._grid_cache: dict = {}
+        self._static_cache: dict = {}
         self._global = [torch.tensor([index[n] for n in lay.table_names], dtype=torch.long) for lay in layouts]
         for lay in layouts:
             if granularity == "row" and any(lay.column_sharded()):
@@ -79,43 +81,71 @@ class EmbeddingFakeQuantizer(nn.Module):
             return output + self._correction(i, kwargs, output)
         return hook
 
+    def _table_grid(self, i: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+        """Per local table of layout ``i``: (scale, 1/scale, bias, qmax), recomputed only when the scales change."""
+        # Tensor version counters change on every in-place write (update_scales, load_state_dict).
+        version = (self.alpha._version, self.table_bits._version)
+        key = (i, dev, version)
+        if key not in self._grid_cache:
+            g = self._global[i].to(dev)
+            bits = self.table_bits.to(dev)[g]
+            scale, bias = symmetric_qparams(self.alpha.to(dev)[g], bits)
+            qmax = (2 ** bits - 1).to(torch.float32)
+            self._grid_cache = {k: v for k, v in self._grid_cache.items() if k[2] == version}
+            self._grid_cache[key] = (scale, 1.0 / scale, bias, qmax)
+        return self._grid_cache[key]
+
+    def _static(self, i: int, dev: torch.device) -> dict[str, torch.Tensor]:
+        """Layout tensors of layout ``i`` on ``dev`` (made once)."""
+        key = (i, dev)
+        if key not in self._static_cache:
+            lay = self._layouts[i]
+            g = self._global[i].to(dev)
+            self._static_cache[key] = {
+                "ftm": lay.feature_table_map.to(dev), "col0": lay.feature_dim_offsets.to(dev),
+                "w_off": lay.weights_offsets().to(dev, torch.long),
+                "dims": torch.tensor(lay.local_dims, device=dev),
+                "qmax": (2 ** self.table_bits.to(dev)[g] - 1).to(torch.float32),
+            }
+        return self._static_cache[key]
+
     @torch.no_grad()
     def _correction(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        lay, gidx = self._layouts[i], self._global[i]
+        """``pool(FQ(W_touched) - W_touched)`` in the TBE's output layout (features side by side per sample)."""
+        lay, dev = self._layouts[i], output.device
+        st = self._static(i, dev)
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
         psw = kwargs.get("per_sample_weights")
-        dev = output.device
-        num_features = lay.feature_table_map.numel()
+        num_features = st["ftm"].numel()
         batch = (offsets.numel() - 1) // num_features
-        lengths = offsets[1:] - offsets[:-1]
-        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths)
+        bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=dev), offsets.diff())
         feature = bag // batch
-        table = lay.feature_table_map.to(dev)[feature]
+        table = st["ftm"][feature]
         flat = lay.flat_weights()
-        w_off = lay.weights_offsets().to(dev, torch.long)
-        col0 = lay.feature_dim_offsets.to(dev)[feature]
-        sample = bag % batch
         corr = torch.zeros_like(output)
-        dims = torch.tensor(lay.local_dims, device=dev)[table]
+        uniform = len(set(lay.local_dims)) == 1
         for d in sorted(set(lay.local_dims)):
-            sel = (dims == d).nonzero().squeeze(1) if len(set(lay.local_dims)) > 1 else None
+            sel = None if uniform else (st["dims"][table] == d).nonzero().squeeze(1)
             t_sel = table if sel is None else table[sel]
             idx_sel = indices if sel is None else indices[sel]
-            ar = torch.arange(d, device=dev)
-            rows = flat[(w_off[t_sel] + idx_sel * d).unsqueeze(1) + ar]
-            g = gidx.to(dev)[t_sel]
-            bits = self.table_bits.to(dev)[g]
+            rows = flat[(st["w_off"][t_sel] + idx_sel * d).unsqueeze(1) + torch.arange(d, device=dev)]
             if self.granularity == "table":
-                scale, bias = symmetric_qparams(self.alpha.to(dev)[g], bits)
-                scale, bias = scale.unsqueeze(1), bias.unsqueeze(1)
+                scale, inv, bias, qmax = (x[t_sel].unsqueeze(1) for x in self._table_grid(i, dev))
             else:
-                scale, bias = rowwise_qparams(rows, bits)
-            delta = fake_quantize(rows, scale, bias, bits.unsqueeze(1)) - rows
+                scale, bias = rowwise_qparams(rows, self.table_bits.to(dev)[self._global[i].to(dev)[t_sel]])
+                inv, qmax = 1.0 / scale, st["qmax"][t_sel].unsqueeze(1)
+            # FBGEMM's arithmetic, in place: code = clamp(round((w - bias) / scale)), value = scale * code + bias.
+            delta = (rows - bias).mul_(inv).round_().clamp_(min=0)
+            delta = torch.minimum(delta, qmax, out=delta).mul_(scale).add_(bias).sub_(rows)
             if psw is not None:
-                delta = delta * (psw if sel is None else psw[sel]).unsqueeze(1)
-            s_sel, c_sel = (sample, col0) if sel is None else (sample[sel], col0[sel])
-            pos = (s_sel * output.shape[1] + c_sel).unsqueeze(1) + ar
-            corr.view(-1).index_add_(0, pos.reshape(-1), delta.reshape(-1).to(corr.dtype))
+                delta.mul_((psw if sel is None else psw[sel]).unsqueeze(1))
+            f_sel = feature if sel is None else feature[sel]
+            sample = (bag if sel is None else bag[sel]) % batch
+            if uniform:  # output row s holds features f at columns f*d..: index rows of a (B * F, d) view
+                corr.view(-1, d).index_add_(0, sample * num_features + f_sel, delta.to(corr.dtype))
+            else:
+                pos = (sample * output.shape[1] + st["col0"][f_sel]).unsqueeze(1) + torch.arange(d, device=dev)
+                corr.view(-1).index_add_(0, pos.reshape(-1), delta.reshape(-1).to(corr.dtype))
         return corr
 
 
