@@ -26,7 +26,7 @@ from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, LABEL, SPARSE_COLUMNS, check_schema
+from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SPARSE_COLUMNS, Layout, detect_layout
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class ReaderConfig:
 @dataclasses.dataclass
 class _RowGroupRef:
     path: Path
+    layout: Layout
     index: int
     start: int  # global row index of the row group's first row
     rows: int
@@ -86,10 +87,10 @@ class ParquetBatches(IterableDataset):
                 meta = pq.ParquetFile(p).metadata
             except (pa.ArrowInvalid, OSError) as e:
                 raise ValueError(f"{p}: not a readable Parquet file ({e})") from e
-            check_schema(meta.schema.to_arrow_schema(), str(p))
+            layout = detect_layout(meta.schema.to_arrow_schema(), str(p))
             for i in range(meta.num_row_groups):
                 n = meta.row_group(i).num_rows
-                self._groups.append(_RowGroupRef(p, i, total, n))
+                self._groups.append(_RowGroupRef(p, layout, i, total, n))
                 total += n
         self.total_rows = total
         per_rank = total // world_size
@@ -112,18 +113,19 @@ class ParquetBatches(IterableDataset):
             if lo < hi:
                 yield g, lo - g.start, hi - g.start
 
-    def _decode(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        labels = table.column(LABEL).to_numpy().astype(np.float32)
+    def _decode(self, table: pa.Table, layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        labels = table.column(layout.label).to_numpy().astype(np.float32)
         dense = np.empty((table.num_rows, len(DENSE_COLUMNS)), dtype=np.float32)
-        for j, c in enumerate(DENSE_COLUMNS):
+        for j, c in enumerate(layout.dense):
             x = table.column(c).to_numpy(zero_copy_only=False)  # float64 with NaN where null
             dense[:, j] = np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0.0))
         ids = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=np.int64)
         valid = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=bool)
-        for t, c in enumerate(SPARSE_COLUMNS):
+        for t, c in enumerate(layout.sparse):
             col = table.column(c).combine_chunks()
             valid[t] = col.is_valid().to_numpy(zero_copy_only=False)
-            raw = col.fill_null(0).to_numpy().astype(np.uint64)
+            raw = col.fill_null(0).to_numpy().astype(np.int64)
+            raw = (raw & 0xFFFFFFFF if layout.signed_hash else raw).astype(np.uint64)
             ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
         return labels, dense, ids, valid
 
@@ -137,7 +139,7 @@ class ParquetBatches(IterableDataset):
         for g, lo, hi in self._row_groups():
             f = open_files.setdefault(g.path, pq.ParquetFile(g.path))
             table = f.read_row_group(g.index).slice(lo, hi - lo)
-            parts = self._decode(table)
+            parts = self._decode(table, g.layout)
             if self.cfg.shuffle:
                 order = rng.permutation(table.num_rows)
                 parts = (parts[0][order], parts[1][order], parts[2][:, order], parts[3][:, order])

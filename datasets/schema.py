@@ -6,6 +6,10 @@ One row per impression::
     I1..I13 int32  raw integer counts (may be negative), null = missing
     C1..C26 uint32 the 32-bit categorical hash as an unsigned integer, null = missing
 
+The reader also takes the two layouts met in the wild, detected from the schema: TorchRec/NVTabular stage 1
+(``label, int_0..int_12, cat_0..cat_25``, int32, hashes as signed int32) and Merlin (``label, I1..I13, C1..C26``,
+int32, hashes as signed int32).
+
 Conventions (documented in the README):
 
 * dense transform: ``log(1 + max(x, 0))`` (the DLRM reference), missing -> 0;
@@ -14,6 +18,8 @@ Conventions (documented in the README):
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pyarrow as pa
 
@@ -30,6 +36,42 @@ SCHEMA = pa.schema(
     + [pa.field(c, pa.int32()) for c in DENSE_COLUMNS]
     + [pa.field(c, pa.uint32()) for c in SPARSE_COLUMNS]
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Column names of one Parquet layout and how its categorical hashes are stored."""
+
+    name: str
+    label: str
+    dense: tuple[str, ...]
+    sparse: tuple[str, ...]
+    signed_hash: bool  # hashes stored as signed int32: recover the 32-bit value with `v & 0xffffffff`
+
+
+PROJECT = Layout("dqrm", LABEL, tuple(DENSE_COLUMNS), tuple(SPARSE_COLUMNS), signed_hash=False)
+NVTABULAR = Layout("torchrec/nvtabular", "label", tuple(f"int_{i}" for i in range(NUM_DENSE)),
+                   tuple(f"cat_{i}" for i in range(NUM_SPARSE)), signed_hash=True)
+MERLIN = Layout("merlin", "label", tuple(DENSE_COLUMNS), tuple(SPARSE_COLUMNS), signed_hash=True)
+
+
+def detect_layout(schema: pa.Schema, path: str) -> Layout:
+    """Which of the three known layouts a file has (by its columns and types); errors name the file and column."""
+    if "int_0" in schema.names:
+        layout = NVTABULAR
+    elif SPARSE_COLUMNS[0] in schema.names and schema.field(SPARSE_COLUMNS[0]).type == pa.int32():
+        layout = MERLIN
+    else:
+        check_schema(schema, path)
+        return PROJECT
+    for name in (layout.label, *layout.dense, *layout.sparse):
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            raise ValueError(f"{path}: column {name!r} is missing ({layout.name} layout detected)")
+        if not pa.types.is_integer(schema.field(idx).type):
+            raise ValueError(f"{path}: column {name!r} has type {schema.field(idx).type}, expected an integer "
+                             f"({layout.name} layout)")
+    return layout
 
 
 def check_schema(schema: pa.Schema, path: str) -> None:

@@ -80,3 +80,24 @@ def test_bad_inputs_name_the_file(tmp_path):
     pq.write_table(table.set_column(1, "I1", table.column("I1").cast(pa.float64())), tmp_path / "typed.parquet")
     with pytest.raises(ValueError, match="typed.parquet: column 'I1' has type double, expected int32"):
         ParquetBatches([tmp_path / "typed.parquet"], SIZES, ReaderConfig())
+
+
+@pytest.mark.parametrize("layout", ["nvtabular", "merlin"])
+def test_layouts_met_in_the_wild_read_the_same(layout, tmp_path):
+    _write(tmp_path / "d.parquet", rows=300)
+    table = pq.read_table(tmp_path / "d.parquet")
+    cols = {"label": table.column("label").cast(pa.int32())}
+    for i, c in enumerate(DENSE_COLUMNS):
+        cols[f"int_{i}" if layout == "nvtabular" else c] = table.column(c)
+    for i, c in enumerate(SPARSE_COLUMNS):  # hashes stored as signed int32, as NVTabular and Merlin do
+        raw = table.column(c).combine_chunks()
+        mask = raw.is_null().to_numpy(zero_copy_only=False)
+        as_int32 = pa.array(raw.fill_null(0).to_numpy().astype(np.uint32).view(np.int32), mask=mask)
+        cols[f"cat_{i}" if layout == "nvtabular" else c] = as_int32
+    pq.write_table(pa.table(cols), tmp_path / "wild.parquet")
+    ours = list(ParquetBatches([tmp_path / "d.parquet"], SIZES, ReaderConfig(batch_size=100)))
+    wild = list(ParquetBatches([tmp_path / "wild.parquet"], SIZES, ReaderConfig(batch_size=100)))
+    for a, b in zip(ours, wild, strict=True):
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.dense_features, b.dense_features)
+        assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
+        assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
