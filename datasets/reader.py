@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -43,6 +45,8 @@ class ReaderConfig:
     """Seed of the shuffle."""
     drop_last: bool = False
     """Drop a final batch smaller than batch_size (it is counted either way)."""
+    prefetch: int = 2
+    """Batches decoded ahead by a background thread (0 = decode in the caller's thread)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -106,12 +110,17 @@ class ParquetBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _row_groups(self) -> Iterator[tuple[_RowGroupRef, int, int]]:
-        """Row groups overlapping this rank's slice, with the local [lo, hi) rows to keep."""
+    def _row_groups(self, rng: np.random.Generator) -> list[tuple[_RowGroupRef, int, int]]:
+        """Row groups overlapping this rank's slice, with the local [lo, hi) rows to keep; in a per-epoch random
+        order when shuffling."""
+        out = []
         for g in self._groups:
             lo, hi = max(self.row_begin, g.start), min(self.row_end, g.start + g.rows)
             if lo < hi:
-                yield g, lo - g.start, hi - g.start
+                out.append((g, lo - g.start, hi - g.start))
+        if self.cfg.shuffle:
+            out = [out[i] for i in rng.permutation(len(out))]
+        return out
 
     def _decode(self, table: pa.Table, layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         labels = table.column(layout.label).to_numpy().astype(np.float32)
@@ -130,13 +139,18 @@ class ParquetBatches(IterableDataset):
         return labels, dense, ids, valid
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.cfg.prefetch <= 0:
+            return self._batches()
+        return _prefetched(self._batches(), self.cfg.prefetch)
+
+    def _batches(self) -> Iterator[Batch]:
         bs = self.cfg.batch_size
         rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank])
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         pending_rows = 0
         emitted = 0
         open_files: dict[Path, pq.ParquetFile] = {}
-        for g, lo, hi in self._row_groups():
+        for g, lo, hi in self._row_groups(rng):
             f = open_files.setdefault(g.path, pq.ParquetFile(g.path))
             table = f.read_row_group(g.index).slice(lo, hi - lo)
             parts = self._decode(table, g.layout)
@@ -158,6 +172,44 @@ class ParquetBatches(IterableDataset):
             yield _make_batch(*_concat(pending))
             emitted += 1
         assert emitted == self.num_batches, (emitted, self.num_batches)
+
+
+_DONE = object()
+
+
+def _prefetched(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run ``source`` in a background thread, ``depth`` items ahead; its exceptions surface here. Closing the
+    returned generator early (e.g. ``islice``) stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, name="dqrm-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _concat(parts):

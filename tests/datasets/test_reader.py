@@ -101,3 +101,18 @@ def test_layouts_met_in_the_wild_read_the_same(layout, tmp_path):
         assert torch.equal(a.labels, b.labels) and torch.equal(a.dense_features, b.dense_features)
         assert torch.equal(a.sparse_features.values(), b.sparse_features.values())
         assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
+
+
+def test_background_prefetch_changes_nothing_and_reports_errors(tmp_path):
+    _write(tmp_path / "d.parquet")
+    cfg = dict(batch_size=64, shuffle=True, seed=5)
+    a = list(ParquetBatches([tmp_path / "d.parquet"], SIZES, ReaderConfig(**cfg, prefetch=0)))
+    b = list(ParquetBatches([tmp_path / "d.parquet"], SIZES, ReaderConfig(**cfg, prefetch=3)))
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.dense_features, y.dense_features)
+        assert torch.equal(x.sparse_features.values(), y.sparse_features.values())
+    data = ParquetBatches([tmp_path / "d.parquet"], SIZES, ReaderConfig(batch_size=64, prefetch=2))
+    (tmp_path / "d.parquet").write_bytes(b"gone")  # the file changes under the reader
+    with pytest.raises(Exception):
+        list(data)
