@@ -1,0 +1,96 @@
+"""Plan a Terabyte-scale DLRM for simulated GPU clusters, without the hardware:
+``python -m sharding.scale [--gpus 8,16,64] [--hbm-gb 80]``.
+
+TorchRec's planner places the MLPerf DLRMv2 tables (40M-row cap, dim 128) for each simulated topology; the table
+then gives each rank's embedding storage at FP32 and, for the same placement, in FBGEMM's INT4 row format (4-bit
+codes plus an fp16 scale and bias per row), and how many 80 GB ranks' worth of memory each needs in total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ShardingType
+
+from pipeline.config import ModelConfig
+from pipeline.model import build_dlrm
+
+DLRMV2_CARDINALITIES = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
+                        11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36)
+
+
+def row_bytes(dim: int, bits: int) -> float:
+    return dim * 4 if bits == 32 else dim * bits / 8 + 4
+
+
+def per_rank_bytes(plan, world_size: int, dims: dict[str, int], rows: dict[str, int], bits: int) -> list[float]:
+    load = [0.0] * world_size
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            if ps.sharding_type == ShardingType.DATA_PARALLEL.value or ps.sharding_spec is None:
+                for r in range(world_size):
+                    load[r] += rows[table] * row_bytes(dims[table], bits)
+                continue
+            for shard in ps.sharding_spec.shards:
+                r = shard.placement.rank()
+                n_rows, n_cols = shard.shard_sizes
+                load[r] += n_rows * row_bytes(n_cols, bits)  # an INT4 shard keeps a scale and bias per row
+    return load
+
+
+def plan_cluster(gpus: int, hbm_gb: float, dim: int = 128):
+    model = build_dlrm(ModelConfig(embedding_dim=dim, num_embeddings=DLRMV2_CARDINALITIES,
+                                   dense_arch=(512, 256, dim), over_arch=(1024, 1024, 512, 256, 1)),
+                       torch.device("meta"))
+    topology = Topology(world_size=gpus, compute_device="cuda", local_world_size=min(8, gpus),
+                        hbm_cap=int(hbm_gb * 2**30))
+    return EmbeddingShardingPlanner(topology=topology).plan(model, get_default_sharders())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sharding.scale", description=__doc__.splitlines()[0])
+    p.add_argument("--gpus", default="8,16,64", help="comma-separated cluster sizes")
+    p.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")
+    p.add_argument("--dim", type=int, default=128, help="embedding dimension (DLRMv2: 128)")
+    p.add_argument("--json", help="also write the numbers here")
+    args = p.parse_args(argv)
+    names = [f"t_cat_{i}" for i in range(26)]
+    rows = dict(zip(names, DLRMV2_CARDINALITIES))
+    dims = {n: args.dim for n in names}
+    total = {b: sum(r * row_bytes(args.dim, b) for r in rows.values()) for b in (32, 4)}
+    hbm = args.hbm_gb * 2**30
+    out = {"tables_total_gb": {str(b): v / 2**30 for b, v in total.items()},
+           "min_ranks_of_memory": {str(b): math.ceil(v / hbm) for b, v in total.items()}, "clusters": {}}
+    print(f"DLRMv2 tables (40M cap, dim {args.dim}): FP32 {total[32] / 2**30:.1f} GB = "
+          f"{out['min_ranks_of_memory']['32']} x {args.hbm_gb:.0f} GB ranks of memory; INT4 (FBGEMM rows) "
+          f"{total[4] / 2**30:.1f} GB = {out['min_ranks_of_memory']['4']} rank(s)")
+    for gpus in (int(g) for g in args.gpus.split(",")):
+        plan = plan_cluster(gpus, args.hbm_gb, args.dim)
+        kinds: dict[str, int] = {}
+        for module_plan in plan.plan.values():
+            for ps in module_plan.values():
+                kinds[ps.sharding_type] = kinds.get(ps.sharding_type, 0) + 1
+        fp32 = per_rank_bytes(plan, gpus, dims, rows, 32)
+        int4 = per_rank_bytes(plan, gpus, dims, rows, 4)
+        gb = lambda xs: [x / 2**30 for x in xs]  # noqa: E731
+        out["clusters"][gpus] = {"sharding_types": kinds, "fp32_gb_per_rank": gb(fp32), "int4_gb_per_rank": gb(int4)}
+        print(f"\n{gpus} GPUs x {args.hbm_gb:.0f} GB: tables by sharding type {kinds}")
+        print(f"{'':>14} {'min GB':>8} {'max GB':>8} {'mean GB':>8} {'max/mean':>9} {'max % of HBM':>13}")
+        for label, xs in (("FP32", fp32), ("INT4", int4)):
+            mean = sum(xs) / len(xs)
+            print(f"{label:>14} {min(xs) / 2**30:>8.2f} {max(xs) / 2**30:>8.2f} {mean / 2**30:>8.2f} "
+                  f"{max(xs) / mean:>9.2f} {100 * max(xs) / hbm:>12.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
