@@ -52,11 +52,8 @@ def export(dlrm: DLRM, feature_names: List[str], path: Path, manifest: Dict[str,
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
