@@ -10,6 +10,8 @@ from datasets.reader import ReaderConfig
 from datasets.schema import NUM_SPARSE
 from datasets.synthetic import SyntheticConfig
 from quant.api import QuantSpec
+from sharding.comm import CommConfig
+from sharding.policy import PlanConfig
 
 QUANT_MODES = ("fp32", "qat", "ptq")
 
@@ -87,6 +89,10 @@ class JobConfig:
     float, quantize to `quant`'s grid after each epoch for evaluation, then export."""
     quant: QuantSpec = dataclasses.field(default_factory=QuantSpec)
     """The integer grid (bits, granularity, scale update period) for qat and ptq."""
+    plan: PlanConfig = dataclasses.field(default_factory=PlanConfig)
+    """Table placement policy and overrides."""
+    comm: CommConfig = dataclasses.field(default_factory=CommConfig)
+    """Gradient and embedding communication compression."""
     epochs: int = 5
     """Passes over the training split."""
     limit_train_batches: int = 0

@@ -31,7 +31,9 @@ from quant.api import QATConfig, quantize_, set_fake_quant
 from quant.convert import model_sizes
 from quant.export import export, load_with_manifest
 from quant.tbe import table_configs
-from sharding.plan import describe_plan, plan_sharding, plan_table, save_plan, shard_model
+from sharding.comm import ByteCounter, check_qcomms, compress_gradients, sharders_for
+from sharding.plan import describe_plan, plan_table, save_plan, shard_model
+from sharding.policy import placements_from_plan, plan_by_policy, save_placements
 
 log = logging.getLogger("dqrm")
 
@@ -158,19 +160,26 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
     torch.manual_seed(cfg.seed)
     model = build_dlrm(cfg.model, device)
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-    plan = plan_sharding(model, world_size=world_size, device=device, pg=dist.group.WORLD)
-    model = shard_model(model, plan, device)
+    sharders = sharders_for(cfg.comm, device)
+    plan = plan_by_policy(model, cfg.plan, world_size=world_size, device=device, pg=dist.group.WORLD,
+                          sharders=sharders)
+    rows = describe_plan(plan)
+    check_qcomms(cfg.comm, rows)
+    model = shard_model(model, plan, device, sharders)
     if cfg.quant_mode != "fp32":
         quantize_(model, QATConfig(spec=cfg.quant, step="prepare"), pg=dist.group.WORLD)
         set_fake_quant(model, cfg.quant_mode == "qat")  # ptq trains in float
+    counter = ByteCounter().install() if cfg.comm.count_bytes and world_size > 1 else None
+    compress_gradients(model, cfg.comm, counter)
     optimizer = build_optimizer(model, cfg.optim)
-    rows = describe_plan(plan)
     if rank == 0:
         log.info("sharding plan:\n%s", plan_table(rows))
         save_plan(rows, run_dir / "plan.json")
+        save_placements(placements_from_plan(plan), run_dir / "placements.json")
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
-    trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank)
+    trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank,
+                      comm_counter=counter)
     if trainer.resume():
         log.info("resuming at epoch %d (step %d)", trainer.start_epoch + 1, trainer.step)
     t0 = time.perf_counter()

@@ -43,9 +43,9 @@ class Trainer:
     """Trains a sharded DLRM through TorchRec's ``TrainPipelineSparseDist``, evaluating and checkpointing each epoch."""
 
     def __init__(self, cfg: JobConfig, model: nn.Module, optimizer: Optimizer, device: torch.device, data: Splits,
-                 checkpointer: Checkpointer, *, rank: int = 0) -> None:
+                 checkpointer: Checkpointer, *, rank: int = 0, comm_counter=None) -> None:
         self.cfg, self.model, self.optimizer, self.device, self.data = cfg, model, optimizer, device, data
-        self.checkpointer, self.rank = checkpointer, rank
+        self.checkpointer, self.rank, self.comm_counter = checkpointer, rank, comm_counter
         self.pipeline = TrainPipelineSparseDist(model, optimizer, device)
         self.step = 0
         self.start_epoch = 0
@@ -89,6 +89,8 @@ class Trainer:
         total = min(limit, len(self.data.train))
         loss_sum = torch.tensor(self.in_epoch["loss_sum"], dtype=torch.float64)
         steps, t0 = skip, time.perf_counter()
+        if self.comm_counter is not None:
+            self.comm_counter.reset()
         with tqdm(total=total, initial=skip, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
                   disable=self.rank != 0, mininterval=1 if sys.stderr.isatty() else 15, file=sys.stderr) as bar:
             while True:
@@ -113,8 +115,11 @@ class Trainer:
         seconds = time.perf_counter() - t0
         mean_loss = float(loss_sum) / max(steps, 1)
         rows = (steps - skip) * self.data.train.cfg.batch_size * _world_size()
-        return {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
-                "train_seconds": seconds, "samples_per_s": rows / seconds if seconds else 0.0}
+        stats = {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
+                 "train_seconds": seconds, "samples_per_s": rows / seconds if seconds else 0.0}
+        if self.comm_counter is not None:  # bytes this rank handed to collectives per training step
+            stats["comm_bytes_per_step"] = self.comm_counter.snapshot(steps - skip)
+        return stats
 
     def _non_finite(self, loss: torch.Tensor, epoch: int) -> NonFiniteLossError:
         last = self.checkpointer.latest()

@@ -30,11 +30,12 @@ def plan_sharding(
     device: torch.device,
     pg: dist.ProcessGroup | None = None,
     constraints: dict[str, ParameterConstraints] | None = None,
+    sharders: list | None = None,
 ) -> ShardingPlan:
     """Ask TorchRec's planner for a plan; with a process group every rank gets rank 0's plan."""
     topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=world_size)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    sharders = get_default_sharders()
+    sharders = sharders or get_default_sharders()
     if pg is not None:
         return planner.collective_plan(model, sharders, pg)
     return planner.plan(model, sharders)
@@ -85,9 +86,10 @@ def _generator(p: TablePlacement):
     return column_wise(ranks=list(p.ranks))
 
 
-def shard_model(model: nn.Module, plan: ShardingPlan, device: torch.device) -> DistributedModelParallel:
+def shard_model(model: nn.Module, plan: ShardingPlan, device: torch.device,
+                sharders: list | None = None) -> DistributedModelParallel:
     """Wrap in DMP: shards the tables by ``plan``, DDP-wraps the dense part, materializes meta tables."""
-    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=get_default_sharders())
+    return DistributedModelParallel(module=model, device=device, plan=plan, sharders=sharders or get_default_sharders())
 
 
 def describe_plan(plan: ShardingPlan) -> list[dict]:

@@ -20,8 +20,9 @@ from sharding.plan import TablePlacement, manual_plan, plan_sharding
 class PlanConfig:
     """How tables are placed on ranks."""
 
-    data_parallel_max_rows: int = 10_000
-    """Tables with at most this many rows are replicated on every rank (data_parallel)."""
+    data_parallel_max_rows: int = 0
+    """Tables with at most this many rows are replicated on every rank (data_parallel); 0 leaves the choice
+    between data-parallel and table-wise to TorchRec's planner, whose cost model does the same by size."""
     row_wise_min_rows: int = 0
     """Tables with at least this many rows are split by rows over all ranks (0 = never automatically)."""
     overrides: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -52,7 +53,7 @@ def policy_placements(model: nn.Module, cfg: PlanConfig, world_size: int) -> dic
     for t in _tables(model):
         if t.name in cfg.overrides:
             out[t.name] = parse_placement(cfg.overrides[t.name])
-        elif t.num_embeddings <= cfg.data_parallel_max_rows:
+        elif cfg.data_parallel_max_rows and t.num_embeddings <= cfg.data_parallel_max_rows:
             out[t.name] = TablePlacement(kind="data_parallel")
         elif cfg.row_wise_min_rows and t.num_embeddings >= cfg.row_wise_min_rows and world_size > 1:
             out[t.name] = TablePlacement(kind="row_wise")
@@ -62,17 +63,18 @@ def policy_placements(model: nn.Module, cfg: PlanConfig, world_size: int) -> dic
 
 
 def plan_by_policy(model: nn.Module, cfg: PlanConfig, *, world_size: int, device: torch.device,
-                   pg: dist.ProcessGroup | None = None) -> ShardingPlan:
+                   pg: dist.ProcessGroup | None = None, sharders: list | None = None) -> ShardingPlan:
     """Without row-wise tables: TorchRec's planner, constrained by the policy (it balances table-wise tables).
     With row-wise tables (the planner does not offer them on CPU): a manual plan, table-wise tables placed
     greedily, largest first, on the rank holding the fewest bytes."""
     placements = policy_placements(model, cfg, world_size)
     if all(p is None or p.kind == "data_parallel" for p in placements.values()):
-        constraints = {
+        constraints = None if not cfg.data_parallel_max_rows else {
             name: ParameterConstraints(sharding_types=[ShardingType.DATA_PARALLEL.value if p else
                                                        ShardingType.TABLE_WISE.value])
             for name, p in placements.items()}
-        return plan_sharding(model, world_size=world_size, device=device, pg=pg, constraints=constraints)
+        return plan_sharding(model, world_size=world_size, device=device, pg=pg, constraints=constraints,
+                             sharders=sharders)
     return manual_plan(model, balance_table_wise(model, placements, world_size), world_size=world_size,
                        device=device)
 

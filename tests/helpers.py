@@ -68,7 +68,8 @@ def mixed_placements(world_size: int, *, with_column_wise: bool) -> dict[str, Ta
     return out
 
 
-def sharded_model(world_size: int, placements: dict[str, TablePlacement] | None = None, optim=OptimConfig()):
+def sharded_model(world_size: int, placements: dict[str, TablePlacement] | None = None, optim=OptimConfig(),
+                  sharders: list | None = None):
     """DMP-wrapped tiny DLRM with the initial state loaded (DMP re-initializes tables)."""
     model = build_dlrm(MODEL, torch.device("cpu"))
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), optim)
@@ -76,6 +77,6 @@ def sharded_model(world_size: int, placements: dict[str, TablePlacement] | None 
         plan = plan_sharding(model, world_size=world_size, device=torch.device("cpu"), pg=dist.group.WORLD)
     else:
         plan = manual_plan(model, placements, world_size=world_size, device=torch.device("cpu"))
-    model = shard_model(model, plan, torch.device("cpu"))
+    model = shard_model(model, plan, torch.device("cpu"), sharders)
     model.load_state_dict(initial_state(), strict=False)
     return model, plan
