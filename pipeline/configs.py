@@ -59,6 +59,7 @@ def tiny() -> JobConfig:
                         synthetic=SyntheticConfig(num_train=16_384, num_val=4096, num_test=4096,
                                                   cardinalities=TINY_CARDINALITIES, row_group_size=4096)),
         epochs=2,
+        optim=OptimConfig(lr=0.1, embedding_lr=1.0),
         quant=QuantSpec(scale_update_every=20),
         run_dir="runs/tiny",
     )

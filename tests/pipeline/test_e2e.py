@@ -37,7 +37,7 @@ def test_torchx_job_trains_checkpoints_and_reports(finished_run):
     assert summary["world_size"] == 2
     # The loss falls and the model learns something beyond chance.
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
-    assert 0.5 < epochs[0]["val"]["auc"] < epochs[1]["val"]["auc"]
+    assert epochs[0]["val"]["auc"] < epochs[1]["val"]["auc"] and epochs[1]["val"]["auc"] > 0.55
     for e in epochs:
         for split in ("val", "test"):
             assert e[split]["rows"] == 4096

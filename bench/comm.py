@@ -1,0 +1,106 @@
+"""Bytes per step and step time of data-parallel training with compressed gradient communication, world size 2.
+
+Every table is data-parallel (the paper's setting), so the dense baseline all-reduces whole-table gradients.
+Variants, same model and batches, run one after another in the same two processes:
+dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback.
+Bytes are counted by instrumenting the collectives (payload handed to each); times are medians over steps.
+
+    python -m bench.comm [--models default,kaggle] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+from torchrec.datasets.utils import Batch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from bench.common import save, table
+from datasets.schema import FEATURE_NAMES
+from pipeline.configs import get_config
+from pipeline.model import build_dlrm
+from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from sharding.comm import ByteCounter, CommConfig, compress_gradients
+from sharding.plan import TablePlacement, manual_plan, shard_model
+from tests.dist_utils import run_distributed
+
+VARIANTS = {
+    "dense FP32": CommConfig(),
+    "touched FP32": CommConfig(dp_tables="touched"),
+    "touched INT8": CommConfig(dp_tables="touched_int8"),
+    "touched INT8 + MLP INT8 EF": CommConfig(dp_tables="touched_int8", dense="int8_ef"),
+}
+
+
+def _batches(cards, batch, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        values = torch.cat([torch.randint(0, c, (batch,), generator=g) for c in cards])
+        kjt = KeyedJaggedTensor.from_lengths_sync(FEATURE_NAMES, values, torch.ones(26 * batch, dtype=torch.int32))
+        out.append(Batch(torch.rand(batch, 13, generator=g), kjt, (torch.rand(batch, generator=g) < 0.25).float()))
+    return out
+
+
+def _worker(rank, world_size, config_name, steps):
+    cfg = get_config(config_name)
+    cards = cfg.model.num_embeddings
+    batches = _batches(cards, cfg.data.batch_size, steps + 2, seed=rank)
+    counter = ByteCounter().install()
+    results = {}
+    for name, comm in VARIANTS.items():
+        torch.manual_seed(0)
+        model = build_dlrm(cfg.model, torch.device("cpu"))
+        fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
+        placements = {f"t_cat_{i}": TablePlacement(kind="data_parallel") for i in range(26)}
+        plan = manual_plan(model, placements, world_size=world_size, device=torch.device("cpu"))
+        model = shard_model(model, plan, torch.device("cpu"))
+        compress_gradients(model, comm, counter)
+        opt = build_optimizer(model, cfg.optim)
+        model.train()
+        times = []
+        for i, b in enumerate(batches):
+            if i == 2:
+                counter.reset()
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss, _ = model(b)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        results[name] = {"step_ms": 1e3 * statistics.median(times), "bytes": counter.snapshot(steps)}
+        del model, opt
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="default,kaggle", help="named configs giving the model shape and batch")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    args = p.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        res = run_distributed(_worker, model, args.steps, world_size=2)[0]
+        base = res["dense FP32"]
+        for name, r in res.items():
+            b = r["bytes"]
+            rows.append({"model": model, "variant": name, "bytes_per_step": b["total"],
+                         "embedding_bytes": sum(v for k, v in b.items() if "DP tables" in k),
+                         "mlp_bytes": sum(v for k, v in b.items() if "MLP" in k),
+                         "step_ms": r["step_ms"], "bytes_vs_dense": b["total"] / base["bytes"]["total"],
+                         "time_vs_dense": r["step_ms"] / base["step_ms"], "detail": b})
+    print(table(rows, [("model", "model", "s"), ("variant", "variant", "s"), ("bytes_per_step", "bytes/step", ",.0f"),
+                       ("embedding_bytes", "emb bytes", ",.0f"), ("mlp_bytes", "MLP bytes", ",.0f"),
+                       ("step_ms", "ms/step", ".1f"), ("bytes_vs_dense", "bytes/dense", ".4f"),
+                       ("time_vs_dense", "time/dense", ".3f")]))
+    print(f"json: {save('comm', {'steps': args.steps, 'world_size': 2, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
