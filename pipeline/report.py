@@ -33,6 +33,7 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: d
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "auc", "test AUC"), (axes[1], "accuracy", "test accuracy (%)")):
@@ -42,6 +43,7 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: d
         if bayes:
             ax.axhline(scale * bayes[key], color="grey", linestyle="--", label="best achievable")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
