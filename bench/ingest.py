@@ -74,7 +74,9 @@ def main() -> None:
     p.add_argument("--gb", type=float, default=2.0, help="size of the generated TSV")
     p.add_argument("--ref-rows", type=int, default=200_000, help="rows TorchRec's converter is timed on")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parents[1] / ".cache") as tmp:
+    scratch = Path(__file__).resolve().parents[1] / ".cache"  # on the project's disk, not a small /tmp
+    scratch.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         tmp = Path(tmp)
         big = tmp / "day_0.tsv"
         total = make_tsv(big, args.gb)

@@ -25,16 +25,25 @@ from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from pipeline.trainer import Splits, Trainer
+from sharding.comm import ByteCounter, compress_gradients
 from sharding.plan import plan_sharding, shard_model
+from sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
 
-def _model(cfg, world_size):
+def _model(cfg, world_size, *, as_shipped: bool):
+    """``as_shipped``: wired as ``pipeline.train`` wires the job (policy plan, comm hooks with the byte counter);
+    otherwise the bare TorchRec setup of the reference loop."""
     torch.manual_seed(0)
     model = build_dlrm(cfg.model, torch.device("cpu"))
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-    plan = plan_sharding(model, world_size=world_size, device=torch.device("cpu"), pg=dist.group.WORLD)
+    if as_shipped:
+        plan = plan_by_policy(model, cfg.plan, world_size=world_size, device=torch.device("cpu"), pg=dist.group.WORLD)
+    else:
+        plan = plan_sharding(model, world_size=world_size, device=torch.device("cpu"), pg=dist.group.WORLD)
     model = shard_model(model, plan, torch.device("cpu"))
+    if as_shipped and world_size > 1:
+        compress_gradients(model, cfg.comm, ByteCounter().install() if cfg.comm.count_bytes else None)
     return model, build_optimizer(model, cfg.optim)
 
 
@@ -44,9 +53,9 @@ def _worker(rank, world_size, steps, reps, warmup):
     data = ParquetBatches([root / "train.parquet"], cfg.model.num_embeddings,
                           cfg.data.reader(train=True, seed=0), rank=rank, world_size=world_size)
     splits = Splits(train=data, val=data, test=data)
-    ours_model, ours_opt = _model(cfg, world_size)
+    ours_model, ours_opt = _model(cfg, world_size, as_shipped=True)
     trainer = Trainer(cfg, ours_model, ours_opt, torch.device("cpu"), splits, Checkpointer("/nonexistent"), rank=rank)
-    ref_model, ref_opt = _model(cfg, world_size)
+    ref_model, ref_opt = _model(cfg, world_size, as_shipped=False)
     ref_pipeline = TrainPipelineSparseDist(ref_model, ref_opt, torch.device("cpu"))
 
     def run_ours(n):
