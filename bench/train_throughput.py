@@ -80,17 +80,21 @@ def _worker(rank, world_size, steps, reps, warmup):
     run_ours(warmup)
     run_ref(warmup)
     ours, ref = [], []
-    for _ in range(reps):
-        ours.append(run_ours(steps))
-        ref.append(run_ref(steps))
+    for rep in range(reps):  # alternate which loop goes first, so neither always runs on a warmer machine
+        if rep % 2:
+            ref.append(run_ref(steps))
+            ours.append(run_ours(steps))
+        else:
+            ours.append(run_ours(steps))
+            ref.append(run_ref(steps))
     return {"ours_s": ours, "ref_s": ref, "batch_size": cfg.data.batch_size}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300, help="timed training steps per repetition")
-    p.add_argument("--reps", type=int, default=5, help="repetitions of each loop (medians are reported)")
-    p.add_argument("--warmup", type=int, default=30, help="untimed steps first")
+    p.add_argument("--reps", type=int, default=9, help="repetitions of each loop (medians are reported)")
+    p.add_argument("--warmup", type=int, default=150, help="untimed steps first")
     args = p.parse_args()
     rows = []
     for ws in (1, 2):
