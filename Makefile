@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= default
 RUN_DIR ?= runs/$(CONFIG)-$(shell date +%Y%m%d-%H%M%S)
 NPROC ?= 2
+RETRIES ?= 0
 ARGS ?=
 
 .PHONY: train test env clean-env
@@ -22,9 +23,9 @@ $(STAMP): pyproject.toml scripts/requirements.py
 	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow; print('environment ready: torch', torch.__version__)"
 	touch $(STAMP)
 
-## train: the default job (2 workers via `torchx run -s local_cwd`); CONFIG=, RUN_DIR=, NPROC=, ARGS= override
+## train: the default job (2 workers via `torchx run -s local_cwd`); CONFIG=, RUN_DIR=, NPROC=, RETRIES=, ARGS= override
 train: $(STAMP)
-	$(PY) -m pipeline.launch --run-dir $(RUN_DIR) --nproc $(NPROC) -- --config $(CONFIG) $(ARGS)
+	$(PY) -m pipeline.launch --run-dir $(RUN_DIR) --nproc $(NPROC) --max-retries $(RETRIES) -- --config $(CONFIG) $(ARGS)
 
 ## test: the whole test suite
 test: $(STAMP)

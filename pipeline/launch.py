@@ -36,11 +36,20 @@ def main(argv: list[str] | None = None) -> int:
     train_args = argv[split + 1:]
     args.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
-    print("+ " + " ".join(cmd), flush=True)
     # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    rc = subprocess.call(cmd, env=env)
+    # The local scheduler does not retry, so the restart budget is spent here: each attempt is a fresh torchx job
+    # (fresh processes and rendezvous) that resumes from the newest complete checkpoint in the run dir.
+    for attempt in range(args.max_retries + 1):
+        print(f"+ {' '.join(cmd)}" + (f"   (attempt {attempt + 1} of {args.max_retries + 1})" if attempt else ""),
+              flush=True)
+        rc = subprocess.call(cmd, env={**env, "DQRM_ATTEMPT": str(attempt)})
+        if rc == 0:
+            break
+        if attempt < args.max_retries:
+            print(f"training job failed (exit {rc}); restarting from the latest checkpoint in {args.run_dir}",
+                  flush=True)
     if rc != 0:
         print(f"error: training job failed (exit {rc}); rank logs are in {args.run_dir / 'torchx'} and "
               f"{args.run_dir / 'logs'}", file=sys.stderr)

@@ -188,7 +188,7 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
     only), to exercise restart and resume the way a lost machine would."""
     at = os.environ.get("DQRM_FAULT_KILL_AT_STEP")
     if at and step == int(at) and rank == int(os.environ.get("DQRM_FAULT_KILL_RANK", "0")) \
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            and os.environ.get("DQRM_ATTEMPT", "0") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
         log.warning("fault injection: killing rank %d at step %d", rank, step)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -31,12 +31,12 @@ def train(
         cpu: CPUs per host
         gpu: GPUs per host
         memMB: memory per host in MB
-        max_retries: restart budget: how many times torchrun restarts all workers after one fails (they resume
-            from the latest checkpoint); also passed to the scheduler as its retry count
+        max_retries: restart budget: how many times the scheduler reruns the job after a worker fails (every
+            attempt resumes from the latest complete checkpoint); local runs get it from ``pipeline.launch``
         env: extra environment variables
         rdzv_port: rendezvous port on the first host (multi-host jobs)
     """
-    app = dist.ddp(
+    return dist.ddp(
         *script_args,
         m="pipeline.train",
         image=image,
@@ -49,8 +49,3 @@ def train(
         max_retries=max_retries,
         rdzv_port=rdzv_port,
     )
-    # dist.ddp gives the count to the scheduler only (local schedulers ignore it); torchrun's own elastic restart
-    # is what brings a killed worker back on every scheduler.
-    role = app.roles[0]
-    role.args = [a.replace("torchrun ", f"torchrun --max-restarts {max_retries} ", 1) for a in role.args]
-    return app

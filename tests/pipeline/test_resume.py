@@ -34,6 +34,7 @@ def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path):
     out = killed.stdout + killed.stderr
     assert killed.returncode == 0, out[-3000:]
     assert "fault injection: killing rank 1 at step 40" in (tmp_path / "killed" / "logs" / "rank1.log").read_text()
+    assert "restarting from the latest checkpoint" in out and "attempt 2 of 2" in out
     assert "resuming at epoch 1 (step 32)" in out  # the last checkpoint before the kill, mid-epoch
     assert "skipping the 32 batches trained before the restart" in out
     # Deterministic training: identical numbers, not merely close.
