@@ -16,11 +16,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from bench.common import save, table
-from datasets.schema import FEATURE_NAMES
+from bench.common import random_batches, save, table
 from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
@@ -36,20 +33,10 @@ VARIANTS = {
 }
 
 
-def _batches(cards, batch, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        values = torch.cat([torch.randint(0, c, (batch,), generator=g) for c in cards])
-        kjt = KeyedJaggedTensor.from_lengths_sync(FEATURE_NAMES, values, torch.ones(26 * batch, dtype=torch.int32))
-        out.append(Batch(torch.rand(batch, 13, generator=g), kjt, (torch.rand(batch, generator=g) < 0.25).float()))
-    return out
-
-
 def _worker(rank, world_size, config_name, steps):
     cfg = get_config(config_name)
     cards = cfg.model.num_embeddings
-    batches = _batches(cards, cfg.data.batch_size, steps + 2, seed=rank)
+    batches = random_batches(cards, cfg.data.batch_size, steps + 2, seed=rank)
     counter = ByteCounter().install()
     results = {}
     for name, comm in VARIANTS.items():

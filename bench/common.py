@@ -12,6 +12,22 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def random_batches(cards, batch: int, n: int, seed: int = 0) -> list:
+    """``n`` single-hot DLRM batches with ids uniform in each table (the same for every variant of a benchmark)."""
+    from torchrec.datasets.utils import Batch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from datasets.schema import FEATURE_NAMES
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        values = torch.cat([torch.randint(0, c, (batch,), generator=g) for c in cards])
+        kjt = KeyedJaggedTensor.from_lengths_sync(FEATURE_NAMES, values, torch.ones(26 * batch, dtype=torch.int32))
+        out.append(Batch(torch.rand(batch, 13, generator=g), kjt, (torch.rand(batch, generator=g) < 0.25).float()))
+    return out
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -18,11 +18,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from torchrec.datasets.utils import Batch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from bench.common import median, save, table
-from datasets.schema import FEATURE_NAMES
+from bench.common import random_batches, median, save, table
 from pipeline.config import ModelConfig, OptimConfig
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
@@ -31,16 +28,6 @@ from quant.fake_quant import fake_quantize, symmetric_qparams
 from sharding.plan import plan_sharding, shard_model
 
 BATCH = 128
-
-
-def _batches(cards, n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        values = torch.cat([torch.randint(0, c, (BATCH,), generator=g) for c in cards])
-        kjt = KeyedJaggedTensor.from_lengths_sync(FEATURE_NAMES, values, torch.ones(26 * BATCH, dtype=torch.int32))
-        out.append(Batch(torch.rand(BATCH, 13, generator=g), kjt, (torch.rand(BATCH, generator=g) < 0.25).float()))
-    return out
 
 
 def _build(cards, variant):
@@ -89,7 +76,7 @@ def main() -> None:
     rows = []
     for n in map(int, args.rows.split(",")):
         cards = tuple([1000] * 22 + [n] * 4)
-        batches = _batches(cards, args.steps)
+        batches = random_batches(cards, BATCH, args.steps)
         models = {v: _build(cards, v) for v in ("fp32", "qat", "naive")}
         for m, o in models.values():
             _time(m, o, batches[:10])

@@ -5,7 +5,7 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.model import build_dlrm
-from sharding.plan import TablePlacement, describe_plan, manual_plan
+from sharding.plan import describe_plan, manual_plan
 from sharding.policy import (PlanConfig, balance_table_wise, load_placements, placements_from_plan,
                              policy_placements, save_placements)
 
