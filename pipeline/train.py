@@ -220,13 +220,11 @@ def export_integer_model(cfg: JobConfig, trainer: Trainer, model, test_paths: li
     export(int_model, FEATURE_NAMES, path, manifest)
     module, manifest = load_with_manifest(path)
     logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel())
-    mlp_params = sum(p.numel() for n, p in int_model.named_parameters())  # float leftovers (none for INT MLPs)
     sizes = model_sizes(int_model, table_configs(model), _float_mlp_params(model))
     sizes["artifact_bytes"] = path.stat().st_size
     log.info("exported %s (%.1f MB)", path, sizes["artifact_bytes"] / 1e6)
     return {"path": str(path), "test": binary_metrics(logits, labels), "bits": bits,
             "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits, "sizes": sizes,
-            "float_params_left": mlp_params,
             "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max())}
 
 

@@ -103,7 +103,6 @@ def _counting(fn: Callable, name: str, counter: ByteCounter) -> Callable:
             inp = kwargs.get("input", args[1] if len(args) > 1 else None)
             counter.add(name, _nbytes(inp))
         return fn(*args, **kwargs)
-    wrapper._dqrm_counting = True  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -234,8 +233,8 @@ class TouchedRowsHook:
         id_dtype = torch.int32 if rows.shape[0] < 2**31 else torch.int64
         ids = torch.zeros(most, dtype=id_dtype)
         ids[: idx.numel()] = idx.to(id_dtype)
+        starts = lay.weights_offsets().to("cpu", torch.long) // d  # first row of each table in the flat buffer
         if self.int8:
-            starts = (lay.weights_offsets().to("cpu", torch.long) // d)
             table = torch.searchsorted(starts, idx, right=True) - 1
             scale = torch.zeros(starts.numel())
             scale.scatter_reduce_(0, table, vals.abs().amax(dim=1), reduce="amax")
@@ -261,7 +260,6 @@ class TouchedRowsHook:
             i = i[:n].long()
             v = v[:n].to(g.dtype)
             if self.int8:
-                starts = (lay.weights_offsets().to("cpu", torch.long) // d)
                 v = v * scale[torch.searchsorted(starts, i, right=True) - 1].unsqueeze(1)
             out.index_add_(0, i, v)
         return (out / world).view_as(g)
