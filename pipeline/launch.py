@@ -24,6 +24,28 @@ def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, schedule
             "--", "--run-dir", str(run_dir), *train_args]
 
 
+def merge_overrides(train_args: list[str]) -> list[str]:
+    """torchx refuses a repeated option, so ``--set a=1 --set b=2`` travels as one ``--set a=1 b=2``."""
+    out: list[str] = []
+    values: list[str] = []
+    at = None
+    i = 0
+    while i < len(train_args):
+        tok = train_args[i]
+        if tok == "--set":
+            at = len(out) if at is None else at
+            i += 1
+            while i < len(train_args) and not train_args[i].startswith("--"):
+                values.append(train_args[i])
+                i += 1
+            continue
+        out.append(tok)
+        i += 1
+    if at is not None:
+        out[at:at] = ["--set", *values]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
@@ -33,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="worker processes (ranks)")
     p.add_argument("--max-retries", type=int, default=0, help="restarts allowed after a worker fails")
     args = p.parse_args(argv[:split])
-    train_args = argv[split + 1:]
+    train_args = merge_overrides(argv[split + 1:])
     args.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
     # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.

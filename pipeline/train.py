@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="learning rate of both the MLP and the embedding SGD")
     p.add_argument("--limit-train-batches", type=int, help="stop each epoch after N batches (smoke tests)")
     p.add_argument("--limit-eval-batches", type=int, help="evaluate on at most N batches per rank")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set model.embedding_dim=32 (repeatable)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="override config fields, e.g. --set model.embedding_dim=32 comm.dense=int8_ef "
+                        "(repeatable)")
     return p.parse_args(argv)
 
 

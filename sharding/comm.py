@@ -172,9 +172,9 @@ class Int8ErrorFeedbackHook:
             rows = v.reshape(v.shape[0], -1) if v.dim() > 1 else v.reshape(1, -1)
             values.append(rows)
             scales.append(rows.abs().amax(dim=1))
-        scale = torch.cat(scales)
-        dist.all_reduce(scale, op=dist.ReduceOp.MAX)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale) / 127
+        maxabs = torch.cat(scales)
+        dist.all_reduce(maxabs, op=dist.ReduceOp.MAX)
+        scale = int8_step(maxabs)
         codes, offset = [], 0
         for i, rows in enumerate(values):
             s = scale[offset:offset + rows.shape[0]].unsqueeze(1)
@@ -186,7 +186,7 @@ class Int8ErrorFeedbackHook:
         gathered = [torch.empty_like(flat) for _ in range(world)]
         if self.counter is not None:
             self.counter.add("all_gather int8 (MLP)", _nbytes(flat))
-            self.counter.add("all_reduce scales (MLP)", _nbytes(scale))
+            self.counter.add("all_reduce scales (MLP)", _nbytes(maxabs))
         dist.all_gather(gathered, flat)
         total = torch.stack(gathered).to(torch.int32).sum(0).to(torch.float32)
         out, pos, offset = bucket.buffer(), 0, 0
@@ -199,14 +199,59 @@ class Int8ErrorFeedbackHook:
         return _done(out)
 
 
-class TouchedRowsHook:
-    """Data-parallel tables: exchange only the rows with a non-zero gradient (ids + values), optionally as INT8
-    with one scale per table agreed by an all-reduce MAX; the result is the same average the dense all-reduce
-    gives (exactly, without INT8)."""
+def int8_step(maxabs: torch.Tensor) -> torch.Tensor:
+    """Symmetric INT8 step ``maxabs / 127``; 1 where that is 0 (an all-zero row, or a subnormal max that underflows,
+    which would otherwise turn ``x / step`` into inf or NaN)."""
+    step = maxabs / 127
+    return torch.where(step > 0, step, torch.ones_like(step))
 
+
+def encode_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sorted unique row ids as int16 words: the low 16 bits of each gap, then (position, high bits) int32 pairs
+    for the rare gaps of 2^16 or more. Returns the words and the number of such pairs."""
+    gaps = torch.diff(ids, prepend=ids.new_zeros(1))
+    lo = ((gaps & 0xFFFF) ^ 0x8000) - 0x8000  # two's complement of the low 16 bits, fits int16 exactly
+    big = (gaps >> 16).nonzero().squeeze(1)
+    pairs = torch.stack([big, gaps[big] >> 16], dim=1).to(torch.int32).reshape(-1)
+    return torch.cat([lo.to(torch.int16), pairs.view(torch.int16)]), big.numel()
+
+
+def decode_ids(words: torch.Tensor, n: int, n_big: int) -> torch.Tensor:
+    gaps = words[:n].to(torch.int64) & 0xFFFF
+    if n_big:
+        pairs = words[n:n + 4 * n_big].clone().view(torch.int32).to(torch.int64).view(-1, 2)
+        gaps[pairs[:, 0]] += pairs[:, 1] << 16
+    return torch.cumsum(gaps, 0)
+
+
+class TouchedRowsHook:
+    """Data-parallel tables: exchange only the rows a batch touched (delta-coded ids + values), optionally as INT8
+    with one scale per table agreed by an all-reduce MAX; the result is the same average the dense all-reduce
+    gives (bit for bit, without INT8).
+
+    The touched rows come from the ids each table-batched kernel saw in its training forward (recorded by a forward
+    hook), so the exchange costs O(touched rows), not O(table); the gradient is updated in place. Without a recorded
+    forward it falls back to scanning the gradient for non-zero rows."""
 
     def __init__(self, layouts_by_param: dict[int, Any], int8: bool, counter: ByteCounter | None) -> None:
         self.layouts, self.int8, self.counter = layouts_by_param, int8, counter
+        self.touched: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+        self.handles = [lay.tbe.register_forward_hook(functools.partial(self._record, key), with_kwargs=True)
+                        for key, lay in layouts_by_param.items() if len(set(lay.local_dims)) == 1]
+
+    @torch.no_grad()
+    def _record(self, key: int, module, args, kwargs, output) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        lay = self.layouts[key]
+        indices, offsets = kwargs["indices"], kwargs["offsets"]
+        features = lay.feature_table_map.numel()
+        batch = (offsets.numel() - 1) // features
+        dev = indices.device
+        bounds = offsets[:: batch].long()  # first index of each feature's bags, then the end
+        first_row = lay.weights_offsets().to(dev, torch.long)[lay.feature_table_map.to(dev)] // lay.local_dims[0]
+        rows = indices.long() + torch.repeat_interleave(first_row, bounds.diff())
+        self.touched[key].append(rows)
 
     def __call__(self, state, bucket):
         for p, g in zip(bucket.parameters(), bucket.gradients()):
@@ -218,51 +263,56 @@ class TouchedRowsHook:
                 dist.all_reduce(buf)
                 g.copy_(buf / dist.get_world_size())
                 continue
-            g.copy_(self._exchange(g, lay))
+            self._exchange(g, lay, self.touched.pop(id(p), None))
         return _done(bucket.buffer())
 
-    def _exchange(self, g: torch.Tensor, lay) -> torch.Tensor:
-        world, d = dist.get_world_size(), lay.local_dims[0]
+    def _exchange(self, g: torch.Tensor, lay, recorded: list[torch.Tensor] | None) -> None:
+        world, d, dev = dist.get_world_size(), lay.local_dims[0], g.device
         rows = g.view(-1, d)
-        idx = (rows != 0).any(dim=1).nonzero().squeeze(1)
+        if recorded:
+            idx = torch.unique(torch.cat(recorded))  # sorted
+        else:
+            idx = (rows != 0).any(dim=1).nonzero().squeeze(1)
         vals = rows[idx]
-        count = torch.tensor([idx.numel()], dtype=torch.int64)
+        words, n_big = encode_ids(idx)
+        count = torch.tensor([idx.numel(), n_big, words.numel()], dtype=torch.int64, device=dev)
         counts = [torch.empty_like(count) for _ in range(world)]
         dist.all_gather(counts, count)
-        most = int(max(c.item() for c in counts))
-        id_dtype = torch.int32 if rows.shape[0] < 2**31 else torch.int64
-        ids = torch.zeros(most, dtype=id_dtype)
-        ids[: idx.numel()] = idx.to(id_dtype)
-        starts = lay.weights_offsets().to("cpu", torch.long) // d  # first row of each table in the flat buffer
+        most_rows = int(max(c[0] for c in counts))
+        most_words = int(max(c[2] for c in counts))
+        ids = torch.zeros(most_words, dtype=torch.int16, device=dev)
+        ids[: words.numel()] = words
+        starts = lay.weights_offsets().to(dev, torch.long) // d  # first row of each table in the flat buffer
         if self.int8:
             table = torch.searchsorted(starts, idx, right=True) - 1
-            scale = torch.zeros(starts.numel())
-            scale.scatter_reduce_(0, table, vals.abs().amax(dim=1), reduce="amax")
-            dist.all_reduce(scale, op=dist.ReduceOp.MAX)
-            scale = torch.where(scale == 0, torch.ones_like(scale), scale) / 127
-            payload = torch.zeros(most, d, dtype=torch.int8)
+            maxabs = torch.zeros(starts.numel(), device=dev)
+            maxabs.scatter_reduce_(0, table, vals.abs().amax(dim=1), reduce="amax")
+            dist.all_reduce(maxabs, op=dist.ReduceOp.MAX)
+            scale = int8_step(maxabs)
+            payload = torch.zeros(most_rows, d, dtype=torch.int8, device=dev)
             payload[: idx.numel()] = torch.round(vals / scale[table].unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
             if self.counter is not None:
-                self.counter.add("all_reduce scales (DP tables)", _nbytes(scale))
+                self.counter.add("all_reduce scales (DP tables)", _nbytes(maxabs))
         else:
-            payload = torch.zeros(most, d, dtype=g.dtype)
+            payload = torch.zeros(most_rows, d, dtype=g.dtype, device=dev)
             payload[: idx.numel()] = vals
-        if self.counter is not None:
-            self.counter.add("all_gather ids (DP tables)", idx.numel() * ids.element_size())
-            self.counter.add("all_gather rows (DP tables)", idx.numel() * d * payload.element_size())
+        if self.counter is not None:  # what is handed to the collectives, padding to the largest rank included
+            self.counter.add("all_gather counts (DP tables)", _nbytes(count))
+            self.counter.add("all_gather ids (DP tables)", _nbytes(ids))
+            self.counter.add("all_gather rows (DP tables)", _nbytes(payload))
+        ids = ids.view(torch.uint8)  # gloo has no int16 collectives: send the same bytes
         all_ids = [torch.empty_like(ids) for _ in range(world)]
         all_vals = [torch.empty_like(payload) for _ in range(world)]
         dist.all_gather(all_ids, ids)
         dist.all_gather(all_vals, payload)
-        out = torch.zeros_like(rows)
-        for c, i, v in zip(counts, all_ids, all_vals):
-            n = int(c.item())
-            i = i[:n].long()
+        rows[idx] = 0  # every other row of the local gradient is zero already
+        for c, w, v in zip(counts, all_ids, all_vals):
+            n, nb = int(c[0]), int(c[1])
+            i = decode_ids(w.view(torch.int16), n, nb)
             v = v[:n].to(g.dtype)
             if self.int8:
                 v = v * scale[torch.searchsorted(starts, i, right=True) - 1].unsqueeze(1)
-            out.index_add_(0, i, v)
-        return (out / world).view_as(g)
+            rows.index_add_(0, i, v / world)
 
 
 def _dense_ddp(model: nn.Module) -> DistributedDataParallel | None:

@@ -24,7 +24,8 @@ def _launch(run_dir: Path, cache: Path, *train_args: str) -> subprocess.Complete
 def finished_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     run_dir, cache = base / "run", base / "cache"
-    proc = _launch(run_dir, cache, "--epochs", "2")
+    # Two separate --set flags: torchx refuses repeated options, so the launcher must merge them.
+    proc = _launch(run_dir, cache, "--epochs", "2", "--set", "comm.count_bytes=true", "--set", "comm.dense=fp32")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir, cache, proc
 
@@ -49,6 +50,14 @@ def test_torchx_job_trains_checkpoints_and_reports(finished_run):
     assert (run_dir / "plan.json").is_file() and (run_dir / "logs" / "rank1.log").is_file()
     out = proc.stdout + proc.stderr
     assert "test AUC" in out and "epoch 2/2" in out
+
+
+def test_repeated_overrides_travel_as_one_flag():
+    from pipeline.launch import merge_overrides
+
+    args = ["--config", "tiny", "--set", "a=1", "--epochs", "2", "--set", "b=2", "c=3"]
+    assert merge_overrides(args) == ["--config", "tiny", "--set", "a=1", "b=2", "c=3", "--epochs", "2"]
+    assert merge_overrides(["--epochs", "2"]) == ["--epochs", "2"]
 
 
 def test_rerun_resumes_from_latest_checkpoint(finished_run):

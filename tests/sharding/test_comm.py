@@ -9,7 +9,7 @@ import torch
 from pipeline.config import OptimConfig
 from pipeline.optimizer import build_optimizer
 from quant.convert import gather_full_state
-from sharding.comm import ByteCounter, CommConfig, compress_gradients, sharders_for
+from sharding.comm import ByteCounter, CommConfig, compress_gradients, decode_ids, encode_ids, int8_step, sharders_for
 from tests.dist_utils import run_distributed
 from tests.helpers import batches, concat_batches, mixed_placements, sharded_model, tiny_data
 
@@ -74,6 +74,30 @@ def test_int8_is_close_and_smaller(runs):
     b_fp32, b_t, b_t8, b_all = dense["bytes"], runs["touched"]["bytes"], t8["bytes"], all8["bytes"]
     rows = "all_gather rows (DP tables)"
     assert b_t[rows] > 0 and b_t8[rows] * 3.5 <= b_t[rows]
+    ids = "all_gather ids (DP tables)"  # delta-coded: 2 bytes per touched row (plus padding to the largest rank)
+    assert b_t8[ids] == b_t[ids] and b_t[ids] <= 2.2 * b_t[rows] / (4 * 16)
     assert b_t[rows] + b_t["all_gather ids (DP tables)"] < b_fp32["all_reduce fp32 (DP tables)"]
     assert b_all["all_gather int8 (MLP)"] * 3.9 <= b_fp32["all_reduce fp32 (MLP)"]
     assert b_all["all_to_all (model-parallel)"] < b_fp32["all_to_all (model-parallel)"]
+
+
+def test_touched_ids_round_trip_in_about_two_bytes_each():
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.unique(torch.randint(0, 10**6, (5000,), generator=gen))
+    spread = torch.tensor([0, 1, 65535, 65536, 70000, 2**31 + 5, 2**33])
+    for ids in (dense, spread, torch.tensor([], dtype=torch.long)):
+        words, n_big = encode_ids(ids)
+        assert torch.equal(decode_ids(words, ids.numel(), n_big), ids)
+    words, n_big = encode_ids(dense)
+    assert n_big == 0 and words.dtype == torch.int16 and words.numel() == dense.numel()
+    assert encode_ids(spread)[1] == 2  # two gaps of 2^16 or more travel as extra (position, high bits) pairs
+
+
+def test_int8_step_never_divides_by_zero():
+    # A row whose largest gradient is subnormal (error feedback leaves such residues) made max/127 underflow to 0,
+    # so round(x / step) was NaN and the MLP weights became NaN a few dozen steps into the default job.
+    maxabs = torch.tensor([0.0, 1e-44, 3e-39, 1.0])
+    step = int8_step(maxabs)
+    assert (step > 0).all()
+    codes = torch.round(maxabs / step)
+    assert torch.isfinite(codes).all() and codes.abs().max() <= 127
