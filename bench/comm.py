@@ -1,16 +1,22 @@
-"""Bytes per step and step time of data-parallel training with compressed gradient communication, world size 2.
+"""Bytes per step and step time of training with compressed gradient communication, world size 2 (gloo, CPU).
 
-Every table is data-parallel (the paper's setting), so the dense baseline all-reduces whole-table gradients.
-Variants, same model and batches, run one after another in the same two processes:
-dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback.
-Bytes are counted by instrumenting the collectives (payload handed to each); times are medians over steps.
+Models: ``default`` with every table data-parallel (the paper's setting: the dense baseline all-reduces
+whole-table gradients), and the Kaggle-shaped model (``kaggle`` config, 33.8M rows) under the plan its job uses
+(TorchRec's planner: small tables data-parallel, large ones table-wise), since all 2.2 GB of it data-parallel
+does not fit two ranks on this 23 GB machine.
+Variants, same model and batches, one after another in the same two processes:
+dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback |
+the same + TorchRec INT8 qcomms on the model-parallel all-to-alls (all compression on).
+Bytes are counted by instrumenting the collectives (what each rank hands to each, padding included); times are
+medians over steps, measured after two warm-up steps.
 
-    python -m bench.comm [--models default,kaggle] [--steps 8]
+    python -m bench.comm [--models default,kaggle] [--steps 10]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
 
@@ -21,8 +27,9 @@ from bench.common import random_batches, save, table
 from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-from sharding.comm import ByteCounter, CommConfig, compress_gradients
-from sharding.plan import TablePlacement, manual_plan, shard_model
+from sharding.comm import ByteCounter, CommConfig, compress_gradients, sharders_for
+from sharding.plan import TablePlacement, describe_plan, manual_plan, shard_model
+from sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
 VARIANTS = {
@@ -30,6 +37,7 @@ VARIANTS = {
     "touched FP32": CommConfig(dp_tables="touched"),
     "touched INT8": CommConfig(dp_tables="touched_int8"),
     "touched INT8 + MLP INT8 EF": CommConfig(dp_tables="touched_int8", dense="int8_ef"),
+    "all INT8 (+ qcomms INT8)": CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="int8"),
 }
 
 
@@ -43,9 +51,15 @@ def _worker(rank, world_size, config_name, steps):
         torch.manual_seed(0)
         model = build_dlrm(cfg.model, torch.device("cpu"))
         fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-        placements = {f"t_cat_{i}": TablePlacement(kind="data_parallel") for i in range(26)}
-        plan = manual_plan(model, placements, world_size=world_size, device=torch.device("cpu"))
-        model = shard_model(model, plan, torch.device("cpu"))
+        sharders = sharders_for(comm, torch.device("cpu"))
+        if config_name == "default":
+            placements = {f"t_cat_{i}": TablePlacement(kind="data_parallel") for i in range(26)}
+            plan = manual_plan(model, placements, world_size=world_size, device=torch.device("cpu"))
+        else:
+            plan = plan_by_policy(model, cfg.plan, world_size=world_size, device=torch.device("cpu"),
+                                  pg=dist.group.WORLD, sharders=sharders)
+        kinds = collections.Counter(r["sharding"] for r in describe_plan(plan))
+        model = shard_model(model, plan, torch.device("cpu"), sharders)
         compress_gradients(model, comm, counter)
         opt = build_optimizer(model, cfg.optim)
         model.train()
@@ -61,7 +75,8 @@ def _worker(rank, world_size, config_name, steps):
             opt.step()
             if i >= 2:
                 times.append(time.perf_counter() - t0)
-        results[name] = {"step_ms": 1e3 * statistics.median(times), "bytes": counter.snapshot(steps)}
+        results[name] = {"step_ms": 1e3 * statistics.median(times), "bytes": counter.snapshot(steps),
+                         "plan": dict(kinds)}
         del model, opt
     return results
 
@@ -69,7 +84,7 @@ def _worker(rank, world_size, config_name, steps):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="default,kaggle", help="named configs giving the model shape and batch")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     args = p.parse_args()
     rows = []
     for model in args.models.split(","):
@@ -79,13 +94,21 @@ def main() -> None:
             b = r["bytes"]
             rows.append({"model": model, "variant": name, "bytes_per_step": b["total"],
                          "embedding_bytes": sum(v for k, v in b.items() if "DP tables" in k),
+                         "all_to_all_bytes": sum(v for k, v in b.items() if "all_to_all" in k),
                          "mlp_bytes": sum(v for k, v in b.items() if "MLP" in k),
                          "step_ms": r["step_ms"], "bytes_vs_dense": b["total"] / base["bytes"]["total"],
-                         "time_vs_dense": r["step_ms"] / base["step_ms"], "detail": b})
+                         "time_vs_dense": r["step_ms"] / base["step_ms"], "plan": r["plan"], "detail": b})
     print(table(rows, [("model", "model", "s"), ("variant", "variant", "s"), ("bytes_per_step", "bytes/step", ",.0f"),
-                       ("embedding_bytes", "emb bytes", ",.0f"), ("mlp_bytes", "MLP bytes", ",.0f"),
+                       ("embedding_bytes", "DP-table bytes", ",.0f"), ("all_to_all_bytes", "all-to-all", ",.0f"),
+                       ("mlp_bytes", "MLP bytes", ",.0f"),
                        ("step_ms", "ms/step", ".1f"), ("bytes_vs_dense", "bytes/dense", ".4f"),
                        ("time_vs_dense", "time/dense", ".3f")]))
+    for model in args.models.split(","):
+        r = {x["variant"]: x for x in rows if x["model"] == model}
+        t, t8 = r["touched FP32"]["embedding_bytes"], r["touched INT8"]["embedding_bytes"]
+        print(f"{model}: plan {r['dense FP32']['plan']}; DP-table bytes touched FP32 / touched INT8 = "
+              f"{t / max(t8, 1):.2f}x; fully compressed step time / dense = "
+              f"{r['all INT8 (+ qcomms INT8)']['time_vs_dense']:.3f}")
     print(f"json: {save('comm', {'steps': args.steps, 'world_size': 2, 'rows': rows})}")
 
 

@@ -109,9 +109,66 @@ class EmbeddingFakeQuantizer(nn.Module):
             }
         return self._static_cache[key]
 
+    def _per_feature(self, i: int, dev: torch.device) -> torch.Tensor:
+        """(features, 4): bias, 1/scale, scale and qmax of each feature's table grid (``table`` granularity)."""
+        version = (self.alpha._version, self.table_bits._version)
+        key = ("feature", i, dev, version)
+        if key not in self._grid_cache:
+            scale, inv, bias, qmax = self._table_grid(i, dev)
+            ftm = self._static(i, dev)["ftm"]
+            self._grid_cache[key] = torch.stack([bias, inv, scale, qmax], dim=1)[ftm].contiguous()
+        return self._grid_cache[key]
+
+    def _arange(self, n: int, dev: torch.device) -> torch.Tensor:
+        have = self._static_cache.get(("arange", dev))
+        if have is None or have.numel() < n:
+            have = torch.arange(max(n, 2 * (0 if have is None else have.numel()), 1024), device=dev)
+            self._static_cache[("arange", dev)] = have
+        return have[:n]
+
     @torch.no_grad()
     def _correction(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         """``pool(FQ(W_touched) - W_touched)`` in the TBE's output layout (features side by side per sample)."""
+        if len(set(self._layouts[i].local_dims)) == 1:
+            return self._correction_uniform(i, kwargs, output)
+        return self._correction_mixed(i, kwargs, output)
+
+    def _correction_uniform(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """All tables of the TBE have one width ``d``: few, large tensor ops (the per-step cost is op dispatch).
+        Rows come from a (rows, d) view of the flat buffer; each index's grid is its feature's; the deltas are
+        pooled per bag by ``embedding_bag`` over the TBE's own offsets (bags are feature-major)."""
+        lay, dev = self._layouts[i], output.device
+        st = self._static(i, dev)
+        d = lay.local_dims[0]
+        if "row0" not in st:
+            st["row0"] = st["w_off"][st["ftm"]] // d
+        indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
+        features = st["ftm"].numel()
+        batch = (offsets.numel() - 1) // features
+        n = indices.numel()
+        counts = offsets[::batch].diff()
+        rows_at = torch.repeat_interleave(st["row0"], counts, output_size=n).add_(indices)
+        rows = lay.flat_weights().view(-1, d).index_select(0, rows_at)
+        if self.granularity == "table":
+            grid = torch.repeat_interleave(self._per_feature(i, dev), counts, dim=0, output_size=n)
+            bias, inv, scale, qmax = grid[:, 0:1], grid[:, 1:2], grid[:, 2:3], grid[:, 3:4]
+        else:
+            bits = torch.repeat_interleave(self.table_bits.to(dev)[self._global[i].to(dev)][st["ftm"]], counts,
+                                           output_size=n)
+            scale, bias = rowwise_qparams(rows, bits)
+            inv, qmax = 1.0 / scale, (2 ** bits - 1).to(torch.float32).unsqueeze(1)
+        # FBGEMM's arithmetic, in place: code = clamp(round((w - bias) / scale)), value = scale * code + bias.
+        delta = (rows - bias).mul_(inv).round_().clamp_(min=0)
+        delta = torch.minimum(delta, qmax, out=delta).mul_(scale).add_(bias).sub_(rows)
+        psw = kwargs.get("per_sample_weights")
+        if psw is not None:
+            delta.mul_(psw.unsqueeze(1))
+        pooled = torch.nn.functional.embedding_bag(self._arange(n, dev), delta.to(output.dtype), offsets,
+                                                   mode="sum", include_last_offset=True)
+        return pooled.view(features, batch, d).transpose(0, 1).reshape(output.shape)
+
+    def _correction_mixed(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """Tables of several widths in one TBE (column-wise shards): per width, scattered into the output."""
         lay, dev = self._layouts[i], output.device
         st = self._static(i, dev)
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()

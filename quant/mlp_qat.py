@@ -12,29 +12,37 @@ from torch import nn
 
 
 def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``max|row| / (2^(b-1) - 1)``, at least the smallest normal float (so that ``1 / scale`` is finite; an
+    all-zero row gets codes 0 whatever its scale)."""
     # Multiply by the reciprocal: CUDA divides by a Python scalar that way, so CPU and GPU agree bit for bit.
     s = w.detach().abs().amax(dim=1) * (1.0 / (2 ** (bits - 1) - 1))
-    return torch.where(s == 0, torch.ones_like(s), s)
+    return s.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
 def row_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.round(w / scale.unsqueeze(1)).clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    """``clamp(round(w * (1 / scale)))``: the arithmetic of ``torch.fake_quantize_per_channel_affine``."""
+    return torch.round(w * torch.reciprocal(scale).unsqueeze(1)).clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
 
 class RowwiseWeightFakeQuant(nn.Module):
-    """``W -> codes * scale`` with a straight-through gradient (exact forward)."""
+    """``W -> codes * scale`` with a straight-through gradient (exact forward): torch's fused per-channel
+    fake-quant op, whose gradient mask is all ones here (the scale comes from the row's max, so nothing clips)."""
 
     def __init__(self, bits: int) -> None:
         super().__init__()
         self.bits = bits
         self.enabled = True
+        self._zero_points: dict = {}
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
-        scale = row_scales(w, self.bits)
-        q = (row_codes(w.detach(), scale, self.bits) * scale.unsqueeze(1)).detach()
-        return q + (w - w.detach())  # the value is q exactly; the gradient is the identity
+        key = (w.shape[0], w.device)
+        if key not in self._zero_points:
+            self._zero_points[key] = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
+        half = 2 ** (self.bits - 1)
+        return torch.fake_quantize_per_channel_affine(w, row_scales(w, self.bits), self._zero_points[key], 0,
+                                                      -half, half - 1)
 
 
 class QuantizedLinear(nn.Module):
