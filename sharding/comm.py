@@ -1,6 +1,8 @@
 """Gradient-communication compression for a sharded DLRM, and a counter of the bytes each rank hands to collectives.
 
-* model-parallel all-to-alls: TorchRec's qcomms (``QCommsConfig``), FP16 or INT8, chosen by ``CommConfig.qcomms``;
+* model-parallel all-to-alls: TorchRec's qcomms (``QCommsConfig``), FP16 or INT8, chosen by ``CommConfig.qcomms``
+  for the gradients (backward) and ``CommConfig.qcomms_forward`` for the pooled embeddings (forward, off by default:
+  a compressed forward also compresses evaluation, so the served model would no longer be the evaluated one);
 * data-parallel embedding tables: a DDP comm hook that exchanges only the rows a batch touched (ids + values),
   optionally INT8 with one symmetric scale per table agreed across ranks (``dp_tables``);
 * MLP gradients: TorchRec/torch's stock FP16 hook, or an INT8 hook with one scale per output row (agreed across
@@ -34,7 +36,10 @@ class CommConfig:
     """How gradients and embeddings travel between ranks."""
 
     qcomms: str = "none"
-    """Precision of TorchRec's model-parallel all-to-alls: none (FP32), fp16 or int8."""
+    """Precision of TorchRec's model-parallel all-to-alls of embedding gradients (backward): none (FP32), fp16, int8."""
+    qcomms_forward: str = "none"
+    """Precision of the forward all-to-alls (pooled embeddings): none (FP32), fp16 or int8. Anything but none also
+    quantizes what evaluation sees, which the exported model does not reproduce."""
     dp_tables: str = "dense"
     """Data-parallel tables' gradients: dense (DDP all-reduce), touched (only touched rows, lossless),
     touched_int8 (touched rows, INT8 with a per-table scale agreed across ranks)."""
@@ -44,7 +49,8 @@ class CommConfig:
     """Count the bytes each rank hands to collectives (reported per training step in the summary)."""
 
     def __post_init__(self) -> None:
-        for name, allowed in (("qcomms", QCOMMS), ("dp_tables", DP_TABLES), ("dense", DENSE)):
+        for name, allowed in (("qcomms", QCOMMS), ("qcomms_forward", QCOMMS), ("dp_tables", DP_TABLES),
+                              ("dense", DENSE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"comm.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 
@@ -113,19 +119,20 @@ def sharders_for(cfg: CommConfig, device: torch.device) -> list:
     from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
     from torchrec.distributed.sharding_plan import get_default_sharders
 
-    if cfg.qcomms == "none":
+    if cfg.qcomms == "none" and cfg.qcomms_forward == "none":
         return get_default_sharders()
-    precision = {"fp16": CommType.FP16, "int8": CommType.INT8}[cfg.qcomms]
-    registry = get_qcomm_codecs_registry(QCommsConfig(forward_precision=precision, backward_precision=precision),
-                                         device=device)
+    precision = {"none": CommType.FP32, "fp16": CommType.FP16, "int8": CommType.INT8}
+    registry = get_qcomm_codecs_registry(QCommsConfig(forward_precision=precision[cfg.qcomms_forward],
+                                                      backward_precision=precision[cfg.qcomms]), device=device)
     return [EmbeddingBagCollectionSharder(qcomm_codecs_registry=registry)]
 
 
 def check_qcomms(cfg: CommConfig, plan_rows: list[dict]) -> None:
     """Refuse the combinations TorchRec cannot run, before any collective hangs on them."""
-    if cfg.qcomms == "int8" and any(r["sharding"] in ("row_wise", "table_row_wise") for r in plan_rows):
-        raise NotImplementedError("comm.qcomms=int8 is unsupported with row-wise tables (TorchRec's INT8 codec "
-                                  "fails on the row-wise reduce-scatter); use qcomms=fp16 or table-wise placement")
+    if "int8" in (cfg.qcomms, cfg.qcomms_forward) and any(r["sharding"] in ("row_wise", "table_row_wise")
+                                                          for r in plan_rows):
+        raise NotImplementedError("comm.qcomms(_forward)=int8 is unsupported with row-wise tables (TorchRec's INT8 "
+                                  "codec fails on the row-wise reduce-scatter); use fp16 or table-wise placement")
 
 
 # ---- DDP hooks ------------------------------------------------------------------------------------------------
