@@ -63,7 +63,8 @@ class EmbeddingFakeQuantizer(nn.Module):
                 n = lay.local_rows[t] * lay.local_dims[t]
                 if n:
                     start = int(offsets[t])
-                    alpha[g] = torch.maximum(alpha[g], flat[start:start + n].detach().abs().max().to(alpha.device))
+                    lo, hi = torch.aminmax(flat[start:start + n].detach())  # one pass, no |W| copy of the table
+                    alpha[g] = torch.maximum(alpha[g], torch.maximum(-lo, hi).to(alpha.device))
         if self.pg is not None and dist.is_initialized() and dist.get_world_size(self.pg) > 1:
             dist.all_reduce(alpha, op=dist.ReduceOp.MAX, group=self.pg)
         self.alpha.copy_(alpha)
