@@ -25,6 +25,10 @@ Bad rows (wrong field count, an empty line, a count that is not an integer or ov
 is not 8 hex digits, a label that is not 0/1) stop the conversion with the file, line and field; with
 ``--skip-bad-rows`` they are skipped, counted by reason and reported at the end and in the manifest. Line numbers
 are the input's own, whichever range a line fell in. Empty fields are missing values.
+
+Vocabulary (``--vocab-min-count N``, see ``datasets.vocab``): after converting, count each categorical column's raw
+ids over the outputs named by ``--vocab-from`` (default ``train``) and write ``vocab/C1.npy ..`` with the ids seen
+at least N times; the reader's ``vocab_dir`` then maps ids to contiguous indices instead of hashing.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ import pyarrow.parquet as pq
 
 from datasets.chunks import count_newlines, ends_with_newline, line_ranges
 from datasets.criteo_text import BadInputError, describe_expected, detect_format, open_rows, parse_batch
-from datasets.schema import SCHEMA
+from datasets.schema import SCHEMA, parquet_files
+from datasets.vocab import write_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -405,12 +410,16 @@ def _merge_manifest(path: Path, manifest: dict) -> dict:
     kept = [f for f in old.get("files", []) if f["source"] not in sources and not set(f["outputs"]) & mine]
     manifest["files"] = kept + manifest["files"]
     manifest["rows"] = sum(sum(f["outputs"].values()) for f in manifest["files"])
+    if "vocab" in old and "vocab" not in manifest:
+        manifest["vocab"] = old["vocab"]
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m datasets.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("inputs", type=Path, nargs="+", help="raw Criteo files (.txt, day_N, .csv, optionally .gz)")
+    p.add_argument("inputs", type=Path, nargs="*",
+                   help="raw Criteo files (.txt, day_N, .csv, optionally .gz); none with --vocab-min-count builds "
+                        "the vocabulary over what --out already holds")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--split", choices=("files", "kaggle", "terabyte"), default="files",
                    help="how inputs map to train/val/test (see module help)")
@@ -421,8 +430,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="a plain input larger than this is converted in ranges of about this size, one part file "
                         "each (gzip inputs are one stream)")
     p.add_argument("--row-group-size", type=int, default=ConvertOptions.row_group_size, help="rows per row group")
+    p.add_argument("--vocab-min-count", type=int, metavar="N",
+                   help="also write vocab/C1.npy..C26.npy: the ids seen at least N times in --vocab-from")
+    p.add_argument("--vocab-from", nargs="+", default=["train"], metavar="NAME",
+                   help="outputs counted for the vocabulary, relative to --out: NAME.parquet or the folder NAME/ "
+                        "(default: train)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not args.inputs and args.vocab_min_count is None:
+        p.error("give input files, or --vocab-min-count to build a vocabulary over existing outputs")
+    if args.vocab_min_count is not None and args.vocab_min_count < 1:
+        p.error(f"--vocab-min-count must be at least 1, got {args.vocab_min_count}")
     missing = [str(f) for f in args.inputs if not f.is_file()]
     if missing:
         print(f"error: no such input file: {', '.join(missing)}", file=sys.stderr)
@@ -447,6 +465,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
     if errors:
         return 1
+    if args.vocab_min_count is not None:
+        try:
+            files = [f for name in args.vocab_from for f in parquet_files(args.out, name)]
+            vocab = write_vocabulary(files, args.out / "vocab", args.vocab_min_count, workers=max(1, args.workers))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: vocabulary: {e}", file=sys.stderr)
+            return 1
+        vocab["from"] = [str(f.relative_to(args.out)) for f in files]
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        manifest["vocab"] = vocab
+        manifest_path.write_text(json.dumps(manifest, indent=2))
+        print(f"vocabulary (ids seen >= {args.vocab_min_count} times in {len(files)} file(s)) -> "
+              f"{args.out / 'vocab'}; set model.num_embeddings to:\n{','.join(map(str, vocab['num_embeddings']))}")
     return 0
 
 

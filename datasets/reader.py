@@ -5,6 +5,10 @@ Each rank reads a contiguous, equal-sized slice of the rows (every rank must run
 collectives of the sharded model would hang); the at most ``world_size - 1`` rows left over are counted and
 reported, never dropped silently. Within a row group everything is vectorized with numpy.
 
+Categorical ids are ``hash % num_embeddings[t]`` by default; with ``ReaderConfig.vocab_dir`` they are contiguous
+indices into a frequency-thresholded vocabulary instead (``datasets.vocab``: index + 1, 0 for out-of-vocabulary and
+missing values, so every row has one id per table).
+
 KJT layout of one batch (B rows, keys cat_0..cat_25; a missing value is an empty bag)::
 
     keys    : cat_0            cat_1            ...
@@ -30,6 +34,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SPARSE_COLUMNS, Layout, detect_layout
+from datasets.vocab import load_vocab, lookup, vocab_num_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ class ReaderConfig:
     """Drop a final batch smaller than batch_size (it is counted either way)."""
     prefetch: int = 2
     """Batches decoded ahead by a background thread (0 = decode in the caller's thread)."""
+    vocab_dir: str | None = None
+    """Folder of per-column vocabularies (vocab/C1.npy..) mapping ids to contiguous indices; None = modulo hashing."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -93,6 +100,14 @@ class ParquetBatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_embeddings = np.asarray(num_embeddings, dtype=np.uint64)
         self.epoch = 0
+        self._vocab: list[np.ndarray] | None = None
+        if cfg.vocab_dir is not None:
+            sizes = vocab_num_embeddings(cfg.vocab_dir)
+            small = [(FEATURE_NAMES[t], n, s) for t, (n, s) in enumerate(zip(num_embeddings, sizes)) if n < s]
+            if small:
+                raise ValueError(f"{cfg.vocab_dir}: tables too small for the vocabulary (feature, rows, needed): "
+                                 f"{small}; set num_embeddings to datasets.vocab.vocab_num_embeddings(vocab_dir) = "
+                                 f"{sizes}")
         self._groups: list[_RowGroupRef] = []
         total = 0
         for p in map(Path, paths):
@@ -155,12 +170,19 @@ class ParquetBatches(IterableDataset):
             dense[:, j] = np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0.0))
         ids = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=np.int64)
         valid = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=bool)
+        if self.cfg.vocab_dir is not None and self._vocab is None:
+            self._vocab = load_vocab(self.cfg.vocab_dir)  # here, not in __init__: each worker maps its own copy
         for t, c in enumerate(layout.sparse):
             col = table.column(c).combine_chunks()
             valid[t] = col.is_valid().to_numpy(zero_copy_only=False)
             raw = col.fill_null(0).to_numpy().astype(np.int64)
             raw = (raw & 0xFFFFFFFF if layout.signed_hash else raw).astype(np.uint64)
-            ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
+            if self._vocab is None:
+                ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
+            else:
+                ids[t] = np.where(valid[t], lookup(self._vocab[t], raw.astype(np.uint32)), 0)
+        if self._vocab is not None:
+            valid[:] = True  # a missing value is id 0, like an out-of-vocabulary one
         return labels, dense, ids, valid
 
     def __iter__(self) -> Iterator[Batch]:
