@@ -14,7 +14,9 @@ Conventions (documented in the README):
 
 * dense transform: ``log(1 + max(x, 0))`` (the DLRM reference), missing -> 0;
 * categorical id of table ``t``: ``hash % num_embeddings[t]``; a missing value is an empty bag
-  (length 0 in the ``KeyedJaggedTensor``), so it pools to the zero vector.
+  (length 0 in the ``KeyedJaggedTensor``), so it pools to the zero vector. With a vocabulary
+  (``ReaderConfig.vocab_dir``, ``datasets.vocab``): the hash's index in it + 1, and 0 for out-of-vocabulary and
+  missing values.
 """
 
 from __future__ import annotations
