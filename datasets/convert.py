@@ -350,7 +350,7 @@ def _run_all(fn: Callable, items: list, pool: ProcessPoolExecutor | None) -> lis
         for item in items:
             try:
                 out.append(fn(item))
-            except BadInputError as e:
+            except Exception as e:  # noqa: BLE001 - returned like the pool's, so partial outputs get removed
                 return out + [e] + [None] * (len(items) - len(out) - 1)
         return out
     futures = [pool.submit(fn, item) for item in items]
