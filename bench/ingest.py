@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench.common import save, table
+from datasets.schema import parquet_files
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "criteo-samples" / \
     "terabyte_day0_0.001sample_head1000.tsv"
@@ -58,11 +59,11 @@ def run_child(kind: str, src: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def reader_rate(parquet: Path, batch_size: int = 4096) -> float:
+def reader_rate(parquet: list[Path], batch_size: int = 4096) -> float:
     from datasets.reader import ParquetBatches, ReaderConfig
     from pipeline.configs import TERABYTE_CARDINALITIES
 
-    data = ParquetBatches([parquet], TERABYTE_CARDINALITIES, ReaderConfig(batch_size=batch_size, shuffle=True))
+    data = ParquetBatches(parquet, TERABYTE_CARDINALITIES, ReaderConfig(batch_size=batch_size, shuffle=True))
     t0 = time.perf_counter()
     rows = sum(b.labels.numel() for b in data)
     return rows / (time.perf_counter() - t0)
@@ -86,7 +87,7 @@ def main() -> None:
         ref = run_child("torchrec", prefix, tmp / "ref")
         ours_prefix = run_child("ours", prefix, tmp / "ours_prefix")
         ours_full = run_child("ours", big, tmp / "ours_full")
-        rate = reader_rate(tmp / "ours_full" / "day_0.parquet")
+        rate = reader_rate(parquet_files(tmp / "ours_full", "day_0"))  # part files above --chunk-bytes
         size_gb = big.stat().st_size / 2**30
     rows = [
         {"what": f"TorchRec tsv_to_npys ({args.ref_rows:,} rows)", "rows_per_s_per_core": args.ref_rows / ref["seconds"],

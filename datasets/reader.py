@@ -1,8 +1,13 @@
-"""Parquet -> TorchRec ``Batch``: an ``IterableDataset`` streaming row groups, split evenly across ranks.
+"""Parquet -> TorchRec ``Batch``: an ``IterableDataset`` streaming row groups, split evenly across ranks and, inside
+a ``DataLoader``, across its worker processes.
 
 Each rank reads a contiguous, equal-sized slice of the rows (every rank must run the same number of steps, or the
 collectives of the sharded model would hang); the at most ``world_size - 1`` rows left over are counted and
 reported, never dropped silently. Within a row group everything is vectorized with numpy.
+
+Categorical ids are ``hash % num_embeddings[t]`` by default; with ``ReaderConfig.vocab_dir`` they are contiguous
+indices into a frequency-thresholded vocabulary instead (``datasets.vocab``: index + 1, 0 for out-of-vocabulary and
+missing values, so every row has one id per table).
 
 KJT layout of one batch (B rows, keys cat_0..cat_25; a missing value is an empty bag)::
 
@@ -29,6 +34,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SPARSE_COLUMNS, Layout, detect_layout
+from datasets.vocab import load_vocab, lookup, vocab_num_embeddings
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,8 @@ class ReaderConfig:
     """Drop a final batch smaller than batch_size (it is counted either way)."""
     prefetch: int = 2
     """Batches decoded ahead by a background thread (0 = decode in the caller's thread)."""
+    vocab_dir: str | None = None
+    """Folder of per-column vocabularies (vocab/C1.npy..) mapping ids to contiguous indices; None = modulo hashing."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -63,7 +71,17 @@ class _RowGroupRef:
 
 
 class ParquetBatches(IterableDataset):
-    """Stream ``Batch``es from one or more Parquet files in the project's layout (see ``datasets.schema``)."""
+    """Stream ``Batch``es from one or more Parquet files in the project's layout (see ``datasets.schema``).
+
+    Iterated directly, it yields this rank's ``len(self)`` batches. Iterated by a ``DataLoader(ds, batch_size=None,
+    num_workers=W)``, each worker (``torch.utils.data.get_worker_info()``) reads its own contiguous stretch of the
+    rank's batches, about ``len(self) / W`` of them, so the workers read disjoint rows (mostly disjoint row groups)
+    and together yield exactly the rank's batches, the one short batch included (or dropped with ``drop_last``);
+    the loader interleaves workers, so the order differs from a single process but the rows do not. With
+    ``shuffle``, each worker shuffles its stretch with its own seed ``(seed, epoch, rank, worker)``. ``set_epoch``
+    reaches the workers when they are started per epoch (the default ``persistent_workers=False``). TorchRec's
+    Criteo datasets split rows only by rank; the worker split is ours.
+    """
 
     def __init__(
         self,
@@ -82,6 +100,14 @@ class ParquetBatches(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.num_embeddings = np.asarray(num_embeddings, dtype=np.uint64)
         self.epoch = 0
+        self._vocab: list[np.ndarray] | None = None
+        if cfg.vocab_dir is not None:
+            sizes = vocab_num_embeddings(cfg.vocab_dir)
+            small = [(FEATURE_NAMES[t], n, s) for t, (n, s) in enumerate(zip(num_embeddings, sizes)) if n < s]
+            if small:
+                raise ValueError(f"{cfg.vocab_dir}: tables too small for the vocabulary (feature, rows, needed): "
+                                 f"{small}; set num_embeddings to datasets.vocab.vocab_num_embeddings(vocab_dir) = "
+                                 f"{sizes}")
         self._groups: list[_RowGroupRef] = []
         total = 0
         for p in map(Path, paths):
@@ -110,12 +136,26 @@ class ParquetBatches(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _row_groups(self, rng: np.random.Generator) -> list[tuple[_RowGroupRef, int, int]]:
-        """Row groups overlapping this rank's slice, with the local [lo, hi) rows to keep; in a per-epoch random
+    def _worker_share(self) -> tuple[int, int, int, int]:
+        """(first row, end row, batches, worker id) this process reads: the whole rank slice outside a DataLoader
+        worker, else a contiguous, batch-aligned stretch of it."""
+        info = torch.utils.data.get_worker_info()
+        if info is None or info.num_workers == 1:
+            return self.row_begin, self.row_end, self.num_batches, -1
+        bs = self.cfg.batch_size
+        per_rank = self.row_end - self.row_begin
+        batches = -(-per_rank // bs)  # the short last batch counted, dropped below if drop_last
+        first, last = info.id * batches // info.num_workers, (info.id + 1) * batches // info.num_workers
+        lo, hi = self.row_begin + first * bs, min(self.row_begin + last * bs, self.row_end)
+        short = last == batches and self.rows_dropped_last > 0
+        return lo, hi, last - first - short, info.id
+
+    def _row_groups(self, rng: np.random.Generator, begin: int, end: int) -> list[tuple[_RowGroupRef, int, int]]:
+        """Row groups overlapping rows [begin, end), with the local [lo, hi) rows to keep; in a per-epoch random
         order when shuffling."""
         out = []
         for g in self._groups:
-            lo, hi = max(self.row_begin, g.start), min(self.row_end, g.start + g.rows)
+            lo, hi = max(begin, g.start), min(end, g.start + g.rows)
             if lo < hi:
                 out.append((g, lo - g.start, hi - g.start))
         if self.cfg.shuffle:
@@ -130,12 +170,19 @@ class ParquetBatches(IterableDataset):
             dense[:, j] = np.log1p(np.maximum(np.nan_to_num(x, nan=0.0), 0.0))
         ids = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=np.int64)
         valid = np.empty((len(SPARSE_COLUMNS), table.num_rows), dtype=bool)
+        if self.cfg.vocab_dir is not None and self._vocab is None:
+            self._vocab = load_vocab(self.cfg.vocab_dir)  # here, not in __init__: each worker maps its own copy
         for t, c in enumerate(layout.sparse):
             col = table.column(c).combine_chunks()
             valid[t] = col.is_valid().to_numpy(zero_copy_only=False)
             raw = col.fill_null(0).to_numpy().astype(np.int64)
             raw = (raw & 0xFFFFFFFF if layout.signed_hash else raw).astype(np.uint64)
-            ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
+            if self._vocab is None:
+                ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
+            else:
+                ids[t] = np.where(valid[t], lookup(self._vocab[t], raw.astype(np.uint32)), 0)
+        if self._vocab is not None:
+            valid[:] = True  # a missing value is id 0, like an out-of-vocabulary one
         return labels, dense, ids, valid
 
     def __iter__(self) -> Iterator[Batch]:
@@ -146,12 +193,13 @@ class ParquetBatches(IterableDataset):
 
     def _arrays(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         bs = self.cfg.batch_size
-        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank])
+        begin, end, expected, worker = self._worker_share()
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank] + ([worker] if worker >= 0 else []))
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
         pending_rows = 0
         emitted = 0
         open_files: dict[Path, pq.ParquetFile] = {}
-        for g, lo, hi in self._row_groups(rng):
+        for g, lo, hi in self._row_groups(rng, begin, end):
             f = open_files.setdefault(g.path, pq.ParquetFile(g.path))
             table = f.read_row_group(g.index).slice(lo, hi - lo)
             parts = self._decode(table, g.layout)
@@ -172,7 +220,7 @@ class ParquetBatches(IterableDataset):
         if pending_rows and not self.cfg.drop_last:
             yield _batch_arrays(*_concat(pending))
             emitted += 1
-        assert emitted == self.num_batches, (emitted, self.num_batches)
+        assert emitted == expected, (emitted, expected)
 
 
 _DONE = object()

@@ -14,12 +14,16 @@ Conventions (documented in the README):
 
 * dense transform: ``log(1 + max(x, 0))`` (the DLRM reference), missing -> 0;
 * categorical id of table ``t``: ``hash % num_embeddings[t]``; a missing value is an empty bag
-  (length 0 in the ``KeyedJaggedTensor``), so it pools to the zero vector.
+  (length 0 in the ``KeyedJaggedTensor``), so it pools to the zero vector. With a vocabulary
+  (``ReaderConfig.vocab_dir``, ``datasets.vocab``): the hash's index in it + 1, and 0 for out-of-vocabulary and
+  missing values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -86,3 +90,23 @@ def check_schema(schema: pa.Schema, path: str) -> None:
         got = schema.field(idx).type
         if got != field.type:
             raise ValueError(f"{path}: column {field.name!r} has type {got}, expected {field.type}")
+
+
+def parquet_files(root: Path, name: str) -> list[Path]:
+    """The files of one output of the converter under ``root``: ``NAME.parquet``, else every ``*.parquet`` below the
+    folder ``NAME/`` (nested folders too, e.g. ``train/day_3/part-00000.parquet``) in natural order of their paths
+    (``day_2`` before ``day_10``, parts in line order), so every rank sees the same order. Raises
+    ``FileNotFoundError`` when there is neither."""
+    single, folder = root / f"{name}.parquet", root / name
+    if single.is_file():
+        return [single]
+    files = sorted(folder.rglob("*.parquet"), key=lambda p: _natural(p.relative_to(folder))) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{root}: no {name}.parquet or {name}/*.parquet; convert raw Criteo first with "
+                                f"`python -m datasets.convert`")
+    return files
+
+
+def _natural(path: Path) -> list[list]:
+    # re.split with a group alternates text and digit runs, so equal positions always hold comparable types
+    return [[int(s) if i % 2 else s for i, s in enumerate(re.split(r"(\d+)", part))] for part in path.parts]

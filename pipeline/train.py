@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from datasets.reader import ParquetBatches
-from datasets.schema import FEATURE_NAMES, NUM_DENSE
+from datasets.schema import FEATURE_NAMES, NUM_DENSE, parquet_files
 from datasets.synthetic import ensure_synthetic
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobConfig, apply_override, to_dict
@@ -107,7 +107,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 
 def resolve_data(cfg: JobConfig, rank: int) -> tuple[dict[str, list[Path]], dict | None]:
-    """Paths of the train/val/test Parquet files; generates the synthetic default once (rank 0) if needed."""
+    """Paths of the train/val/test Parquet files (``SPLIT.parquet`` or every file below ``SPLIT/``, see
+    ``datasets.schema.parquet_files``); generates the synthetic default once (rank 0) if needed."""
     if not cfg.data.data_dir:
         if rank == 0:
             ensure_synthetic(cfg.data.synthetic)
@@ -117,15 +118,7 @@ def resolve_data(cfg: JobConfig, rank: int) -> tuple[dict[str, list[Path]], dict
         meta = json.loads((root / "meta.json").read_text())
         return {s: [root / f"{s}.parquet"] for s in ("train", "val", "test")}, meta["splits"]["test"]["bayes"]
     root = Path(cfg.data.data_dir)
-    out = {}
-    for split in ("train", "val", "test"):
-        single, folder = root / f"{split}.parquet", root / split
-        files = [single] if single.is_file() else sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-        if not files:
-            raise FileNotFoundError(f"{root}: no {split}.parquet or {split}/*.parquet; convert raw Criteo first "
-                                    f"with `python -m datasets.convert`")
-        out[split] = files
-    return out, None
+    return {split: parquet_files(root, split) for split in ("train", "val", "test")}, None
 
 
 def run(cfg: JobConfig) -> dict:

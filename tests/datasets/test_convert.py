@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from datasets.convert import main as convert
-from datasets.schema import DENSE_COLUMNS, SPARSE_COLUMNS
+from datasets.schema import DENSE_COLUMNS, SPARSE_COLUMNS, parquet_files
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-samples"
 pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"Criteo samples not found at {SAMPLES}")
@@ -125,3 +125,106 @@ def test_not_a_criteo_file(tmp_path, capsys):
     assert "line 1 has 1 tab-separated fields" in capsys.readouterr().err
     assert convert([str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "o")]) == 1
     assert "no such input file" in capsys.readouterr().err
+
+
+# ---- one input in several byte ranges ----------------------------------------------------------------------------
+def _read(root: Path, name: str) -> list[dict]:
+    return [row for f in parquet_files(root, name) for row in pq.read_table(f).to_pylist()]
+
+
+@pytest.mark.parametrize("name, split, outputs", [
+    ("kaggle_dac_train_head900.tsv", "kaggle", ["train", "val", "test"]),
+    ("kaggle_orig_train.tiny.csv", "files", ["kaggle_orig_train.tiny"]),
+    ("terabyte_day0_0.001sample_head1000.tsv", "terabyte", ["val/day_23", "test/day_23"]),
+])
+def test_ranges_in_several_processes_give_the_rows_of_one_stream(name, split, outputs, tmp_path):
+    src = SAMPLES / name
+    if split == "terabyte":  # day_23 is the day halved into val and test
+        src = tmp_path / "day_23"
+        src.write_bytes((SAMPLES / name).read_bytes())
+    args = [str(src), "--split", split]
+    assert convert([*args, "--out", str(tmp_path / "one"), "--workers", "1"]) == 0
+    assert convert([*args, "--out", str(tmp_path / "w1"), "--workers", "1", "--chunk-bytes", "40000"]) == 0
+    assert convert([*args, "--out", str(tmp_path / "w3"), "--workers", "3", "--chunk-bytes", "40000"]) == 0
+    sep, csv, labeled = FILES[name]
+    expected = plain_parse(SAMPLES / name, sep, csv, labeled)
+    got = {run: [_read(tmp_path / run, o) for o in outputs] for run in ("one", "w1", "w3")}
+    assert sum(map(len, got["one"])) == len(expected) and [r for part in got["one"] for r in part] == expected
+    assert got["w1"] == got["one"] and got["w3"] == got["one"]  # same rows, same order, same split boundaries
+    for o in outputs:
+        assert (tmp_path / "one" / f"{o}.parquet").is_file()
+        assert len(parquet_files(tmp_path / "w3", o)) > 1 or o in ("val", "test")
+    parts = sorted((tmp_path / "w3").rglob("*.parquet"))
+    assert len(parts) >= 5 and all(p.name.startswith("part-") for p in parts)
+    assert not list((tmp_path / "w3").rglob("*.partial"))
+    manifest = json.loads((tmp_path / "w3" / "_manifest.json").read_text())
+    listed = manifest["files"][0]["outputs"]
+    assert sorted(map(Path, listed)) == parts  # every part listed, with its own row count
+    assert all(pq.read_metadata(p).num_rows == n for p, n in listed.items())
+    assert manifest["rows"] == len(expected) and manifest["files"][0]["chunks"] >= 5
+
+
+def _corrupt_lines(tmp_path: Path, fixes: dict) -> Path:
+    lines = (SAMPLES / "kaggle_dac_train_head900.tsv").read_text().splitlines()
+    for line_no, fix in fixes.items():
+        lines[line_no - 1] = fix(lines[line_no - 1])
+    path = tmp_path / "bad.tsv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _drop_field(line: str) -> str:
+    return line.rsplit("\t", 1)[0]
+
+
+def _bad_c7(line: str) -> str:
+    return "\t".join(line.split("\t")[:20] + ["xyz12345"] + line.split("\t")[21:])
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_errors_in_later_ranges_name_the_true_line(workers, tmp_path, capsys):
+    common = ["--out", str(tmp_path / "o"), "--workers", str(workers), "--chunk-bytes", "30000"]
+    # line 850 is in the last of 8 ranges; line 300 in the third
+    for fixes, message in [({850: _drop_field}, "line 850: has 39 fields, expected 40"),
+                           ({850: _bad_c7}, "line 850: field C7 = 'xyz12345'"),
+                           ({300: _bad_c7, 850: _drop_field}, "line 300: field C7"),
+                           ({301: _drop_field, 302: _bad_c7}, "line 301: has 39 fields"),
+                           ({300: lambda line: ""}, "line 300: field label = ''")]:  # an empty line is a row
+        bad = _corrupt_lines(tmp_path, fixes)
+        assert convert([str(bad), *common]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {bad}: {message}"), (fixes, err)
+        assert not (tmp_path / "o" / "bad").exists() and not list(tmp_path.rglob("*.partial"))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_skipped_rows_add_up_across_ranges_and_keep_split_positions(workers, tmp_path, capsys):
+    # rows 100 and 500 (train), 800 (val: rows 773-836) and 880 (test) are bad; the split stays by input position
+    fixes = {100: _drop_field, 500: _bad_c7, 800: _bad_c7, 880: lambda line: "2" + line[1:]}
+    bad = _corrupt_lines(tmp_path, fixes)
+    common = [str(bad), "--split", "kaggle", "--skip-bad-rows", "--workers", str(workers)]
+    assert convert([*common, "--out", str(tmp_path / "parts"), "--chunk-bytes", "30000"]) == 0
+    assert convert([*common, "--out", str(tmp_path / "one")]) == 0
+    direct = plain_parse(SAMPLES / "kaggle_dac_train_head900.tsv", "\t", False, True)
+    keep = lambda lo, hi: [r for i, r in enumerate(direct[lo:hi], start=lo + 1) if i not in fixes]  # noqa: E731
+    expected = {"train": keep(0, 772), "val": keep(772, 836), "test": keep(836, 900)}
+    for run in ("parts", "one"):
+        assert {s: _read(tmp_path / run, s) for s in expected} == expected
+        manifest = json.loads((tmp_path / run / "_manifest.json").read_text())
+        assert manifest["skipped"] == {"wrong field count": 1, "bad C7": 2, "bad label": 1}
+        assert manifest["rows"] == 896
+    assert "bad C7: 2" in capsys.readouterr().out
+
+
+def test_reconverting_replaces_the_other_layout(tmp_path):
+    src = SAMPLES / "kaggle_dac_train_head900.tsv"
+    out = tmp_path / "o"
+    assert convert([str(src), "--out", str(out), "--workers", "2", "--chunk-bytes", "40000"]) == 0
+    assert len(parquet_files(out, "kaggle_dac_train_head900")) == 6
+    assert convert([str(src), "--out", str(out), "--workers", "1", "--chunk-bytes", "100000"]) == 0
+    assert len(parquet_files(out, "kaggle_dac_train_head900")) == 3  # old parts 3..5 are gone
+    assert convert([str(src), "--out", str(out), "--workers", "1"]) == 0
+    assert parquet_files(out, "kaggle_dac_train_head900") == [out / "kaggle_dac_train_head900.parquet"]
+    assert not (out / "kaggle_dac_train_head900").exists()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert len(manifest["files"]) == 1 and manifest["rows"] == 900

@@ -116,3 +116,38 @@ def test_background_prefetch_changes_nothing_and_reports_errors(tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"gone")  # the file changes under the reader
     with pytest.raises(Exception):
         list(data)
+
+
+def _rows(batches) -> list[tuple]:
+    """(label, dense, ids per feature) of every row, sorted: the multiset of what was read."""
+    out = []
+    for b in batches:
+        jt = {f: v.to_dense() for f, v in b.sparse_features.to_dict().items()}
+        for i in range(b.labels.numel()):
+            out.append((b.labels[i].item(), tuple(b.dense_features[i].tolist()),
+                        tuple(tuple(jt[f][i].tolist()) for f in FEATURE_NAMES)))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("drop_last, shuffle", [(False, False), (True, False), (False, True)])
+def test_dataloader_workers_split_the_rank_rows_exactly(tmp_path, drop_last, shuffle):
+    _write(tmp_path / "d.parquet", rows=1003, row_group_size=100)
+    cfg = ReaderConfig(batch_size=64, drop_last=drop_last, shuffle=shuffle, seed=1)
+    for rank in range(2):
+        data = ParquetBatches([tmp_path / "d.parquet"], SIZES, cfg, rank=rank, world_size=2)
+        alone = list(data)
+        loaded = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=2))
+        assert len(loaded) == len(alone) == len(data)  # 501 rows: 7 full batches, and a short one unless dropped
+        assert sum(b.labels.numel() for b in loaded) == (448 if drop_last else 501)
+        assert [b.labels.numel() for b in loaded].count(64) == 7
+        assert _rows(loaded) == _rows(alone)  # the same rows, none twice, none missing
+        if not shuffle:  # the loader alternates workers; worker 1 reads batches 4.. (of 8, counting the short one)
+            assert torch.equal(loaded[0].labels, alone[0].labels) and torch.equal(loaded[1].labels, alone[4].labels)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # more workers than this machine's cores
+def test_more_workers_than_batches(tmp_path):
+    _write(tmp_path / "d.parquet", rows=100, row_group_size=30)
+    data = ParquetBatches([tmp_path / "d.parquet"], SIZES, ReaderConfig(batch_size=64))
+    loaded = list(torch.utils.data.DataLoader(data, batch_size=None, num_workers=3))  # worker 0 reads nothing
+    assert [b.labels.numel() for b in loaded] == [64, 36] and _rows(loaded) == _rows(data)

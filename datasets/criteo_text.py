@@ -1,0 +1,137 @@
+"""Raw Criteo text -> Arrow columns in the project schema: Arrow's CSV reader for the splitting, vectorized numpy for
+the validation and the hex -> uint32 conversion, so no Python runs per row (see ``datasets.convert``)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+
+from datasets.schema import DENSE_COLUMNS, LABEL, SCHEMA, SPARSE_COLUMNS
+
+_HEX = np.full(256, 255, dtype=np.uint8)
+for _i, _c in enumerate(b"0123456789abcdef"):
+    _HEX[_c] = _i
+for _i, _c in enumerate(b"ABCDEF"):
+    _HEX[_c] = 10 + _i
+_INT_RE = r"^-?[0-9]+$"
+
+
+class BadInputError(ValueError):
+    """A row or file that is not Criteo data, with where it is."""
+
+
+def detect_format(path: Path) -> tuple[str, bool]:
+    """('tsv' | 'csv', has_label) from the first line."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            first = f.readline(1 << 16)
+    except (OSError, EOFError) as e:
+        raise BadInputError(f"{path}: cannot read ({e})") from None
+    if not first:
+        raise BadInputError(f"{path}: empty file")
+    if first.startswith(b"Id,Label,"):
+        return "csv", True
+    fields = first.rstrip(b"\r\n").split(b"\t")
+    if len(fields) == 40:
+        return "tsv", True
+    if len(fields) == 39:
+        return "tsv", False
+    raise BadInputError(f"{path}: line 1 has {len(fields)} tab-separated fields; Criteo TSV has 40 (39 without "
+                        f"label) and the Kaggle CSV starts with 'Id,Label,' — is this a Criteo file?")
+
+
+def open_rows(path: Path, fmt: str, labeled: bool, byte_range: tuple[int, int] | None, header: bool, block_size: int,
+              invalid: list) -> pcsv.CSVStreamingReader:
+    """Arrow's streaming reader of every field as a string over the file (or its ``[begin, end)`` bytes); rows with a
+    wrong field count are skipped and appended to ``invalid`` as (Arrow row number, what, text), Arrow numbering the
+    stream's lines from 1 (a skipped header included)."""
+    names = ([LABEL] if labeled else []) + DENSE_COLUMNS + SPARSE_COLUMNS
+    if fmt == "csv":
+        names = ["Id"] + names
+    if byte_range is None:
+        stream = pa.input_stream(str(path), compression="gzip" if path.suffix == ".gz" else None)
+    else:
+        begin, end = byte_range
+        mapped = pa.memory_map(str(path))
+        mapped.seek(begin)
+        stream = pa.BufferReader(mapped.read_buffer(end - begin))  # zero-copy view of the range
+
+    def on_invalid(row):
+        invalid.append((row.number, f"has {row.actual_columns} fields, expected {row.expected_columns}", row.text[:80]))
+        return "skip"
+
+    # Empty lines are rows too (of empty fields, so they fail the label check): Arrow's row numbers then stay
+    # line numbers.
+    return pcsv.open_csv(
+        stream,
+        read_options=pcsv.ReadOptions(column_names=names, skip_rows=1 if header else 0,
+                                      block_size=block_size, use_threads=False),
+        parse_options=pcsv.ParseOptions(delimiter="," if fmt == "csv" else "\t", invalid_row_handler=on_invalid,
+                                        ignore_empty_lines=False),
+        convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+                                            quoted_strings_can_be_null=False),
+    )
+
+
+def _hex_to_uint32(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, valid, bad) of a string column: 8 hex digits -> uint32; '' -> missing; anything else -> bad."""
+    lengths = pc.binary_length(col).to_numpy(zero_copy_only=False)
+    valid = lengths == 8
+    bad = (lengths != 8) & (lengths != 0)
+    fixed = pc.if_else(pa.array(valid), col, pa.scalar("00000000")).cast(pa.binary(8))
+    raw = np.frombuffer(fixed.buffers()[1], dtype=np.uint8)[fixed.offset * 8:(fixed.offset + len(fixed)) * 8]
+    nibbles = _HEX[raw].reshape(-1, 8)
+    bad |= valid & (nibbles == 255).any(axis=1)
+    nib = nibbles.astype(np.uint32)
+    values = np.zeros(len(col), dtype=np.uint32)
+    for k in range(8):
+        values = (values << np.uint32(4)) | (nib[:, k] & np.uint32(15))
+    return values, valid & ~bad, bad
+
+
+def _int_column(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, valid, bad) of a string column of integer counts; '' -> missing."""
+    empty = pc.equal(pc.binary_length(col), 0).to_numpy(zero_copy_only=False)
+    ok = pc.match_substring_regex(col, _INT_RE).to_numpy(zero_copy_only=False)
+    bad = ~ok & ~empty
+    safe = pc.if_else(pa.array(ok), col, pa.scalar("0"))
+    big = pc.greater(pc.binary_length(safe), 11).to_numpy(zero_copy_only=False)  # cannot fit int32
+    bad |= big
+    safe = pc.if_else(pa.array(~big), safe, pa.scalar("0"))
+    values = safe.cast(pa.int64()).to_numpy()
+    overflow = (values > 2**31 - 1) | (values < -(2**31))
+    bad |= overflow
+    return np.where(ok & ~bad, values, 0).astype(np.int32), ok & ~bad, bad
+
+
+def parse_batch(batch: pa.RecordBatch, labeled: bool) -> tuple[pa.Table, list[tuple[np.ndarray, str]]]:
+    """All rows of a batch in the project schema, and (bad rows, field) for each field, in column order."""
+    n = batch.num_rows
+    columns: dict[str, pa.Array] = {}
+    problems: list[tuple[np.ndarray, str]] = []
+    if labeled:
+        lab = batch.column(LABEL)
+        is0, is1 = pc.equal(lab, "0").to_numpy(zero_copy_only=False), pc.equal(lab, "1").to_numpy(zero_copy_only=False)
+        problems.append((~(is0 | is1), LABEL))
+        columns[LABEL] = pa.array(is1.astype(np.int8))
+    else:
+        columns[LABEL] = pa.array(np.zeros(n, dtype=np.int8))
+    for c in DENSE_COLUMNS:
+        values, valid, bad = _int_column(batch.column(c))
+        problems.append((bad, c))
+        columns[c] = pa.array(values, mask=~valid)
+    for c in SPARSE_COLUMNS:
+        values, valid, bad = _hex_to_uint32(batch.column(c))
+        problems.append((bad, c))
+        columns[c] = pa.array(values, mask=~valid)
+    return pa.table(columns, schema=SCHEMA), problems
+
+
+def describe_expected(name: str) -> str:
+    return "0 or 1" if name == LABEL else "an integer that fits int32" if name in DENSE_COLUMNS else "8 hex digits"
