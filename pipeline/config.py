@@ -54,11 +54,15 @@ class DataConfig:
     """Shuffle training rows within row groups, differently each epoch."""
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
     """Shape of the synthetic dataset used when data_dir is empty."""
+    vocab_dir: str = ""
+    """Vocabulary written by ``datasets.convert --vocab-min-count`` (ids -> contiguous indices, 0 = rare or
+    missing); empty = ``hash % num_embeddings``. ``model.num_embeddings`` must then be the vocabulary sizes + 1."""
 
     def reader(self, *, train: bool, seed: int) -> ReaderConfig:
+        vocab = self.vocab_dir or None
         if train:
-            return ReaderConfig(batch_size=self.batch_size, shuffle=self.shuffle, seed=seed)
-        return ReaderConfig(batch_size=self.eval_batch_size)
+            return ReaderConfig(batch_size=self.batch_size, shuffle=self.shuffle, seed=seed, vocab_dir=vocab)
+        return ReaderConfig(batch_size=self.eval_batch_size, vocab_dir=vocab)
 
 
 @dataclasses.dataclass(kw_only=True)

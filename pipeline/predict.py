@@ -16,9 +16,10 @@ from quant.export import load_with_manifest
 
 @torch.no_grad()
 def score(module, paths: list[Path], num_embeddings: list[int], batch_size: int = 4096,
-          limit_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every row of ``paths`` (file order) from a loaded artifact."""
-    data = ParquetBatches(paths, num_embeddings, ReaderConfig(batch_size=batch_size))
+          limit_rows: int | None = None, vocab_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every row of ``paths`` (file order) from a loaded artifact; ids are mapped as in
+    training (``vocab_dir``, recorded in the artifact's manifest, or hashing)."""
+    data = ParquetBatches(paths, num_embeddings, ReaderConfig(batch_size=batch_size, vocab_dir=vocab_dir))
     logits, labels, rows = [], [], 0
     for batch in data:
         kjt = batch.sparse_features
@@ -38,10 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, nargs="+", required=True, help="Parquet file(s) to score")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward call")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--vocab-dir", help="vocabulary the model was trained with (default: the one its manifest names)")
     args = p.parse_args(argv)
     try:
         module, manifest = load_with_manifest(args.model)
-        logits, labels = score(module, args.data, manifest["num_embeddings"], args.batch_size)
+        vocab = args.vocab_dir or manifest.get("vocab_dir")
+        if vocab and not Path(vocab).is_dir():
+            raise FileNotFoundError(f"{vocab}: the vocabulary this model was trained with is missing; pass "
+                                    f"--vocab-dir with its new location")
+        logits, labels = score(module, args.data, manifest["num_embeddings"], args.batch_size, vocab_dir=vocab)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from datasets.reader import ParquetBatches
 from datasets.schema import FEATURE_NAMES, NUM_DENSE, parquet_files
 from datasets.synthetic import ensure_synthetic
+from datasets.vocab import vocab_num_embeddings
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobConfig, apply_override, to_dict
 from pipeline.configs import CONFIGS, get_config
@@ -68,6 +69,15 @@ def build_config(args: argparse.Namespace) -> JobConfig:
             apply_override(cfg, f"{field}={value}")
     for item in args.set:
         apply_override(cfg, item)
+    if cfg.data.vocab_dir:
+        sizes = tuple(vocab_num_embeddings(cfg.data.vocab_dir))
+        if tuple(cfg.model.num_embeddings) != sizes:
+            if any(f.startswith("model.num_embeddings=") for f in args.set):
+                raise ValueError(f"model.num_embeddings was set to {list(cfg.model.num_embeddings)} but the vocabulary "
+                                 f"{cfg.data.vocab_dir} needs {list(sizes)} (its sizes + 1); drop the override")
+            print(f"table sizes from the vocabulary {cfg.data.vocab_dir}: {list(sizes)} (config had "
+                  f"{list(cfg.model.num_embeddings)})", file=sys.stderr)
+            cfg.model.num_embeddings = sizes
     return cfg
 
 
@@ -169,7 +179,10 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
     if rank == 0:
         log.info("sharding plan:\n%s", plan_table(rows))
         save_plan(rows, run_dir / "plan.json")
-        save_placements(placements_from_plan(plan), run_dir / "placements.json")
+        try:
+            save_placements(placements_from_plan(plan), run_dir / "placements.json")
+        except ValueError as e:  # e.g. the planner chose table_column_wise, which placements cannot express
+            log.warning("placements.json not written (%s); plan.json holds the full plan", e)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
 
     trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank,
@@ -210,10 +223,13 @@ def export_integer_model(cfg: JobConfig, trainer: Trainer, model, test_paths: li
     manifest = {"config": cfg.name, "quant_mode": cfg.quant_mode, "quant": dataclasses.asdict(cfg.quant),
                 "num_embeddings": list(cfg.model.num_embeddings), "embedding_dim": cfg.model.embedding_dim,
                 "dense_features": NUM_DENSE, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
-                "id_mapping": "hash % num_embeddings, missing -> empty bag"}
+                "id_mapping": (f"vocabulary {Path(cfg.data.vocab_dir).resolve()} (index + 1; rare or missing -> 0)"
+                               if cfg.data.vocab_dir else "hash % num_embeddings, missing -> empty bag"),
+                "vocab_dir": str(Path(cfg.data.vocab_dir).resolve()) if cfg.data.vocab_dir else None}
     export(int_model, FEATURE_NAMES, path, manifest)
     module, manifest = load_with_manifest(path)
-    logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel())
+    logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel(),
+                           vocab_dir=manifest.get("vocab_dir"))
     sizes = model_sizes(int_model, table_configs(model), _float_mlp_params(model))
     sizes["artifact_bytes"] = path.stat().st_size
     log.info("exported %s (%.1f MB)", path, sizes["artifact_bytes"] / 1e6)
