@@ -35,8 +35,17 @@ class EmbeddingFakeQuantizer(nn.Module):
         self.register_buffer("alpha", torch.zeros(len(table_names)))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("table_bits", torch.tensor([bits[n] for n in self.table_names], dtype=torch.long))
-        self.enabled = True
+        self._enabled = True
         self._layouts = layouts
+        # Incremental refresh of alpha (table granularity): the max |W| of every row, kept per layout, and which rows
+        # the hook has seen since the last refresh. Plain SGD changes only the rows a batch looks up, and a sharded
+        # (not data-parallel) TBE sees every id that touches its rows, so a refresh rescans only those rows and
+        # then takes the max of one float per row instead of reading the whole table.
+        self._row_max: dict[int, torch.Tensor] = {}
+        self._seen: dict[int, torch.Tensor] = {}
+        self._incremental = [granularity == "table" and len(set(lay.local_dims)) == 1
+                             and not isinstance(getattr(lay.tbe, "weights", None), torch.Tensor)
+                             for lay in layouts]
         self._grid_cache: dict = {}
         self._static_cache: dict = {}
         self._global = [torch.tensor([index[n] for n in lay.table_names], dtype=torch.long) for lay in layouts]
@@ -53,11 +62,49 @@ class EmbeddingFakeQuantizer(nn.Module):
             h.remove()
         self._handles = []
 
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if not value:  # rows change unseen while fake-quant is off: the next refresh rescans everything
+            self._row_max.clear()
+            self._seen.clear()
+        self._enabled = value
+
     @torch.no_grad()
-    def update_scales(self) -> None:
-        """``alpha[t] = max|W_t|`` over every shard of table t on every rank."""
+    def _rows_max(self, i: int, incremental: bool) -> torch.Tensor:
+        """max |W| of every row of layout ``i`` (a uniform, sharded TBE), updated from the rows seen when possible."""
+        lay = self._layouts[i]
+        rows = lay.flat_weights().detach().view(-1, lay.local_dims[0])
+        known = self._row_max.get(i)
+        if incremental and known is not None:
+            seen = self._seen[i].nonzero().squeeze(1)
+            known[seen] = rows[seen].abs().amax(dim=1)
+        else:
+            known = torch.empty(rows.shape[0], device=rows.device)
+            for start in range(0, rows.shape[0], 1 << 18):  # chunks: no |W| copy of a whole table
+                known[start:start + (1 << 18)] = rows[start:start + (1 << 18)].abs().amax(dim=1)
+            self._row_max[i] = known
+        self._seen[i] = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        return known
+
+    @torch.no_grad()
+    def update_scales(self, incremental: bool = False) -> None:
+        """``alpha[t] = max|W_t|`` over every shard of table t on every rank. ``incremental`` (the periodic refresh
+        during QAT) rescans only the rows looked up since the previous refresh where that is exact."""
         alpha = torch.zeros_like(self.alpha)
-        for lay, gidx in zip(self._layouts, self._global):
+        for i, (lay, gidx) in enumerate(zip(self._layouts, self._global)):
+            if self._incremental[i]:
+                row_max, d = self._rows_max(i, incremental), lay.local_dims[0]
+                starts = lay.weights_offsets().to("cpu", torch.long) // d
+                for t, g in enumerate(gidx.tolist()):
+                    if lay.local_rows[t]:
+                        first = int(starts[t])
+                        local = row_max[first:first + lay.local_rows[t]].max().to(alpha.device)
+                        alpha[g] = torch.maximum(alpha[g], local)
+                continue
             flat, offsets = lay.flat_weights(), lay.weights_offsets().to("cpu", torch.long)
             for t, g in enumerate(gidx.tolist()):
                 n = lay.local_rows[t] * lay.local_dims[t]
@@ -72,7 +119,7 @@ class EmbeddingFakeQuantizer(nn.Module):
     def on_train_step(self) -> None:
         """Called once per training forward: refreshes the table scales every ``scale_update_every`` steps."""
         if self.granularity == "table" and int(self.steps) % self.scale_update_every == 0:
-            self.update_scales()
+            self.update_scales(incremental=True)
         self.steps += 1
 
     def _make_hook(self, i: int):
@@ -149,6 +196,8 @@ class EmbeddingFakeQuantizer(nn.Module):
         n = indices.numel()
         counts = offsets[::batch].diff()
         rows_at = torch.repeat_interleave(st["row0"], counts, output_size=n).add_(indices)
+        if i in self._seen:
+            self._seen[i][rows_at] = True
         rows = lay.flat_weights().view(-1, d).index_select(0, rows_at)
         if self.granularity == "table":
             grid = torch.repeat_interleave(self._per_feature(i, dev), counts, dim=0, output_size=n)

@@ -110,3 +110,28 @@ def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
     assert served.shape == qat.shape
     torch.testing.assert_close(served, qat, atol=1e-5, rtol=0)
     assert torch.equal(served >= 0, qat >= 0)
+
+
+def _refresh_run(rank, world_size, data_dir):
+    """QAT steps with a scale refresh every 2 steps, then the incremental refresh against a full rescan."""
+    model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=True))
+    quantize_(model, QATConfig(spec=QuantSpec(scale_update_every=2), step="prepare"), pg=dist.group.WORLD)
+    quantizer = embedding_quantizer(model)
+    optimizer = build_optimizer(model, OptimConfig(embedding_lr=1.0))
+    model.train()
+    for batch in batches(data_dir / "train.parquet", LOCAL_BATCH, rank=rank, world_size=world_size, limit=7):
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    quantizer.update_scales(incremental=True)
+    incremental = quantizer.alpha.clone()
+    quantizer.update_scales()
+    return {"incremental": incremental, "full": quantizer.alpha.clone(),
+            "incremental_layouts": sum(quantizer._incremental), "layouts": len(quantizer._incremental)}
+
+
+def test_incremental_scale_refresh_equals_a_full_rescan(data_dir):
+    for out in run_distributed(_refresh_run, data_dir, world_size=2):
+        assert 0 < out["incremental_layouts"] < out["layouts"]  # sharded TBEs incremental, the others rescanned
+        assert torch.equal(out["incremental"], out["full"])
