@@ -81,11 +81,13 @@ class EmbeddingFakeQuantizer(nn.Module):
         known = self._row_max.get(i)
         if incremental and known is not None:
             seen = self._seen[i].nonzero().squeeze(1)
-            known[seen] = rows[seen].abs().amax(dim=1)
-        else:
+            part = rows[seen]
+            known[seen] = torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+        else:  # once per job (and after fake-quant was off): one float per row, in chunks
             known = torch.empty(rows.shape[0], device=rows.device)
-            for start in range(0, rows.shape[0], 1 << 18):  # chunks: no |W| copy of a whole table
-                known[start:start + (1 << 18)] = rows[start:start + (1 << 18)].abs().amax(dim=1)
+            for start in range(0, rows.shape[0], 1 << 18):
+                part = rows[start:start + (1 << 18)]
+                known[start:start + (1 << 18)] = torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
             self._row_max[i] = known
         self._seen[i] = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
         return known
@@ -96,7 +98,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         during QAT) rescans only the rows looked up since the previous refresh where that is exact."""
         alpha = torch.zeros_like(self.alpha)
         for i, (lay, gidx) in enumerate(zip(self._layouts, self._global)):
-            if self._incremental[i]:
+            if incremental and self._incremental[i]:
                 row_max, d = self._rows_max(i, incremental), lay.local_dims[0]
                 starts = lay.weights_offsets().to("cpu", torch.long) // d
                 for t, g in enumerate(gidx.tolist()):
