@@ -291,41 +291,40 @@ class TouchedRowsHook:
             idx = (rows != 0).any(dim=1).nonzero().squeeze(1)
         vals = rows[idx]
         words, n_big = encode_ids(idx)
-        count = torch.tensor([idx.numel(), n_big, words.numel()], dtype=torch.int64, device=dev)
-        counts = [torch.empty_like(count) for _ in range(world)]
-        dist.all_gather(counts, count)
-        most_rows = int(max(c[0] for c in counts))
-        most_words = int(max(c[2] for c in counts))
-        ids = torch.zeros(most_words, dtype=torch.int16, device=dev)
-        ids[: words.numel()] = words
         starts = lay.weights_offsets().to(dev, torch.long) // d  # first row of each table in the flat buffer
+        # One header per rank (row and id-word counts, and for INT8 each table's max |grad|), then one payload
+        # (ids, then rows): two collectives. The max over the gathered headers is the all-reduce MAX scale.
+        maxabs = torch.zeros(starts.numel() if self.int8 else 0, device=dev)
         if self.int8:
             table = torch.searchsorted(starts, idx, right=True) - 1
-            maxabs = torch.zeros(starts.numel(), device=dev)
             maxabs.scatter_reduce_(0, table, vals.abs().amax(dim=1), reduce="amax")
-            dist.all_reduce(maxabs, op=dist.ReduceOp.MAX)
-            scale = int8_step(maxabs)
-            payload = torch.zeros(most_rows, d, dtype=torch.int8, device=dev)
-            payload[: idx.numel()] = torch.round(vals / scale[table].unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-            if self.counter is not None:
-                self.counter.add("all_reduce scales (DP tables)", _nbytes(maxabs))
+        header = torch.cat([torch.tensor([idx.numel(), n_big, words.numel()], dtype=torch.float64, device=dev),
+                            maxabs.to(torch.float64)])
+        headers = [torch.empty_like(header) for _ in range(world)]
+        dist.all_gather(headers, header)
+        most_rows = int(max(h[0] for h in headers))
+        most_words = int(max(h[2] for h in headers))
+        most_words += most_words % 2  # keeps the rows 4-byte aligned in the payload
+        if self.int8:
+            scale = int8_step(torch.stack(headers)[:, 3:].amax(dim=0).to(torch.float32))
+            values = torch.round(vals / scale[table].unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
         else:
-            payload = torch.zeros(most_rows, d, dtype=g.dtype, device=dev)
-            payload[: idx.numel()] = vals
+            values = vals
+        id_bytes, row_bytes = 2 * most_words, most_rows * d * values.element_size()
+        payload = torch.zeros(id_bytes + row_bytes, dtype=torch.uint8, device=dev)  # gloo has no int16
+        payload[: 2 * words.numel()] = words.view(torch.uint8)
+        payload[id_bytes: id_bytes + values.numel() * values.element_size()] = values.reshape(-1).view(torch.uint8)
         if self.counter is not None:  # what is handed to the collectives, padding to the largest rank included
-            self.counter.add("all_gather counts (DP tables)", _nbytes(count))
-            self.counter.add("all_gather ids (DP tables)", _nbytes(ids))
-            self.counter.add("all_gather rows (DP tables)", _nbytes(payload))
-        ids = ids.view(torch.uint8)  # gloo has no int16 collectives: send the same bytes
-        all_ids = [torch.empty_like(ids) for _ in range(world)]
-        all_vals = [torch.empty_like(payload) for _ in range(world)]
-        dist.all_gather(all_ids, ids)
-        dist.all_gather(all_vals, payload)
+            self.counter.add("all_gather counts+scales (DP tables)", _nbytes(header))
+            self.counter.add("all_gather ids (DP tables)", id_bytes)
+            self.counter.add("all_gather rows (DP tables)", row_bytes)
+        parts = [torch.empty_like(payload) for _ in range(world)]
+        dist.all_gather(parts, payload)
         rows[idx] = 0  # every other row of the local gradient is zero already
-        for c, w, v in zip(counts, all_ids, all_vals):
-            n, nb = int(c[0]), int(c[1])
-            i = decode_ids(w.view(torch.int16), n, nb)
-            v = v[:n].to(g.dtype)
+        for h, part in zip(headers, parts):
+            n, nb = int(h[0]), int(h[1])
+            i = decode_ids(part[:id_bytes].view(torch.int16), n, nb)
+            v = part[id_bytes: id_bytes + n * d * values.element_size()].view(values.dtype).view(n, d).to(g.dtype)
             if self.int8:
                 v = v * scale[torch.searchsorted(starts, i, right=True) - 1].unsqueeze(1)
             rows.index_add_(0, i, v / world)
