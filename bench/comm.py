@@ -4,7 +4,7 @@ Models: ``default`` with every table data-parallel (the paper's setting: the den
 whole-table gradients), and the Kaggle-shaped model (``kaggle`` config, 33.8M rows) under the plan its job uses
 (TorchRec's planner: small tables data-parallel, large ones table-wise), since all 2.2 GB of it data-parallel
 does not fit two ranks on this 23 GB machine.
-Variants, same model and batches, one after another in the same two processes:
+Variants, same model and batches, built side by side in the same two processes and stepped in turn:
 dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback |
 the same + TorchRec INT8 qcomms on the model-parallel all-to-alls (all compression on).
 Bytes are counted by instrumenting the collectives (what each rank hands to each, padding included); times are
@@ -41,32 +41,36 @@ VARIANTS = {
 }
 
 
+def _build(cfg, config_name, comm, world_size, counter):
+    torch.manual_seed(0)
+    model = build_dlrm(cfg.model, torch.device("cpu"))
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
+    sharders = sharders_for(comm, torch.device("cpu"))
+    if config_name == "default":
+        placements = {f"t_cat_{i}": TablePlacement(kind="data_parallel") for i in range(26)}
+        plan = manual_plan(model, placements, world_size=world_size, device=torch.device("cpu"))
+    else:
+        plan = plan_by_policy(model, cfg.plan, world_size=world_size, device=torch.device("cpu"),
+                              pg=dist.group.WORLD, sharders=sharders)
+    kinds = collections.Counter(r["sharding"] for r in describe_plan(plan))
+    model = shard_model(model, plan, torch.device("cpu"), sharders)
+    compress_gradients(model, comm, counter)
+    model.train()
+    return model, build_optimizer(model, cfg.optim), dict(kinds)
+
+
 def _worker(rank, world_size, config_name, steps):
+    """All variants built side by side and stepped in turn (variant A step i, variant B step i, ...), so that the
+    machine's load drifts over all of them alike; the first two rounds are warm-up."""
     cfg = get_config(config_name)
-    cards = cfg.model.num_embeddings
-    batches = random_batches(cards, cfg.data.batch_size, steps + 2, seed=rank)
+    batches = random_batches(cfg.model.num_embeddings, cfg.data.batch_size, steps + 2, seed=rank)
     counter = ByteCounter().install()
-    results = {}
-    for name, comm in VARIANTS.items():
-        torch.manual_seed(0)
-        model = build_dlrm(cfg.model, torch.device("cpu"))
-        fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-        sharders = sharders_for(comm, torch.device("cpu"))
-        if config_name == "default":
-            placements = {f"t_cat_{i}": TablePlacement(kind="data_parallel") for i in range(26)}
-            plan = manual_plan(model, placements, world_size=world_size, device=torch.device("cpu"))
-        else:
-            plan = plan_by_policy(model, cfg.plan, world_size=world_size, device=torch.device("cpu"),
-                                  pg=dist.group.WORLD, sharders=sharders)
-        kinds = collections.Counter(r["sharding"] for r in describe_plan(plan))
-        model = shard_model(model, plan, torch.device("cpu"), sharders)
-        compress_gradients(model, comm, counter)
-        opt = build_optimizer(model, cfg.optim)
-        model.train()
-        times = []
-        for i, b in enumerate(batches):
-            if i == 2:
-                counter.reset()
+    built = {name: _build(cfg, config_name, comm, world_size, counter) for name, comm in VARIANTS.items()}
+    times = {name: [] for name in built}
+    sent = {name: collections.Counter() for name in built}
+    for i, b in enumerate(batches):
+        for name, (model, opt, _) in built.items():
+            counter.reset()
             dist.barrier()
             t0 = time.perf_counter()
             loss, _ = model(b)
@@ -74,10 +78,13 @@ def _worker(rank, world_size, config_name, steps):
             loss.backward()
             opt.step()
             if i >= 2:
-                times.append(time.perf_counter() - t0)
-        results[name] = {"step_ms": 1e3 * statistics.median(times), "bytes": counter.snapshot(steps),
-                         "plan": dict(kinds)}
-        del model, opt
+                times[name].append(time.perf_counter() - t0)
+                sent[name].update(counter.bytes)
+    results = {}
+    for name, (_, _, kinds) in built.items():
+        per_step = {k: v / steps for k, v in sorted(sent[name].items())}
+        per_step["total"] = sum(sent[name].values()) / steps
+        results[name] = {"step_ms": 1e3 * statistics.median(times[name]), "bytes": per_step, "plan": kinds}
     return results
 
 

@@ -166,40 +166,39 @@ class Int8ErrorFeedbackHook:
     """INT8 MLP gradients: per output row (per tensor for biases) symmetric scales agreed by an all-reduce MAX,
     codes all-gathered and summed, and the quantization error carried into the next step.
 
-    Works on DDP's flat bucket buffer with a cached element -> row map, so a step is a few large tensor ops whatever
-    the number of layers; the code exchange is asynchronous (DDP overlaps it with the rest of the backward)."""
+    Works on views of DDP's flat bucket buffer (one scale all-reduce and one code all-gather per bucket); the code
+    exchange is asynchronous, so DDP overlaps it with the rest of the backward."""
 
     def __init__(self, counter: ByteCounter | None) -> None:
         self.counter = counter
         self.errors: dict[int, torch.Tensor] = {}  # keyed by parameter: DDP re-buckets after the first step
-        self._rows: dict[tuple, tuple[torch.Tensor, int, list[int]]] = {}
-
-    def _row_map(self, params: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, int, list[int]]:
-        key = tuple(id(p) for p in params)
-        if key not in self._rows:
-            parts, first = [], 0
-            for p in params:
-                rows = p.shape[0] if p.dim() > 1 else 1
-                parts.append(torch.arange(first, first + rows, device=device).repeat_interleave(p.numel() // rows))
-                first += rows
-            self._rows[key] = (torch.cat(parts), first, [p.numel() for p in params])
-        return self._rows[key]
 
     def __call__(self, state, bucket):
         world = dist.get_world_size()
-        params, buf = bucket.parameters(), bucket.buffer()
-        row_of, rows, sizes = self._row_map(params, buf.device)
-        errors = [self.errors.get(id(p)) for p in params]
-        if any(e is not None for e in errors):
-            buf = buf + torch.cat([torch.zeros(n, device=buf.device) if e is None else e
-                                   for n, e in zip(sizes, errors)])
-        maxabs = torch.zeros(rows, device=buf.device).scatter_reduce_(0, row_of, buf.abs(), reduce="amax")
+        params, out = bucket.parameters(), bucket.buffer()
+        flat = out.clone()
+        views, offset = [], 0
+        for p in params:  # (rows, cols) views of this bucket's slice of each parameter's gradient
+            rows = p.shape[0] if p.dim() > 1 else 1
+            v = flat[offset:offset + p.numel()].view(rows, -1)
+            offset += p.numel()
+            err = self.errors.get(id(p))
+            if err is not None:
+                v.add_(err)
+            views.append(v)
+        maxabs = torch.cat([v.abs().amax(dim=1) for v in views])
         dist.all_reduce(maxabs, op=dist.ReduceOp.MAX)
-        step = int8_step(maxabs)[row_of]
-        q = torch.round(buf / step).clamp_(-127, 127)
-        for p, e in zip(params, torch.split(buf - q * step, sizes)):
-            self.errors[id(p)] = e
-        codes = q.to(torch.int8)
+        step = int8_step(maxabs)
+        steps, codes, first = [], torch.empty(flat.numel(), dtype=torch.int8, device=flat.device), 0
+        offset = 0
+        for p, v in zip(params, views):
+            s = step[first:first + v.shape[0]].unsqueeze(1)
+            first += v.shape[0]
+            q = torch.round(v / s).clamp_(-127, 127)
+            self.errors[id(p)] = v - q * s
+            codes[offset:offset + v.numel()] = q.view(-1)
+            offset += v.numel()
+            steps.append(s)
         gathered = torch.empty(world * codes.numel(), dtype=torch.int8, device=codes.device)
         if self.counter is not None:
             self.counter.add("all_gather int8 (MLP)", _nbytes(codes))
@@ -207,11 +206,15 @@ class Int8ErrorFeedbackHook:
         # torch.distributed's own function object, not the ByteCounter's wrapper: these bytes are counted above.
         gather = getattr(distributed_c10d, "all_gather_single", None) or distributed_c10d.all_gather_into_tensor
         work = gather(gathered, codes, async_op=True)
-        out = bucket.buffer()
 
         def finish(fut):
             total = gathered.view(world, -1).to(torch.int32).sum(0).to(torch.float32)
-            return out.copy_(total * step / world)
+            offset = 0
+            for v, s in zip(views, steps):
+                n = v.numel()
+                out[offset:offset + n].view_as(v).copy_(total[offset:offset + n].view_as(v) * s / world)
+                offset += n
+            return out
         return work.get_future().then(finish)
 
 
