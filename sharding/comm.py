@@ -255,13 +255,17 @@ class TouchedRowsHook:
     def __init__(self, layouts_by_param: dict[int, Any], int8: bool, counter: ByteCounter | None) -> None:
         self.layouts, self.int8, self.counter = layouts_by_param, int8, counter
         self.touched: dict[int, list[torch.Tensor]] = collections.defaultdict(list)
+        self.scans = 0  # exchanges that had to scan the whole gradient (no recorded forward)
         self.handles = [lay.tbe.register_forward_hook(functools.partial(self._record, key), with_kwargs=True)
                         for key, lay in layouts_by_param.items() if len(set(lay.local_dims)) == 1]
 
-    @torch.no_grad()
     def _record(self, key: int, module, args, kwargs, output) -> None:
-        if not (module.training and torch.is_grad_enabled()):
+        if not (module.training and torch.is_grad_enabled()):  # (checked outside no_grad, or it is always off)
             return
+        with torch.no_grad():
+            self._record_rows(key, kwargs)
+
+    def _record_rows(self, key: int, kwargs: dict) -> None:
         lay = self.layouts[key]
         indices, offsets = kwargs["indices"], kwargs["offsets"]
         features = lay.feature_table_map.numel()
@@ -291,6 +295,7 @@ class TouchedRowsHook:
         if recorded:
             idx = torch.unique(torch.cat(recorded))  # sorted
         else:
+            self.scans += 1
             idx = (rows != 0).any(dim=1).nonzero().squeeze(1)
         vals = rows[idx]
         words, n_big = encode_ids(idx)
@@ -347,10 +352,12 @@ def _dp_table_ddps(model: nn.Module) -> list[DistributedDataParallel]:
     return out
 
 
-def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter | None = None) -> None:
-    """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training)."""
+def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter | None = None) -> list:
+    """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training); returns the
+    touched-rows hooks (for inspection)."""
     from quant.tbe import find_tbes
 
+    hooks: list[TouchedRowsHook] = []
     dense = _dense_ddp(model)
     if dense is not None:
         if cfg.dense == "fp16":
@@ -369,4 +376,8 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
             if counter is not None:
                 ddp.register_comm_hook(None, fp32_allreduce_hook(counter, "all_reduce fp32 (DP tables)"))
         else:
-            ddp.register_comm_hook(None, TouchedRowsHook(layouts, cfg.dp_tables == "touched_int8", counter).__call__)
+            own = {id(p): layouts[id(p)] for p in ddp.module.parameters() if id(p) in layouts}
+            hook = TouchedRowsHook(own, cfg.dp_tables == "touched_int8", counter)
+            ddp.register_comm_hook(None, hook.__call__)
+            hooks.append(hook)
+    return hooks

@@ -20,7 +20,7 @@ def _train(rank, world_size, data_dir, comm: CommConfig):
     model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=False),
                              sharders=sharders_for(comm, torch.device("cpu")))
     counter = ByteCounter().install() if world_size > 1 else None
-    compress_gradients(model, comm, counter)
+    hooks = compress_gradients(model, comm, counter)
     optimizer = build_optimizer(model, OptimConfig())
     local = batches(data_dir / "train.parquet", LOCAL, limit=2 * STEPS)
     model.train()
@@ -35,7 +35,8 @@ def _train(rank, world_size, data_dir, comm: CommConfig):
     state = gather_full_state(model)
     if rank != 0:
         return None
-    return {"state": state, "losses": losses, "bytes": counter.snapshot(STEPS) if counter else None}
+    return {"state": state, "losses": losses, "bytes": counter.snapshot(STEPS) if counter else None,
+            "touched_hooks": len(hooks), "full_scans": sum(h.scans for h in hooks)}
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +60,11 @@ def runs(data_dir):
 def test_uncompressed_matches_single_process(runs):
     for key, value in runs["single"]["state"].items():
         torch.testing.assert_close(runs["dense"]["state"][key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_touched_rows_come_from_the_forward_not_a_scan_of_the_table(runs):
+    for name in ("touched", "touched_int8", "all_int8"):
+        assert runs[name]["touched_hooks"] > 0 and runs[name]["full_scans"] == 0, name
 
 
 def test_touched_rows_exchange_is_lossless(runs):
