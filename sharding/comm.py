@@ -163,11 +163,10 @@ def fp16_hook(counter: ByteCounter | None):
 
 
 class Int8ErrorFeedbackHook:
-    """INT8 MLP gradients: per output row (per tensor for biases) symmetric scales agreed by an all-reduce MAX,
-    codes all-gathered and summed, and the quantization error carried into the next step.
-
-    Works on views of DDP's flat bucket buffer (one scale all-reduce and one code all-gather per bucket); the code
-    exchange is asynchronous, so DDP overlaps it with the rest of the backward."""
+    """INT8 MLP gradients: each rank quantizes with its own symmetric scale per output row (per tensor for biases),
+    carries its quantization error into the next step (error feedback), and sends codes and scales in one
+    asynchronous all-gather; every rank then averages the dequantized gradients. One collective per bucket, and DDP
+    overlaps it with the rest of the backward."""
 
     def __init__(self, counter: ByteCounter | None) -> None:
         self.counter = counter
@@ -186,34 +185,36 @@ class Int8ErrorFeedbackHook:
             if err is not None:
                 v.add_(err)
             views.append(v)
-        maxabs = torch.cat([v.abs().amax(dim=1) for v in views])
-        dist.all_reduce(maxabs, op=dist.ReduceOp.MAX)
-        step = int8_step(maxabs)
-        steps, codes, first = [], torch.empty(flat.numel(), dtype=torch.int8, device=flat.device), 0
-        offset = 0
+        step = int8_step(torch.cat([v.abs().amax(dim=1) for v in views]))
+        rows_total, n = step.numel(), flat.numel()
+        payload = torch.empty(4 * rows_total + n, dtype=torch.uint8, device=flat.device)  # [scales][codes]
+        payload[: 4 * rows_total] = step.view(torch.uint8)
+        codes = payload[4 * rows_total:].view(torch.int8)
+        first = offset = 0
         for p, v in zip(params, views):
             s = step[first:first + v.shape[0]].unsqueeze(1)
-            first += v.shape[0]
             q = torch.round(v / s).clamp_(-127, 127)
             self.errors[id(p)] = v - q * s
             codes[offset:offset + v.numel()] = q.view(-1)
-            offset += v.numel()
-            steps.append(s)
-        gathered = torch.empty(world * codes.numel(), dtype=torch.int8, device=codes.device)
+            first, offset = first + v.shape[0], offset + v.numel()
+        gathered = torch.empty(world, payload.numel(), dtype=torch.uint8, device=flat.device)
         if self.counter is not None:
-            self.counter.add("all_gather int8 (MLP)", _nbytes(codes))
-            self.counter.add("all_reduce scales (MLP)", _nbytes(maxabs))
+            self.counter.add("all_gather int8 (MLP)", n)
+            self.counter.add("all_gather scales (MLP)", 4 * rows_total)
         # torch.distributed's own function object, not the ByteCounter's wrapper: these bytes are counted above.
         gather = getattr(distributed_c10d, "all_gather_single", None) or distributed_c10d.all_gather_into_tensor
-        work = gather(gathered, codes, async_op=True)
+        work = gather(gathered.view(-1), payload, async_op=True)
 
         def finish(fut):
-            total = gathered.view(world, -1).to(torch.int32).sum(0).to(torch.float32)
-            offset = 0
-            for v, s in zip(views, steps):
-                n = v.numel()
-                out[offset:offset + n].view_as(v).copy_(total[offset:offset + n].view_as(v) * s / world)
-                offset += n
+            steps = gathered[:, : 4 * rows_total].clone().view(torch.float32)  # (world, rows)
+            all_codes = gathered[:, 4 * rows_total:].view(torch.int8)  # (world, n)
+            first = offset = 0
+            for v in views:
+                rows, k = v.shape[0], v.numel()
+                c = all_codes[:, offset:offset + k].view(world, rows, -1).to(torch.float32)
+                mean = (c * steps[:, first:first + rows].unsqueeze(2)).sum(0).div_(world)
+                out[offset:offset + k].view_as(v).copy_(mean)
+                first, offset = first + rows, offset + k
             return out
         return work.get_future().then(finish)
 
