@@ -5,8 +5,8 @@
   a compressed forward also compresses evaluation, so the served model would no longer be the evaluated one);
 * data-parallel embedding tables: a DDP comm hook that exchanges only the rows a batch touched (ids + values),
   optionally INT8 with one symmetric scale per table agreed across ranks (``dp_tables``);
-* MLP gradients: TorchRec/torch's stock FP16 hook, or an INT8 hook with one scale per output row (agreed across
-  ranks) and error feedback (``dense``).
+* MLP gradients: TorchRec/torch's stock FP16 hook, or an INT8 hook with one scale per output row (each rank's own,
+  sent with its codes) and error feedback (``dense``).
 
 No library exchanges sparse touched rows or INT8 with error feedback inside TorchRec's data parallelism, so those
 hooks are written here. The DDP objects they attach to are private attributes of DMP and of the sharded EBC; this
@@ -246,7 +246,7 @@ def decode_ids(words: torch.Tensor, n: int, n_big: int) -> torch.Tensor:
 
 class TouchedRowsHook:
     """Data-parallel tables: exchange only the rows a batch touched (delta-coded ids + values), optionally as INT8
-    with one scale per table agreed by an all-reduce MAX; the result is the same average the dense all-reduce
+    with one scale per table agreed across ranks (the max of the gathered per-rank maxima); the result is the same average the dense all-reduce
     gives (bit for bit, without INT8).
 
     The touched rows come from the ids each table-batched kernel saw in its training forward (recorded by a forward
