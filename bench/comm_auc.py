@@ -9,12 +9,10 @@ the final difference and the bytes each rank sent per step. A run dir that alrea
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from bench.common import save
+from bench.compare_quant import run
 
 VARIANTS = {
     "uncompressed": [],
@@ -22,22 +20,12 @@ VARIANTS = {
 }
 
 
-def run(run_dir: Path, nproc: int, extra: list[str]) -> dict:
-    summary = run_dir / "summary.json"
-    if not summary.is_file():
-        cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", str(nproc), "--",
-               "--config", "default", *extra]
-        print("+", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(summary.read_text())
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", type=Path, default=Path("runs/comm_auc"), help="where the two runs go")
     p.add_argument("--nproc", type=int, default=2, help="workers per run")
     args = p.parse_args()
-    runs = {name: run(args.runs_dir / name, args.nproc, extra) for name, extra in VARIANTS.items()}
+    runs = {name: run("default", args.runs_dir / name, args.nproc, extra) for name, extra in VARIANTS.items()}
     auc = {name: [e["test"]["auc"] for e in s["epochs"]] for name, s in runs.items()}
     sent = {name: s["epochs"][-1].get("comm_bytes_per_step", {}).get("total") for name, s in runs.items()}
     print(f"{'epoch':>5} {'uncompressed AUC':>17} {'INT8 everywhere AUC':>20} {'difference':>11}")

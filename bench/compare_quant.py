@@ -20,11 +20,12 @@ from pipeline.report import plot_curves
 CONFIGS = {"FP32": "default_fp32", "INT8 QAT": "default_int8", "INT4 QAT": "default", "INT4 PTQ": "default_ptq4"}
 
 
-def run(config: str, run_dir: Path, nproc: int) -> dict:
+def run(config: str, run_dir: Path, nproc: int, extra: list[str] | None = None) -> dict:
+    """The summary of a job run through the launcher (``extra``: more training arguments), reused if finished."""
     summary = run_dir / "summary.json"
     if not summary.is_file():
         cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", str(nproc), "--",
-               "--config", config]
+               "--config", config, *(extra or [])]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(summary.read_text())

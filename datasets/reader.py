@@ -175,12 +175,11 @@ class ParquetBatches(IterableDataset):
         for t, c in enumerate(layout.sparse):
             col = table.column(c).combine_chunks()
             valid[t] = col.is_valid().to_numpy(zero_copy_only=False)
-            raw = col.fill_null(0).to_numpy().astype(np.int64)
-            raw = (raw & 0xFFFFFFFF if layout.signed_hash else raw).astype(np.uint64)
+            raw = layout.hashes(col.fill_null(0).to_numpy())
             if self._vocab is None:
-                ids[t] = (raw % self.num_embeddings[t]).astype(np.int64)
+                ids[t] = (raw.astype(np.uint64) % self.num_embeddings[t]).astype(np.int64)
             else:
-                ids[t] = np.where(valid[t], lookup(self._vocab[t], raw.astype(np.uint32)), 0)
+                ids[t] = np.where(valid[t], lookup(self._vocab[t], raw), 0)
         if self._vocab is not None:
             valid[:] = True  # a missing value is id 0, like an out-of-vocabulary one
         return labels, dense, ids, valid

@@ -25,6 +25,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 NUM_DENSE = 13
@@ -51,6 +52,11 @@ class Layout:
     dense: tuple[str, ...]
     sparse: tuple[str, ...]
     signed_hash: bool  # hashes stored as signed int32: recover the 32-bit value with `v & 0xffffffff`
+
+    def hashes(self, values: np.ndarray) -> np.ndarray:
+        """The 32-bit categorical hashes (uint32) of a column's stored integer values."""
+        raw = values.astype(np.int64)
+        return (raw & 0xFFFFFFFF if self.signed_hash else raw).astype(np.uint32)
 
 
 PROJECT = Layout("dqrm", LABEL, tuple(DENSE_COLUMNS), tuple(SPARSE_COLUMNS), signed_hash=False)

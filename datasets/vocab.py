@@ -44,9 +44,7 @@ def count_ids(files: Sequence[Path], table: int, merge_at: int = _MERGE_AT) -> t
         name = layout.sparse[table]
         for g in range(f.num_row_groups):
             col = f.read_row_group(g, columns=[name]).column(0).combine_chunks().drop_null()
-            raw = col.to_numpy().astype(np.int64)
-            raw = (raw & 0xFFFFFFFF if layout.signed_hash else raw).astype(np.uint32)
-            u, c = np.unique(raw, return_counts=True)
+            u, c = np.unique(layout.hashes(col.to_numpy()), return_counts=True)
             pending.append((u, c.astype(np.int64)))
             pending_size += len(u)
             if pending_size >= max(len(ids), merge_at):
@@ -56,12 +54,9 @@ def count_ids(files: Sequence[Path], table: int, merge_at: int = _MERGE_AT) -> t
 
 
 def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.concatenate([p[0] for p in parts])
-    counts = np.concatenate([p[1] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    ids, counts = ids[order], counts[order]
-    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]])) if len(ids) else np.empty(0, np.int64)
-    return ids[starts], np.add.reduceat(counts, starts) if len(ids) else counts
+    ids, where = np.unique(np.concatenate([p[0] for p in parts]), return_inverse=True)
+    counts = np.bincount(where, weights=np.concatenate([p[1] for p in parts]), minlength=len(ids))
+    return ids, counts.astype(np.int64)  # float64 sums of counts are exact below 2^53
 
 
 def _column_vocab(args: tuple[list[Path], int, int]) -> np.ndarray:

@@ -21,6 +21,11 @@ from quant.fake_quant import rowwise_qparams, symmetric_qparams
 from quant.tbe import TBELayout, find_tbes
 
 
+def _row_absmax(rows: torch.Tensor) -> torch.Tensor:
+    """max |w| of each row, without an |W| copy (amax and amin measured faster than abs().amax() on (n, 16))."""
+    return torch.maximum(rows.amax(dim=1), rows.amin(dim=1).neg_())
+
+
 class EmbeddingFakeQuantizer(nn.Module):
     """Holds the per-table grid (a buffer, so it is checkpointed with the model) and the TBE hooks."""
 
@@ -81,13 +86,11 @@ class EmbeddingFakeQuantizer(nn.Module):
         known = self._row_max.get(i)
         if incremental and known is not None:
             seen = self._seen[i].nonzero().squeeze(1)
-            part = rows[seen]
-            known[seen] = torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+            known[seen] = _row_absmax(rows[seen])
         else:  # once per job (and after fake-quant was off): one float per row, in chunks
             known = torch.empty(rows.shape[0], device=rows.device)
             for start in range(0, rows.shape[0], 1 << 18):
-                part = rows[start:start + (1 << 18)]
-                known[start:start + (1 << 18)] = torch.maximum(part.amax(dim=1), part.amin(dim=1).neg_())
+                known[start:start + (1 << 18)] = _row_absmax(rows[start:start + (1 << 18)])
             self._row_max[i] = known
         self._seen[i] = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
         return known
@@ -190,14 +193,12 @@ class EmbeddingFakeQuantizer(nn.Module):
         lay, dev = self._layouts[i], output.device
         st = self._static(i, dev)
         d = lay.local_dims[0]
-        if "row0" not in st:
-            st["row0"] = st["w_off"][st["ftm"]] // d
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
         features = st["ftm"].numel()
         batch = (offsets.numel() - 1) // features
         n = indices.numel()
         counts = offsets[::batch].diff()
-        rows_at = torch.repeat_interleave(st["row0"], counts, output_size=n).add_(indices)
+        rows_at = lay.row_ids(indices, offsets)
         if i in self._seen:
             self._seen[i][rows_at] = True
         rows = lay.flat_weights().view(-1, d).index_select(0, rows_at)

@@ -25,6 +25,7 @@ class TBELayout:
     full_dims: list[int]
     feature_table_map: torch.Tensor  # feature index -> local table index
     feature_dim_offsets: torch.Tensor  # feature index -> first output column
+    _first_rows: dict = dataclasses.field(default_factory=dict, repr=False)  # device -> row0 per feature
 
     def flat_weights(self) -> torch.Tensor:
         """The TBE's single flat FP32 buffer holding every table (no copy)."""
@@ -44,6 +45,18 @@ class TBELayout:
 
     def weights_offsets(self) -> torch.Tensor:
         return self.tbe.weights_offsets
+
+    def row_ids(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Row of each looked-up id in the ``(rows, d)`` view of the flat buffer, for a TBE whose tables all have
+        one width ``d``; ``indices``/``offsets`` are the TBE's forward arguments (bags are feature-major)."""
+        dev = indices.device
+        first_row = self._first_rows.get(dev)
+        if first_row is None:  # first row of each feature's table
+            first_row = self.weights_offsets().to(dev, torch.long)[self.feature_table_map.to(dev)] // self.local_dims[0]
+            self._first_rows[dev] = first_row
+        batch = (offsets.numel() - 1) // self.feature_table_map.numel()
+        counts = offsets[::batch].diff()  # ids of each feature
+        return torch.repeat_interleave(first_row, counts, output_size=indices.numel()).add_(indices)
 
     def column_sharded(self) -> list[bool]:
         return [d != f for d, f in zip(self.local_dims, self.full_dims)]

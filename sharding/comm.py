@@ -162,6 +162,10 @@ def fp16_hook(counter: ByteCounter | None):
     return hook
 
 
+# torch.distributed's own function object, not the ByteCounter's wrapper: hooks count their bytes themselves.
+_all_gather_single = getattr(distributed_c10d, "all_gather_single", None) or distributed_c10d.all_gather_into_tensor
+
+
 class Int8ErrorFeedbackHook:
     """INT8 MLP gradients: each rank quantizes with its own symmetric scale per output row (per tensor for biases),
     carries its quantization error into the next step (error feedback), and sends codes and scales in one
@@ -201,9 +205,7 @@ class Int8ErrorFeedbackHook:
         if self.counter is not None:
             self.counter.add("all_gather int8 (MLP)", n)
             self.counter.add("all_gather scales (MLP)", 4 * rows_total)
-        # torch.distributed's own function object, not the ByteCounter's wrapper: these bytes are counted above.
-        gather = getattr(distributed_c10d, "all_gather_single", None) or distributed_c10d.all_gather_into_tensor
-        work = gather(gathered.view(-1), payload, async_op=True)
+        work = _all_gather_single(gathered.view(-1), payload, async_op=True)
 
         def finish(fut):
             steps = gathered[:, : 4 * rows_total].clone().view(torch.float32)  # (world, rows)
@@ -267,15 +269,7 @@ class TouchedRowsHook:
             self._record_rows(key, kwargs)
 
     def _record_rows(self, key: int, kwargs: dict) -> None:
-        lay = self.layouts[key]
-        indices, offsets = kwargs["indices"], kwargs["offsets"]
-        features = lay.feature_table_map.numel()
-        batch = (offsets.numel() - 1) // features
-        dev = indices.device
-        bounds = offsets[:: batch].long()  # first index of each feature's bags, then the end
-        first_row = lay.weights_offsets().to(dev, torch.long)[lay.feature_table_map.to(dev)] // lay.local_dims[0]
-        rows = indices.long() + torch.repeat_interleave(first_row, bounds.diff())
-        self.touched[key].append(rows)
+        self.touched[key].append(self.layouts[key].row_ids(kwargs["indices"].long(), kwargs["offsets"].long()))
 
     def __call__(self, state, bucket):
         for p, g in zip(bucket.parameters(), bucket.gradients()):
