@@ -170,55 +170,78 @@ class Int8ErrorFeedbackHook:
     """INT8 MLP gradients: each rank quantizes with its own symmetric scale per output row (per tensor for biases),
     carries its quantization error into the next step (error feedback), and sends codes and scales in one
     asynchronous all-gather; every rank then averages the dequantized gradients. One collective per bucket, and DDP
-    overlaps it with the rest of the backward."""
+    overlaps it with the rest of the backward.
+
+    Per bucket, the error and the work buffers are allocated once (fresh megabyte-sized buffers every step cost
+    more in page faults than the arithmetic), elementwise passes run over the whole bucket, and only what needs
+    the row structure (row maxima, scaling by a row's step) runs per parameter, on broadcast views."""
 
     def __init__(self, counter: ByteCounter | None) -> None:
         self.counter = counter
-        self.errors: dict[int, torch.Tensor] = {}  # keyed by parameter: DDP re-buckets after the first step
+        self.errors: dict[int, torch.Tensor] = {}  # per parameter: views of its bucket's error buffer
+        self._buckets: dict[tuple[int, ...], _Int8Bucket] = {}
+
+    def _bucket(self, params: list[torch.Tensor], n: int, dev: torch.device) -> "_Int8Bucket":
+        key = tuple(id(p) for p in params)
+        b = self._buckets.get(key)
+        if b is None:  # DDP re-buckets after its first step: carry each parameter's error into the new layout
+            b = self._buckets[key] = _Int8Bucket(params, n, dist.get_world_size(), dev)
+            for p, (o, k, _, _) in zip(params, b.segments):
+                old = self.errors.get(id(p))
+                if old is not None:
+                    b.err[o:o + k] = old
+                self.errors[id(p)] = b.err[o:o + k]
+        return b
 
     def __call__(self, state, bucket):
-        world = dist.get_world_size()
-        params, out = bucket.parameters(), bucket.buffer()
-        flat = out.clone()
-        views, offset = [], 0
-        for p in params:  # (rows, cols) views of this bucket's slice of each parameter's gradient
-            rows = p.shape[0] if p.dim() > 1 else 1
-            v = flat[offset:offset + p.numel()].view(rows, -1)
-            offset += p.numel()
-            err = self.errors.get(id(p))
-            if err is not None:
-                v.add_(err)
-            views.append(v)
+        out = bucket.buffer()
+        b = self._bucket(bucket.parameters(), out.numel(), out.device)
+        rows, world = b.rows, b.gathered.shape[0]
+        x = torch.add(out, b.err, out=b.x)  # gradient + carried error
+        views = b.views(x)
         step = int8_step(torch.cat([v.abs().amax(dim=1) for v in views]))
-        rows_total, n = step.numel(), flat.numel()
-        payload = torch.empty(4 * rows_total + n, dtype=torch.uint8, device=flat.device)  # [scales][codes]
-        payload[: 4 * rows_total] = step.view(torch.uint8)
-        codes = payload[4 * rows_total:].view(torch.int8)
-        first = offset = 0
-        for p, v in zip(params, views):
-            s = step[first:first + v.shape[0]].unsqueeze(1)
-            q = torch.round(v / s).clamp_(-127, 127)
-            self.errors[id(p)] = v - q * s
-            codes[offset:offset + v.numel()] = q.view(-1)
-            first, offset = first + v.shape[0], offset + v.numel()
-        gathered = torch.empty(world, payload.numel(), dtype=torch.uint8, device=flat.device)
+        b.payload[: 4 * rows] = step.view(torch.uint8)  # [scales][codes]
+        for (o, k, f, r), v in zip(b.segments, views):
+            torch.div(v, step[f:f + r].unsqueeze(1), out=b.q[o:o + k].view(r, -1))
+        q = b.q.round_().clamp_(-127, 127)
+        b.payload[4 * rows:].view(torch.int8).copy_(q)
+        for (o, k, f, r), v in zip(b.segments, views):  # error = x - code * step
+            torch.addcmul(v, q[o:o + k].view(r, -1), step[f:f + r].unsqueeze(1), value=-1,
+                          out=b.err[o:o + k].view(r, -1))
         if self.counter is not None:
-            self.counter.add("all_gather int8 (MLP)", n)
-            self.counter.add("all_gather scales (MLP)", 4 * rows_total)
-        work = _all_gather_single(gathered.view(-1), payload, async_op=True)
+            self.counter.add("all_gather int8 (MLP)", out.numel())
+            self.counter.add("all_gather scales (MLP)", 4 * rows)
+        work = _all_gather_single(b.gathered.view(-1), b.payload, async_op=True)
 
         def finish(fut):
-            steps = gathered[:, : 4 * rows_total].clone().view(torch.float32)  # (world, rows)
-            all_codes = gathered[:, 4 * rows_total:].view(torch.int8)  # (world, n)
-            first = offset = 0
-            for v in views:
-                rows, k = v.shape[0], v.numel()
-                c = all_codes[:, offset:offset + k].view(world, rows, -1).to(torch.float32)
-                mean = (c * steps[:, first:first + rows].unsqueeze(2)).sum(0).div_(world)
-                out[offset:offset + k].view_as(v).copy_(mean)
-                first, offset = first + rows, offset + k
+            steps = b.gathered[:, : 4 * rows].reshape(-1).clone().view(torch.float32).view(world, -1).div_(world)
+            codes = b.gathered[:, 4 * rows:].view(torch.int8)
+            for o, k, f, r in b.segments:  # mean over ranks of code * step
+                dst = out[o:o + k].view(r, -1)
+                torch.mul(codes[0, o:o + k].view(r, -1), steps[0, f:f + r].unsqueeze(1), out=dst)
+                for w in range(1, world):
+                    dst.addcmul_(codes[w, o:o + k].view(r, -1), steps[w, f:f + r].unsqueeze(1))
             return out
         return work.get_future().then(finish)
+
+
+class _Int8Bucket:
+    """One DDP bucket's layout (per parameter: offset, size, first row, rows; a bias is one row) and buffers."""
+
+    def __init__(self, params: list[torch.Tensor], n: int, world: int, dev: torch.device) -> None:
+        self.segments, offset, first = [], 0, 0
+        for p in params:
+            r = p.shape[0] if p.dim() > 1 else 1
+            self.segments.append((offset, p.numel(), first, r))
+            offset, first = offset + p.numel(), first + r
+        self.rows = first
+        self.err = torch.zeros(n, device=dev)
+        self.x, self.q = torch.empty(n, device=dev), torch.empty(n, device=dev)
+        self.payload = torch.empty(4 * first + n, dtype=torch.uint8, device=dev)
+        self.gathered = torch.empty(world, 4 * first + n, dtype=torch.uint8, device=dev)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + k].view(r, -1) for o, k, _, r in self.segments]
 
 
 def int8_step(maxabs: torch.Tensor) -> torch.Tensor:
