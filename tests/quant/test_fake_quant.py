@@ -55,3 +55,18 @@ def test_mlp_fake_quant_has_exact_forward_and_straight_through_gradient():
     x = torch.randn(3, 5)
     assert torch.equal(q(x), torch.nn.functional.linear(x, fq(w.detach()), lin.bias))
     assert q.codes.abs().max() <= 8
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mlp_fake_quant_equals_the_exported_codes_times_scales_bit_for_bit(bits):
+    gen = torch.Generator().manual_seed(bits)
+    rows = [torch.randn(1, 37, generator=gen) * 10.0 ** e for e in range(-30, 6, 3)]
+    rows += [torch.zeros(1, 37), torch.full((1, 37), 1e-39), torch.full((1, 37), -3e-38)]  # zero and subnormal rows
+    w = torch.cat(rows)
+    lin = torch.nn.Linear(37, w.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    q = QuantizedLinear.from_linear(lin, bits)
+    expected = q.codes.float() * q.scale.unsqueeze(1)
+    assert torch.equal(RowwiseWeightFakeQuant(bits)(w), expected)
+    assert torch.isfinite(expected).all() and q.codes.int().abs().max() <= 2 ** (bits - 1)
