@@ -271,8 +271,8 @@ def decode_ids(words: torch.Tensor, n: int, n_big: int) -> torch.Tensor:
 
 class TouchedRowsHook:
     """Data-parallel tables: exchange only the rows a batch touched (delta-coded ids + values), optionally as INT8
-    with one scale per table agreed across ranks (the max of the gathered per-rank maxima); the result is the same average the dense all-reduce
-    gives (bit for bit, without INT8).
+    with one scale per table agreed across ranks (the max of the gathered per-rank maxima); the result is the same
+    average the dense all-reduce gives (bit for bit, without INT8).
 
     The touched rows come from the ids each table-batched kernel saw in its training forward (recorded by a forward
     hook), so the exchange costs O(touched rows), not O(table); the gradient is updated in place. Without a recorded

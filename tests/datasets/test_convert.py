@@ -228,3 +228,31 @@ def test_reconverting_replaces_the_other_layout(tmp_path):
     assert not (out / "kaggle_dac_train_head900").exists()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert len(manifest["files"]) == 1 and manifest["rows"] == 900
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_fast_field_parsers_agree_with_the_general_ones(sliced):
+    # The fast paths (whole-column hex decode, Arrow's int cast) must accept, reject and decode exactly as the
+    # general, per-field-checked paths do, on the odd inputs too, and on sliced arrays (a non-zero offset).
+    import numpy as np
+    import pyarrow as pa
+
+    from datasets import criteo_text as ct
+
+    def column(values):
+        return pa.array(["9"] * 3 + values)[3:] if sliced else pa.array(values)
+
+    ints = [["1", "", "-3", "2147483647", "-2147483648", "2147483648", "0x10", "+5", " 5", "000000000005", "5.0", "-"],
+            ["", "", ""], ["7", "8", "0", "-0", "05"], ["12", "", "abc"],
+            ["0x10", "3"], ["0X1F", ""], ["000000000005", "1"]]  # what Arrow's cast alone would accept
+    for values in ints:
+        fast, general = ct._int_column(column(values)), ct._int_column_general(column(values))
+        for a, b in zip(fast, general):
+            assert np.array_equal(a, b), values
+    hexes = [["0000000a", "", "ffffffff", "zzzzzzzz", "123", "DEADBEEF", "0000000g"], ["", ""],
+             ["abcdef01", "7fffffff"]]
+    for values in hexes:
+        (v, ok, bad), (v2, ok2, bad2) = ct._hex_to_uint32(column(values)), ct._hex_to_uint32_general(column(values))
+        assert np.array_equal(ok, ok2) and np.array_equal(bad, bad2) and np.array_equal(v[ok], v2[ok2]), values
+    v, ok, _ = ct._hex_to_uint32(column(["abcdef01", "", "7fffffff"]))
+    assert v[ok].tolist() == [0xABCDEF01, 0x7FFFFFFF]
