@@ -41,6 +41,8 @@ class EmbeddingFakeQuantizer(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("table_bits", torch.tensor([bits[n] for n in self.table_names], dtype=torch.long))
         self._enabled = True
+        self._step_count: int | None = None  # the steps buffer's value, known without reading it (on_train_step)
+        self._steps_version = -1
         self._layouts = layouts
         # Incremental refresh of alpha (table granularity): the max |W| of every row, kept per layout, and which rows
         # the hook has seen since the last refresh. Plain SGD changes only the rows a batch looks up, and a sharded
@@ -122,10 +124,16 @@ class EmbeddingFakeQuantizer(nn.Module):
         self.alpha.copy_(alpha)
 
     def on_train_step(self) -> None:
-        """Called once per training forward: refreshes the table scales every ``scale_update_every`` steps."""
-        if self.granularity == "table" and int(self.steps) % self.scale_update_every == 0:
+        """Called once per training forward: refreshes the table scales every ``scale_update_every`` steps.
+        The count is kept in Python and written to the ``steps`` buffer (for checkpoints) without reading it back,
+        which on a GPU would wait for the device every step; it is re-read only after the buffer was loaded."""
+        if self._step_count is None or self.steps._version != self._steps_version:
+            self._step_count = int(self.steps)
+        if self.granularity == "table" and self._step_count % self.scale_update_every == 0:
             self.update_scales(incremental=True)
-        self.steps += 1
+        self._step_count += 1
+        self.steps.fill_(self._step_count)
+        self._steps_version = self.steps._version
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs, output):

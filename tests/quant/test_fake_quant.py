@@ -70,3 +70,27 @@ def test_mlp_fake_quant_equals_the_exported_codes_times_scales_bit_for_bit(bits)
     expected = q.codes.float() * q.scale.unsqueeze(1)
     assert torch.equal(RowwiseWeightFakeQuant(bits)(w), expected)
     assert torch.isfinite(expected).all() and q.codes.int().abs().max() <= 2 ** (bits - 1)
+
+
+def test_step_count_follows_the_buffer_across_a_state_dict_load():
+    # The refresh schedule is counted in Python (no device read per step) but must follow a loaded checkpoint.
+    from quant.embedding_qat import EmbeddingFakeQuantizer
+
+    class Counting(EmbeddingFakeQuantizer):
+        refreshed: list[int] = []
+
+        def update_scales(self, incremental: bool = False) -> None:
+            self.refreshed.append(int(self.steps))
+
+    q = Counting([], [], {}, "table", scale_update_every=3)
+    saved = None
+    for step in range(7):
+        if step == 4:
+            saved = {k: v.clone() for k, v in q.state_dict().items()}
+        q.on_train_step()
+    assert int(q.steps) == 7 and q.refreshed == [0, 3, 6]
+    q.load_state_dict(saved)  # back to step 4
+    q.on_train_step()
+    q.on_train_step()
+    q.on_train_step()
+    assert int(q.steps) == 7 and q.refreshed == [0, 3, 6, 6]
