@@ -199,11 +199,11 @@ class Int8ErrorFeedbackHook:
         rows, world = b.rows, b.gathered.shape[0]
         x = torch.add(out, b.err, out=b.x)  # gradient + carried error
         views = b.views(x)
-        step = int8_step(torch.cat([v.abs().amax(dim=1) for v in views]))
+        step = int8_step(torch.cat([a.amax(dim=1) for a in b.views(torch.abs(x, out=b.q))]))  # q: scratch for |x|
         b.payload[: 4 * rows] = step.view(torch.uint8)  # [scales][codes]
         for (o, k, f, r), v in zip(b.segments, views):
             torch.div(v, step[f:f + r].unsqueeze(1), out=b.q[o:o + k].view(r, -1))
-        q = b.q.round_().clamp_(-127, 127)
+        q = b.q.round_()  # within [-127, 127] by int8_step's construction
         b.payload[4 * rows:].view(torch.int8).copy_(q)
         for (o, k, f, r), v in zip(b.segments, views):  # error = x - code * step
             torch.addcmul(v, q[o:o + k].view(r, -1), step[f:f + r].unsqueeze(1), value=-1,
@@ -245,10 +245,10 @@ class _Int8Bucket:
 
 
 def int8_step(maxabs: torch.Tensor) -> torch.Tensor:
-    """Symmetric INT8 step ``maxabs / 127``; 1 where that is 0 (an all-zero row, or a subnormal max that underflows,
-    which would otherwise turn ``x / step`` into inf or NaN)."""
-    step = maxabs / 127
-    return torch.where(step > 0, step, torch.ones_like(step))
+    """Symmetric INT8 step ``maxabs / 127``, at least the smallest normal float: an all-zero row, or a subnormal max
+    that underflows or loses precision, would otherwise make ``x / step`` inf, NaN or over 127. With it,
+    ``round(x / step)`` is always within [-127, 127] for ``|x| <= maxabs``, with no clamp needed."""
+    return (maxabs / 127).clamp_min_(torch.finfo(maxabs.dtype).tiny)
 
 
 def encode_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:

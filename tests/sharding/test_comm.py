@@ -107,6 +107,13 @@ def test_int8_step_never_divides_by_zero():
     assert (step > 0).all()
     codes = torch.round(maxabs / step)
     assert torch.isfinite(codes).all() and codes.abs().max() <= 127
+    # No clamp is applied after rounding: codes stay within 127 at every magnitude, subnormal ones included.
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.cat([torch.randn(64, 97, generator=gen) * 10.0 ** e for e in range(-45, 30, 2)])
+    rows[::7, 3] = rows[::7].abs().amax(dim=1)  # rows whose max is hit exactly, either sign
+    rows[1::7, 5] = -rows[1::7].abs().amax(dim=1)
+    codes = torch.round(rows / int8_step(rows.abs().amax(dim=1)).unsqueeze(1))
+    assert torch.isfinite(codes).all() and codes.abs().max() == 127
 
 
 def _int8_hook_vs_reference(rank, world_size, bucket_cap_mb):
