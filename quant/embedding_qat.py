@@ -42,7 +42,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         self.register_buffer("table_bits", torch.tensor([bits[n] for n in self.table_names], dtype=torch.long))
         self._enabled = True
         self._step_count: int | None = None  # the steps buffer's value, known without reading it (on_train_step)
-        self._steps_version = -1
+        self._steps_seen: tuple[torch.Tensor | None, int] = (None, -1)  # the buffer and its version after our write
         self._layouts = layouts
         # Incremental refresh of alpha (table granularity): the max |W| of every row, kept per layout, and which rows
         # the hook has seen since the last refresh. Plain SGD changes only the rows a batch looks up, and a sharded
@@ -126,14 +126,16 @@ class EmbeddingFakeQuantizer(nn.Module):
     def on_train_step(self) -> None:
         """Called once per training forward: refreshes the table scales every ``scale_update_every`` steps.
         The count is kept in Python and written to the ``steps`` buffer (for checkpoints) without reading it back,
-        which on a GPU would wait for the device every step; it is re-read only after the buffer was loaded."""
-        if self._step_count is None or self.steps._version != self._steps_version:
+        which on a GPU would wait for the device every step; it is re-read only after the buffer was loaded (written
+        in place, or replaced by another tensor: ``assign=True``, ``to()``). A write through ``.data`` goes unseen."""
+        if self._step_count is None or self.steps is not self._steps_seen[0] or \
+                self.steps._version != self._steps_seen[1]:
             self._step_count = int(self.steps)
         if self.granularity == "table" and self._step_count % self.scale_update_every == 0:
             self.update_scales(incremental=True)
         self._step_count += 1
         self.steps.fill_(self._step_count)
-        self._steps_version = self.steps._version
+        self._steps_seen = (self.steps, self.steps._version)
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs, output):

@@ -145,20 +145,20 @@ def _done(t: torch.Tensor) -> torch.futures.Future:
 
 def fp32_allreduce_hook(counter: ByteCounter | None, kind: str):
     """DDP's own averaging all-reduce (asynchronous, as DDP's built-in one), counted."""
-    def hook(state, bucket):  # DDP checks the annotations: leave them off
+    def hook(group, bucket):  # DDP checks the annotations: leave them off
         buf = bucket.buffer()
         if counter is not None:
             counter.add(kind, _nbytes(buf))
-        buf.div_(dist.get_world_size())
-        return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+        buf.div_(dist.get_world_size(group))
+        return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
     return hook
 
 
 def fp16_hook(counter: ByteCounter | None):
-    def hook(state, bucket):  # DDP checks the annotations: leave them off
+    def hook(group, bucket):  # DDP checks the annotations: leave them off
         if counter is not None:
             counter.add("all_reduce fp16 (MLP)", bucket.buffer().numel() * 2)
-        return default_hooks.fp16_compress_hook(None, bucket)
+        return default_hooks.fp16_compress_hook(group, bucket)
     return hook
 
 
@@ -181,59 +181,71 @@ class Int8ErrorFeedbackHook:
         self.errors: dict[int, torch.Tensor] = {}  # per parameter: views of its bucket's error buffer
         self._buckets: dict[tuple[int, ...], _Int8Bucket] = {}
 
-    def _bucket(self, params: list[torch.Tensor], n: int, dev: torch.device) -> "_Int8Bucket":
+    def _bucket(self, params: list[torch.Tensor], n: int, world: int, dev: torch.device) -> "_Int8Bucket":
         key = tuple(id(p) for p in params)
         b = self._buckets.get(key)
         if b is None:  # DDP re-buckets after its first step: carry each parameter's error into the new layout
-            b = self._buckets[key] = _Int8Bucket(params, n, dist.get_world_size(), dev)
-            for p, (o, k, _, _) in zip(params, b.segments):
-                old = self.errors.get(id(p))
+            b = _Int8Bucket(params, n, world, dev)
+            for i, o, k, _, _ in b.segments:
+                old = self.errors.get(id(params[i]))
                 if old is not None:
                     b.err[o:o + k] = old
-                self.errors[id(p)] = b.err[o:o + k]
+                self.errors[id(params[i])] = b.err[o:o + k]
+            superseded = [old for old in self._buckets if set(old) & set(key)]
+            for old in superseded:
+                del self._buckets[old]
+            self._buckets[key] = b
         return b
 
-    def __call__(self, state, bucket):
+    def __call__(self, group, bucket):  # group: the DDP's process group (None: the default one)
         out = bucket.buffer()
-        b = self._bucket(bucket.parameters(), out.numel(), out.device)
-        rows, world = b.rows, b.gathered.shape[0]
-        x = torch.add(out, b.err, out=b.x)  # gradient + carried error
+        world = dist.get_world_size(group)
+        b = self._bucket(bucket.parameters(), out.numel(), world, out.device)
+        rows = b.rows
+        x = torch.add(out, b.err, out=b.x)  # gradient + carried error (in fp32 whatever the gradients' dtype)
         views = b.views(x)
-        step = int8_step(torch.cat([a.amax(dim=1) for a in b.views(torch.abs(x, out=b.q))]))  # q: scratch for |x|
+        maxima = [a.amax(dim=1) for a in b.views(torch.abs(x, out=b.q))]  # q: scratch for |x|
+        step = int8_step(torch.cat(maxima) if maxima else x.new_zeros(0))
         b.payload[: 4 * rows] = step.view(torch.uint8)  # [scales][codes]
-        for (o, k, f, r), v in zip(b.segments, views):
+        for (_, o, k, f, r), v in zip(b.segments, views):
             torch.div(v, step[f:f + r].unsqueeze(1), out=b.q[o:o + k].view(r, -1))
         q = b.q.round_()  # within [-127, 127] by int8_step's construction
         b.payload[4 * rows:].view(torch.int8).copy_(q)
-        for (o, k, f, r), v in zip(b.segments, views):  # error = x - code * step
+        for (_, o, k, f, r), v in zip(b.segments, views):  # error = x - code * step
             torch.addcmul(v, q[o:o + k].view(r, -1), step[f:f + r].unsqueeze(1), value=-1,
                           out=b.err[o:o + k].view(r, -1))
         if self.counter is not None:
             self.counter.add("all_gather int8 (MLP)", out.numel())
             self.counter.add("all_gather scales (MLP)", 4 * rows)
-        work = _all_gather_single(b.gathered.view(-1), b.payload, async_op=True)
+        work = _all_gather_single(b.gathered.view(-1), b.payload, group=group, async_op=True)
 
         def finish(fut):
             steps = b.gathered[:, : 4 * rows].reshape(-1).clone().view(torch.float32).view(world, -1).div_(world)
             codes = b.gathered[:, 4 * rows:].view(torch.int8)
-            for o, k, f, r in b.segments:  # mean over ranks of code * step
-                dst = out[o:o + k].view(r, -1)
+            mean = out if out.dtype == torch.float32 else b.x  # summed in fp32, rounded once
+            for _, o, k, f, r in b.segments:  # mean over ranks of code * step
+                dst = mean[o:o + k].view(r, -1)
                 torch.mul(codes[0, o:o + k].view(r, -1), steps[0, f:f + r].unsqueeze(1), out=dst)
                 for w in range(1, world):
                     dst.addcmul_(codes[w, o:o + k].view(r, -1), steps[w, f:f + r].unsqueeze(1))
+            if mean is not out:
+                out.copy_(mean)
             return out
         return work.get_future().then(finish)
 
 
 class _Int8Bucket:
-    """One DDP bucket's layout (per parameter: offset, size, first row, rows; a bias is one row) and buffers."""
+    """One DDP bucket's layout and buffers. Per parameter with elements: (its index in the bucket, offset, size,
+    first row, rows); a bias (or any 0/1-dim parameter) is one row, a higher-dim one is rows of its trailing dims."""
 
     def __init__(self, params: list[torch.Tensor], n: int, world: int, dev: torch.device) -> None:
         self.segments, offset, first = [], 0, 0
-        for p in params:
-            r = p.shape[0] if p.dim() > 1 else 1
-            self.segments.append((offset, p.numel(), first, r))
-            offset, first = offset + p.numel(), first + r
+        for i, p in enumerate(params):
+            if p.numel():
+                r = p.shape[0] if p.dim() > 1 else 1
+                self.segments.append((i, offset, p.numel(), first, r))
+                first += r
+            offset += p.numel()
         self.rows = first
         self.err = torch.zeros(n, device=dev)
         self.x, self.q = torch.empty(n, device=dev), torch.empty(n, device=dev)
@@ -241,7 +253,7 @@ class _Int8Bucket:
         self.gathered = torch.empty(world, 4 * first + n, dtype=torch.uint8, device=dev)
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[o:o + k].view(r, -1) for o, k, _, r in self.segments]
+        return [flat[o:o + k].view(r, -1) for _, o, k, _, r in self.segments]
 
 
 def int8_step(maxabs: torch.Tensor) -> torch.Tensor:
@@ -294,21 +306,21 @@ class TouchedRowsHook:
     def _record_rows(self, key: int, kwargs: dict) -> None:
         self.touched[key].append(self.layouts[key].row_ids(kwargs["indices"].long(), kwargs["offsets"].long()))
 
-    def __call__(self, state, bucket):
+    def __call__(self, group, bucket):  # group: the DDP's process group (None: the default one)
         for p, g in zip(bucket.parameters(), bucket.gradients()):
             lay = self.layouts.get(id(p))
             if lay is None or len(set(lay.local_dims)) != 1:
                 buf = g.clone()  # not a table we understand: plain average
                 if self.counter is not None:
                     self.counter.add("all_reduce (DP tables, dense)", _nbytes(buf))
-                dist.all_reduce(buf)
-                g.copy_(buf / dist.get_world_size())
+                dist.all_reduce(buf, group=group)
+                g.copy_(buf / dist.get_world_size(group))
                 continue
-            self._exchange(g, lay, self.touched.pop(id(p), None))
+            self._exchange(g, lay, self.touched.pop(id(p), None), group)
         return _done(bucket.buffer())
 
-    def _exchange(self, g: torch.Tensor, lay, recorded: list[torch.Tensor] | None) -> None:
-        world, d, dev = dist.get_world_size(), lay.local_dims[0], g.device
+    def _exchange(self, g: torch.Tensor, lay, recorded: list[torch.Tensor] | None, group) -> None:
+        world, d, dev = dist.get_world_size(group), lay.local_dims[0], g.device
         rows = g.view(-1, d)
         if recorded:
             idx = torch.unique(torch.cat(recorded))  # sorted
@@ -327,7 +339,7 @@ class TouchedRowsHook:
         header = torch.cat([torch.tensor([idx.numel(), n_big, words.numel()], dtype=torch.float64, device=dev),
                             maxabs.to(torch.float64)])
         headers = [torch.empty_like(header) for _ in range(world)]
-        dist.all_gather(headers, header)
+        dist.all_gather(headers, header, group=group)
         most_rows = int(max(h[0] for h in headers))
         most_words = int(max(h[2] for h in headers))
         most_words += most_words % 2  # keeps the rows 4-byte aligned in the payload
@@ -345,7 +357,7 @@ class TouchedRowsHook:
             self.counter.add("all_gather ids (DP tables)", id_bytes)
             self.counter.add("all_gather rows (DP tables)", row_bytes)
         parts = [torch.empty_like(payload) for _ in range(world)]
-        dist.all_gather(parts, payload)
+        dist.all_gather(parts, payload, group=group)
         rows[idx] = 0  # every other row of the local gradient is zero already
         for h, part in zip(headers, parts):
             n, nb = int(h[0]), int(h[1])
@@ -379,11 +391,11 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
     dense = _dense_ddp(model)
     if dense is not None:
         if cfg.dense == "fp16":
-            dense.register_comm_hook(None, fp16_hook(counter))
+            dense.register_comm_hook(dense.process_group, fp16_hook(counter))
         elif cfg.dense == "int8_ef":
-            dense.register_comm_hook(None, Int8ErrorFeedbackHook(counter).__call__)
+            dense.register_comm_hook(dense.process_group, Int8ErrorFeedbackHook(counter).__call__)
         elif counter is not None:
-            dense.register_comm_hook(None, fp32_allreduce_hook(counter, "all_reduce fp32 (MLP)"))
+            dense.register_comm_hook(dense.process_group, fp32_allreduce_hook(counter, "all_reduce fp32 (MLP)"))
     layouts = {}
     for lay in find_tbes(model):
         weights = getattr(lay.tbe, "weights", None)
@@ -392,10 +404,10 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
     for ddp in _dp_table_ddps(model):
         if cfg.dp_tables == "dense":
             if counter is not None:
-                ddp.register_comm_hook(None, fp32_allreduce_hook(counter, "all_reduce fp32 (DP tables)"))
+                ddp.register_comm_hook(ddp.process_group, fp32_allreduce_hook(counter, "all_reduce fp32 (DP tables)"))
         else:
             own = {id(p): layouts[id(p)] for p in ddp.module.parameters() if id(p) in layouts}
             hook = TouchedRowsHook(own, cfg.dp_tables == "touched_int8", counter)
-            ddp.register_comm_hook(None, hook.__call__)
+            ddp.register_comm_hook(ddp.process_group, hook.__call__)
             hooks.append(hook)
     return hooks

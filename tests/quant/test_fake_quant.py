@@ -94,3 +94,11 @@ def test_step_count_follows_the_buffer_across_a_state_dict_load():
     q.on_train_step()
     q.on_train_step()
     assert int(q.steps) == 7 and q.refreshed == [0, 3, 6, 6]
+    # A loaded tensor that replaces the buffer (its version number may equal the old buffer's).
+    loaded = torch.tensor(100)
+    while loaded._version < q.steps._version:
+        loaded.add_(0)
+    assert loaded._version == q.steps._version  # the collision a version check alone would miss
+    q.load_state_dict({**q.state_dict(), "steps": loaded}, assign=True)
+    q.on_train_step()
+    assert int(q.steps) == 101
