@@ -1,7 +1,9 @@
 """QAT / FP32 training step-time ratio as tables grow (10^5, 10^6, 10^7 rows), beside a naive full-table fake-quant.
 
 One process, DMP at world size 1 on CPU, a DLRM whose 4 largest tables have N rows (22 small ones), the same
-random batches for every variant, variants alternated over several repetitions; medians reported.
+random batches for every variant, variants alternated over several repetitions; medians reported. At batch 128 (the
+default and Kaggle jobs') and 2048 (the Terabyte job's): the QAT cost per step is mostly fixed (the MLP weights'
+fake-quant does not depend on the batch), so the ratio depends on it.
 
 - fp32:  plain training step;
 - qat:   dqrm's embedding + MLP QAT (only touched rows fake-quantized). The per-table scale refresh
@@ -11,7 +13,7 @@ random batches for every variant, variants alternated over several repetitions; 
 - naive: QAT that recomputes the scale and fake-quantizes every row of every table on every step (what a
          weight parametrization of the whole table would cost), for contrast.
 
-    python -m bench.qat_overhead [--rows 100000,1000000,10000000] [--steps 100] [--reps 3]
+    python -m bench.qat_overhead [--rows 100000,1000000,10000000] [--batch 128,2048] [--steps 100] [--reps 3]
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.fake_quant import fake_quantize, symmetric_qparams
 from sharding.plan import plan_sharding, shard_model
 
-BATCH = 128
 REFRESH_EVERY = QuantSpec().scale_update_every
 
 
@@ -69,54 +70,69 @@ def _time(model, opt, batches):
     return (time.perf_counter() - t0) / len(batches)
 
 
+def _measure(models, cards, batch, args, naive: bool) -> dict:
+    """Step times of the variants at one batch size (variants alternated), and the amortized scale refresh."""
+    batches = random_batches(cards, batch, args.steps)
+    variants = {v: mo for v, mo in models.items() if naive or v != "naive"}
+    for m, o in variants.values():
+        _time(m, o, batches[:10])
+    times = {v: [] for v in variants}
+    for _ in range(args.reps):
+        for v, (m, o) in variants.items():  # the naive variant is slow enough that a few steps tell
+            times[v].append(_time(m, o, batches if v != "naive" else batches[:args.naive_steps]))
+    med = {v: median(t) for v, t in times.items()}
+    # The refresh as training runs it: after REFRESH_EVERY steps, rescan the rows looked up since the last one.
+    qat_model, qat_opt = models["qat"]
+    quantizer = embedding_quantizer(qat_model)
+    quantizer.enabled = False  # forgets the per-row maxima, as at the start of a job
+    quantizer.enabled = True
+    t0 = time.perf_counter()
+    quantizer.update_scales(incremental=True)  # the first one in a job reads every row
+    first_refresh = time.perf_counter() - t0
+    refresh = []
+    for _ in range(2):
+        for _ in range(0, REFRESH_EVERY, len(batches)):
+            _time(qat_model, qat_opt, batches)
+        t0 = time.perf_counter()
+        quantizer.update_scales(incremental=True)
+        refresh.append(time.perf_counter() - t0)
+    per_step = median(refresh) / REFRESH_EVERY
+    row = {"batch": batch, "fp32_ms": 1e3 * med["fp32"], "qat_ms": 1e3 * med["qat"],
+           "refresh_ms": 1e3 * median(refresh), "first_refresh_ms": 1e3 * first_refresh,
+           "naive_ms": 1e3 * med["naive"] if naive else float("nan"),
+           "qat_ratio": med["qat"] / med["fp32"], "qat_ratio_amortized": (med["qat"] + per_step) / med["fp32"],
+           "naive_ratio": med["naive"] / med["fp32"] if naive else float("nan"), "raw_s": times}
+    print(f"batch {batch}: fp32 {row['fp32_ms']:.2f} ms, qat {row['qat_ms']:.2f} ms (+ scale refresh "
+          f"{row['refresh_ms']:.1f} ms every {REFRESH_EVERY} steps; the job's first one {row['first_refresh_ms']:.0f} "
+          f"ms)" + (f", naive {row['naive_ms']:.2f} ms" if naive else ""), flush=True)
+    return row
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="100000,1000000,10000000", help="rows of each of the 4 large tables")
+    p.add_argument("--batch", default="128,2048",
+                   help="batch sizes (the default and kaggle jobs' 128 first; the naive contrast runs at the first)")
     p.add_argument("--steps", type=int, default=100, help="timed steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
     p.add_argument("--naive-steps", type=int, default=3, help="timed steps of the naive variant per repetition")
     args = p.parse_args()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     rows = []
+    sizes = [int(b) for b in args.batch.split(",")]
     for n in map(int, args.rows.split(",")):
         cards = tuple([1000] * 22 + [n] * 4)
-        batches = random_batches(cards, BATCH, args.steps)
         models = {v: _build(cards, v) for v in ("fp32", "qat", "naive")}
-        for m, o in models.values():
-            _time(m, o, batches[:10])
-        times = {v: [] for v in models}
-        for _ in range(args.reps):
-            for v, (m, o) in models.items():  # the naive variant is slow enough that a few steps tell
-                times[v].append(_time(m, o, batches if v != "naive" else batches[:args.naive_steps]))
-        med = {v: median(t) for v, t in times.items()}
-        # The refresh as training runs it: after REFRESH_EVERY steps, rescan the rows looked up since the last one.
-        qat_model, qat_opt = models["qat"]
-        quantizer = embedding_quantizer(qat_model)
-        t0 = time.perf_counter()
-        quantizer.update_scales(incremental=True)  # the first one in a job reads every row
-        first_refresh = time.perf_counter() - t0
-        refresh = []
-        for _ in range(2):
-            for _ in range(0, REFRESH_EVERY, len(batches)):
-                _time(qat_model, qat_opt, batches)
-            t0 = time.perf_counter()
-            quantizer.update_scales(incremental=True)
-            refresh.append(time.perf_counter() - t0)
-        per_step = median(refresh) / REFRESH_EVERY
-        rows.append({"rows_per_table": n, "fp32_ms": 1e3 * med["fp32"], "qat_ms": 1e3 * med["qat"],
-                     "refresh_ms": 1e3 * median(refresh), "first_refresh_ms": 1e3 * first_refresh, "naive_ms": 1e3 * med["naive"],
-                     "qat_ratio": med["qat"] / med["fp32"], "qat_ratio_amortized": (med["qat"] + per_step) / med["fp32"],
-                     "naive_ratio": med["naive"] / med["fp32"], "raw_s": times})
-        print(f"rows/table {n:,}: fp32 {1e3 * med['fp32']:.2f} ms, qat {1e3 * med['qat']:.2f} ms "
-              f"(+ scale refresh {1e3 * median(refresh):.1f} ms every {REFRESH_EVERY} steps; the job's first one "
-              f"{1e3 * first_refresh:.0f} ms), "
-              f"naive {1e3 * med['naive']:.2f} ms", flush=True)
+        print(f"rows/table {n:,}:", flush=True)
+        for i, batch in enumerate(sizes):
+            rows.append({"rows_per_table": n, **_measure(models, cards, batch, args, naive=i == 0)})
         del models
-    print(table(rows, [("rows_per_table", "rows/table", ",d"), ("fp32_ms", "fp32 ms/step", ".2f"),
-                       ("qat_ms", "qat ms/step", ".2f"), ("refresh_ms", "refresh ms", ".1f"),
-                       ("naive_ms", "naive ms/step", ".2f"), ("qat_ratio", "qat/fp32", ".3f"),
-                       ("qat_ratio_amortized", "+refresh/200", ".3f"), ("naive_ratio", "naive/fp32", ".2f")]))
-    print(f"json: {save('qat_overhead', {'batch': BATCH, 'steps': args.steps, 'reps': args.reps, 'rows': rows})}")
+    print(table(rows, [("rows_per_table", "rows/table", ",d"), ("batch", "batch", "d"),
+                       ("fp32_ms", "fp32 ms/step", ".2f"), ("qat_ms", "qat ms/step", ".2f"),
+                       ("refresh_ms", "refresh ms", ".1f"), ("naive_ms", "naive ms/step", ".2f"),
+                       ("qat_ratio", "qat/fp32", ".3f"), ("qat_ratio_amortized", "+refresh/200", ".3f"),
+                       ("naive_ratio", "naive/fp32", ".2f")]))
+    print(f"json: {save('qat_overhead', {'batch': sizes, 'steps': args.steps, 'reps': args.reps, 'rows': rows})}")
 
 
 if __name__ == "__main__":
