@@ -1,7 +1,7 @@
 """QAT / FP32 training step-time ratio as tables grow (10^5, 10^6, 10^7 rows), beside a naive full-table fake-quant.
 
 One process, DMP at world size 1 on CPU, a DLRM whose 4 largest tables have N rows (22 small ones), the same
-random batches for every variant, variants alternated over several repetitions; medians reported. At batch 128 (the
+random batches for every variant, variants alternated every 10 steps; medians over those chunks reported. At batch 128 (the
 default and Kaggle jobs') and 2048 (the Terabyte job's): the QAT cost per step is mostly fixed (the MLP weights'
 fake-quant does not depend on the batch), so the ratio depends on it.
 
@@ -33,6 +33,7 @@ from quant.fake_quant import fake_quantize, symmetric_qparams
 from sharding.plan import plan_sharding, shard_model
 
 REFRESH_EVERY = QuantSpec().scale_update_every
+CHUNK = 10
 
 
 def _build(cards, variant):
@@ -76,10 +77,16 @@ def _measure(models, cards, batch, args, naive: bool) -> dict:
     variants = {v: mo for v, mo in models.items() if naive or v != "naive"}
     for m, o in variants.values():
         _time(m, o, batches[:10])
+    # Variants alternate every CHUNK steps (the machine's load drifts over all of them alike); the median over
+    # chunks is reported. The naive variant is slow enough that a few steps per repetition tell.
     times = {v: [] for v in variants}
     for _ in range(args.reps):
-        for v, (m, o) in variants.items():  # the naive variant is slow enough that a few steps tell
-            times[v].append(_time(m, o, batches if v != "naive" else batches[:args.naive_steps]))
+        for start in range(0, len(batches), CHUNK):
+            for v, (m, o) in variants.items():
+                if v != "naive":
+                    times[v].append(_time(m, o, batches[start:start + CHUNK]))
+        if "naive" in variants:
+            times["naive"].append(_time(*variants["naive"], batches[:args.naive_steps]))
     med = {v: median(t) for v, t in times.items()}
     # The refresh as training runs it: after REFRESH_EVERY steps, rescan the rows looked up since the last one.
     qat_model, qat_opt = models["qat"]
