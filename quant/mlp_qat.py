@@ -11,30 +11,31 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+def row_scales(w: torch.Tensor, bits: int, keepdim: bool = False) -> torch.Tensor:
     """``max|row| / (2^(b-1) - 1)``, at least the smallest normal float (so that ``1 / scale`` is finite; an
     all-zero row gets codes 0 whatever its scale)."""
     # Multiply by the reciprocal: CUDA divides by a Python scalar that way, so CPU and GPU agree bit for bit.
-    s = w.detach().abs().amax(dim=1) * (1.0 / (2 ** (bits - 1) - 1))
+    s = w.detach().abs().amax(dim=1, keepdim=keepdim).mul_(1.0 / (2 ** (bits - 1) - 1))
     return s.clamp_min_(torch.finfo(torch.float32).tiny)
 
 
 def row_codes(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """``clamp(round(w * (1 / scale)))`` (round half to even), the arithmetic of the QAT forward."""
-    return torch.round(w * torch.reciprocal(scale).unsqueeze(1)).clamp_(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    """``clamp(round(w * (1 / scale)))`` (round half to even), the arithmetic of the QAT forward; ``scale`` is
+    ``(rows,)`` or ``(rows, 1)``."""
+    inv = torch.reciprocal(scale)
+    return torch.mul(w, inv if inv.dim() == 2 else inv.unsqueeze(1)).round_().clamp_(-(2 ** (bits - 1)),
+                                                                                      2 ** (bits - 1) - 1)
 
 
 class _StraightThrough(torch.autograd.Function):
     """Forward ``codes * scale``, backward the identity: one autograd node, a handful of in-place ops (torch's
-    ``fake_quantize_per_channel_affine`` gives the same values but measured 8x slower on CPU at these sizes)."""
+    ``fake_quantize_per_channel_affine`` gives the same values but measured 8x slower on CPU at these sizes; at MLP
+    sizes the cost is op dispatch, so the helpers work in place)."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, bits: int) -> torch.Tensor:
-        # row_scales and row_codes' arithmetic (bit for bit, tested), in as few ops as possible: at MLP sizes the
-        # cost is op dispatch.
-        qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(dim=1, keepdim=True).mul_(1.0 / qmax).clamp_min_(torch.finfo(torch.float32).tiny)
-        return torch.mul(w, torch.reciprocal(scale)).round_().clamp_(-qmax - 1, qmax).mul_(scale)
+        scale = row_scales(w, bits, keepdim=True)
+        return row_codes(w, scale, bits).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
