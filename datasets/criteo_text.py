@@ -1,10 +1,13 @@
-"""Raw Criteo text -> Arrow columns in the project schema: Arrow's CSV reader for the splitting, vectorized numpy for
-the validation and the hex -> uint32 conversion, so no Python runs per row (see ``datasets.convert``)."""
+"""Raw Criteo text -> Arrow columns in the project schema, with no Python per row (see ``datasets.convert``): clean
+TSV blocks are parsed from their bytes by ``datasets.tsv_blocks``; everything else (the Kaggle CSV, any block with
+an irregular line) goes through Arrow's CSV reader for the splitting and vectorized numpy for the validation and
+the hex -> uint32 conversion, which is also what names a bad line and field."""
 
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from datasets.schema import DENSE_COLUMNS, LABEL, SCHEMA, SPARSE_COLUMNS
+from datasets.tsv_blocks import PAD, parse_tsv_block
 
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -51,19 +55,28 @@ def open_rows(path: Path, fmt: str, labeled: bool, byte_range: tuple[int, int] |
     """Arrow's streaming reader of every field as a string over the file (or its ``[begin, end)`` bytes); rows with a
     wrong field count are skipped and appended to ``invalid`` as (Arrow row number, what, text), Arrow numbering the
     stream's lines from 1 (a skipped header included)."""
+    return _csv_rows(_open_stream(path, byte_range), fmt, labeled, header, block_size, invalid, 1)
+
+
+def _open_stream(path: Path, byte_range: tuple[int, int] | None) -> pa.NativeFile:
+    if byte_range is None:
+        return pa.input_stream(str(path), compression="gzip" if path.suffix == ".gz" else None)
+    begin, end = byte_range
+    mapped = pa.memory_map(str(path))
+    mapped.seek(begin)
+    return pa.BufferReader(mapped.read_buffer(end - begin))  # zero-copy view of the range
+
+
+def _csv_rows(stream: pa.NativeFile, fmt: str, labeled: bool, header: bool, block_size: int, invalid: list,
+              first_number: int) -> pcsv.CSVStreamingReader:
+    """``open_rows`` over a stream whose first line is line ``first_number`` of what the caller numbers."""
     names = ([LABEL] if labeled else []) + DENSE_COLUMNS + SPARSE_COLUMNS
     if fmt == "csv":
         names = ["Id"] + names
-    if byte_range is None:
-        stream = pa.input_stream(str(path), compression="gzip" if path.suffix == ".gz" else None)
-    else:
-        begin, end = byte_range
-        mapped = pa.memory_map(str(path))
-        mapped.seek(begin)
-        stream = pa.BufferReader(mapped.read_buffer(end - begin))  # zero-copy view of the range
 
     def on_invalid(row):
-        invalid.append((row.number, f"has {row.actual_columns} fields, expected {row.expected_columns}", row.text[:80]))
+        invalid.append((row.number + first_number - 1, f"has {row.actual_columns} fields, expected "
+                        f"{row.expected_columns}", row.text[:80]))
         return "skip"
 
     # Empty lines are rows too (of empty fields, so they fail the label check): Arrow's row numbers then stay
@@ -77,6 +90,54 @@ def open_rows(path: Path, fmt: str, labeled: bool, byte_range: tuple[int, int] |
         convert_options=pcsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False,
                                             quoted_strings_can_be_null=False),
     )
+
+
+def _line_blocks(stream: pa.NativeFile, block_size: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(buffer, lines) of about ``block_size`` bytes at a time, cut after a newline: ``PAD`` zero bytes, whole lines
+    (a last line without a newline gets one), ``PAD`` zero bytes; one copy of the text."""
+    carry = b""
+    while True:
+        chunk = stream.read(block_size)
+        if not chunk:
+            if carry:
+                yield _padded(carry, b"\n"), carry.count(b"\n") + 1
+            return
+        cut = chunk.rfind(b"\n") + 1
+        if cut == 0:  # a line longer than a block
+            carry += chunk
+            continue
+        view = memoryview(chunk)
+        buf = _padded(carry, view[:cut])
+        carry = bytes(view[cut:])
+        yield buf, int(np.count_nonzero(buf == 10))
+
+
+def _padded(head: bytes, tail) -> np.ndarray:
+    buf = np.zeros(PAD + len(head) + len(tail) + PAD, dtype=np.uint8)
+    buf[PAD:PAD + len(head)] = np.frombuffer(head, dtype=np.uint8)
+    buf[PAD + len(head):len(buf) - PAD] = np.frombuffer(tail, dtype=np.uint8)
+    return buf
+
+
+def parsed_batches(path: Path, fmt: str, labeled: bool, byte_range: tuple[int, int] | None, header: bool,
+                   block_size: int, invalid: list) -> Iterator[tuple[pa.RecordBatch | None, pa.Table, list]]:
+    """(Arrow batch or None, table, problems) in line order, as ``parse_batch`` of ``open_rows``' batches would
+    give them, ``invalid`` filled the same way. A TSV block that ``datasets.tsv_blocks`` parses cleanly comes with no
+    batch and no problems; any other block (and a whole CSV) goes through Arrow's reader and ``parse_batch``."""
+    if fmt != "tsv":
+        for batch in open_rows(path, fmt, labeled, byte_range, header, block_size, invalid):
+            yield batch, *parse_batch(batch, labeled)
+        return
+    number = 1  # Arrow's row number of the block's first line
+    for buf, lines in _line_blocks(_open_stream(path, byte_range), block_size):
+        table = parse_tsv_block(buf, labeled)
+        if table is not None:
+            yield None, table, []
+        else:
+            text = pa.py_buffer(buf[PAD:len(buf) - PAD])
+            for batch in _csv_rows(pa.BufferReader(text), fmt, labeled, False, block_size, invalid, number):
+                yield batch, *parse_batch(batch, labeled)
+        number += lines
 
 
 def _hex_to_uint32_general(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

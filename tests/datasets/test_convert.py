@@ -105,14 +105,19 @@ def _corrupt(tmp_path: Path, line_no: int, fix) -> Path:
      "bad I3"),
     (lambda l: "2" + l[1:], "line 7: field label = '2'", "bad label"),
 ])
-def test_bad_rows_stop_or_are_skipped_and_counted(fix, message, reason, tmp_path, capsys):
-    bad = _corrupt(tmp_path, 7, fix)
-    assert convert([str(bad), "--out", str(tmp_path / "o"), "--workers", "1"]) == 1
+@pytest.mark.parametrize("line_no, block", [(7, None), (7, 20000), (450, 20000)])  # small blocks: fast ones around
+def test_bad_rows_stop_or_are_skipped_and_counted(fix, message, reason, line_no, block, tmp_path, capsys):
+    bad = _corrupt(tmp_path, line_no, fix)
+    message = message.replace("line 7:", f"line {line_no}:")
+    opts = ["--workers", "1"] + ([] if block is None else ["--block-bytes", str(block)])
+    assert convert([str(bad), "--out", str(tmp_path / "o"), *opts]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err and "bad.tsv" in err
     assert not (tmp_path / "o" / "bad.parquet").exists()  # no half-written output
-    assert convert([str(bad), "--out", str(tmp_path / "o"), "--workers", "1", "--skip-bad-rows"]) == 0
-    assert pq.read_table(tmp_path / "o" / "bad.parquet").num_rows == 899
+    assert convert([str(bad), "--out", str(tmp_path / "o"), *opts, "--skip-bad-rows"]) == 0
+    got = pq.read_table(tmp_path / "o" / "bad.parquet").to_pylist()
+    direct = plain_parse(SAMPLES / "kaggle_dac_train_head900.tsv", "\t", False, True)
+    assert got == direct[:line_no - 1] + direct[line_no:]
     manifest = json.loads((tmp_path / "o" / "_manifest.json").read_text())
     assert manifest["skipped"] == {reason: 1}
     assert f"{reason}: 1" in capsys.readouterr().out
@@ -181,9 +186,10 @@ def _bad_c7(line: str) -> str:
     return "\t".join(line.split("\t")[:20] + ["xyz12345"] + line.split("\t")[21:])
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_errors_in_later_ranges_name_the_true_line(workers, tmp_path, capsys):
+@pytest.mark.parametrize("workers, block", [(1, None), (3, None), (1, 7000)])
+def test_errors_in_later_ranges_name_the_true_line(workers, block, tmp_path, capsys):
     common = ["--out", str(tmp_path / "o"), "--workers", str(workers), "--chunk-bytes", "30000"]
+    common += [] if block is None else ["--block-bytes", str(block)]
     # line 850 is in the last of 8 ranges; line 300 in the third
     for fixes, message in [({850: _drop_field}, "line 850: has 39 fields, expected 40"),
                            ({850: _bad_c7}, "line 850: field C7 = 'xyz12345'"),
@@ -197,12 +203,13 @@ def test_errors_in_later_ranges_name_the_true_line(workers, tmp_path, capsys):
         assert not (tmp_path / "o" / "bad").exists() and not list(tmp_path.rglob("*.partial"))
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_skipped_rows_add_up_across_ranges_and_keep_split_positions(workers, tmp_path, capsys):
+@pytest.mark.parametrize("workers, block", [(1, None), (3, None), (1, 5000)])
+def test_skipped_rows_add_up_across_ranges_and_keep_split_positions(workers, block, tmp_path, capsys):
     # rows 100 and 500 (train), 800 (val: rows 773-836) and 880 (test) are bad; the split stays by input position
     fixes = {100: _drop_field, 500: _bad_c7, 800: _bad_c7, 880: lambda line: "2" + line[1:]}
     bad = _corrupt_lines(tmp_path, fixes)
     common = [str(bad), "--split", "kaggle", "--skip-bad-rows", "--workers", str(workers)]
+    common += [] if block is None else ["--block-bytes", str(block)]
     assert convert([*common, "--out", str(tmp_path / "parts"), "--chunk-bytes", "30000"]) == 0
     assert convert([*common, "--out", str(tmp_path / "one")]) == 0
     direct = plain_parse(SAMPLES / "kaggle_dac_train_head900.tsv", "\t", False, True)
