@@ -92,15 +92,15 @@ def _csv_rows(stream: pa.NativeFile, fmt: str, labeled: bool, header: bool, bloc
     )
 
 
-def _line_blocks(stream: pa.NativeFile, block_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(buffer, lines) of about ``block_size`` bytes at a time, cut after a newline: ``PAD`` zero bytes, whole lines
+def _line_blocks(stream: pa.NativeFile, block_size: int) -> Iterator[np.ndarray]:
+    """Buffers of about ``block_size`` bytes of text at a time, cut after a newline: ``PAD`` zero bytes, whole lines
     (a last line without a newline gets one), ``PAD`` zero bytes; one copy of the text."""
     carry = b""
     while True:
         chunk = stream.read(block_size)
         if not chunk:
             if carry:
-                yield _padded(carry, b"\n"), carry.count(b"\n") + 1
+                yield _padded(carry, b"\n")
             return
         cut = chunk.rfind(b"\n") + 1
         if cut == 0:  # a line longer than a block
@@ -109,7 +109,7 @@ def _line_blocks(stream: pa.NativeFile, block_size: int) -> Iterator[tuple[np.nd
         view = memoryview(chunk)
         buf = _padded(carry, view[:cut])
         carry = bytes(view[cut:])
-        yield buf, int(np.count_nonzero(buf == 10))
+        yield buf
 
 
 def _padded(head: bytes, tail) -> np.ndarray:
@@ -129,15 +129,16 @@ def parsed_batches(path: Path, fmt: str, labeled: bool, byte_range: tuple[int, i
             yield batch, *parse_batch(batch, labeled)
         return
     number = 1  # Arrow's row number of the block's first line
-    for buf, lines in _line_blocks(_open_stream(path, byte_range), block_size):
+    for buf in _line_blocks(_open_stream(path, byte_range), block_size):
         table = parse_tsv_block(buf, labeled)
         if table is not None:
             yield None, table, []
+            number += table.num_rows
         else:
             text = pa.py_buffer(buf[PAD:len(buf) - PAD])
             for batch in _csv_rows(pa.BufferReader(text), fmt, labeled, False, block_size, invalid, number):
                 yield batch, *parse_batch(batch, labeled)
-        number += lines
+            number += int(np.count_nonzero(buf == ord("\n")))
 
 
 def _hex_to_uint32_general(col: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
