@@ -7,7 +7,7 @@ file would take minutes); ours is timed on the same prefix and on the whole file
 process, so peak RSS is its own; the clock starts after the imports (TorchRec's take ~3 s, which would flatter
 us) and "per core" divides by the process's CPU time (user + system), so no thread anywhere helps.
 
-    python -m bench.ingest [--gb 2] [--ref-rows 500000]
+    python -m bench.ingest [--gb 2] [--ref-rows 1000000]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def reader_rate(parquet: list[Path], batch_size: int = 4096) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gb", type=float, default=2.0, help="size of the generated TSV")
-    p.add_argument("--ref-rows", type=int, default=500_000, help="rows TorchRec's converter is timed on")
+    p.add_argument("--ref-rows", type=int, default=1_000_000, help="rows TorchRec's converter is timed on")
     args = p.parse_args()
     scratch = Path(__file__).resolve().parents[1] / ".cache"  # on the project's disk, not a small /tmp
     scratch.mkdir(exist_ok=True)
