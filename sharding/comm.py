@@ -20,12 +20,15 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import distributed_c10d
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+
+from sharding import int8_codec
 
 QCOMMS = ("none", "fp16", "int8")
 DP_TABLES = ("dense", "touched", "touched_int8")
@@ -174,7 +177,8 @@ class Int8ErrorFeedbackHook:
 
     Per bucket, the error and the work buffers are allocated once (fresh megabyte-sized buffers every step cost
     more in page faults than the arithmetic), elementwise passes run over the whole bucket, and only what needs
-    the row structure (row maxima, scaling by a row's step) runs per parameter, on broadcast views."""
+    the row structure (row maxima, scaling by a row's step) runs per parameter, on broadcast views. On CPU the
+    same arithmetic runs as compiled loops (``sharding.int8_codec``): two passes to encode, one to decode."""
 
     def __init__(self, counter: ByteCounter | None) -> None:
         self.counter = counter
@@ -201,12 +205,43 @@ class Int8ErrorFeedbackHook:
         out = bucket.buffer()
         world = dist.get_world_size(group)
         b = self._bucket(bucket.parameters(), out.numel(), world, out.device)
+        compiled = out.device.type == "cpu" and out.dtype == torch.float32
+        (self._encode_cpu if compiled else self._encode)(b, out)
+        if self.counter is not None:
+            self.counter.add("all_gather int8 (MLP)", out.numel())
+            self.counter.add("all_gather scales (MLP)", 4 * b.rows)
+        work = _all_gather_single(b.gathered.view(-1), b.payload, group=group, async_op=True)
+
+        def finish(fut):
+            if compiled:
+                gathered = b.gathered.numpy()
+                steps = np.ascontiguousarray(gathered[:, : 4 * b.rows]).view(np.float32)
+                int8_codec.decode(gathered[:, 4 * b.rows:].view(np.int8), steps, b.segment_array, out.numpy())
+            else:
+                self._decode(b, out, world)
+            return out
+        return work.get_future().then(finish)
+
+    @staticmethod
+    def _encode_cpu(b: "_Int8Bucket", out: torch.Tensor) -> None:
+        """``_encode`` in two compiled passes per row (``sharding.int8_codec``), the same bits."""
+        payload = b.payload.numpy()
+        ok = int8_codec.encode(out.numpy(), b.err.numpy(), b.x.numpy(), b.segment_array,
+                               payload[: 4 * b.rows].view(np.float32), payload[4 * b.rows:].view(np.int8),
+                               np.float32(torch.finfo(torch.float32).tiny))
+        if not ok:
+            raise FloatingPointError("an MLP gradient holds NaN or Inf, which INT8 compression cannot scale (the "
+                                     "loss was finite: look for an exploding gradient, e.g. lower the learning rate)")
+
+    @staticmethod
+    def _encode(b: "_Int8Bucket", out: torch.Tensor) -> None:
+        """Codes and steps into ``b.payload`` (``[steps as bytes][codes]``), the new error into ``b.err``."""
         rows = b.rows
         x = torch.add(out, b.err, out=b.x)  # gradient + carried error (in fp32 whatever the gradients' dtype)
         views = b.views(x)
         maxima = [a.amax(dim=1) for a in b.views(torch.abs(x, out=b.q))]  # q: scratch for |x|
         step = int8_step(torch.cat(maxima) if maxima else x.new_zeros(0))
-        b.payload[: 4 * rows] = step.view(torch.uint8)  # [scales][codes]
+        b.payload[: 4 * rows] = step.view(torch.uint8)
         for (_, o, k, f, r), v in zip(b.segments, views):
             torch.div(v, step[f:f + r].unsqueeze(1), out=b.q[o:o + k].view(r, -1))
         q = b.q.round_()  # within [-127, 127] by int8_step's construction
@@ -214,24 +249,21 @@ class Int8ErrorFeedbackHook:
         for (_, o, k, f, r), v in zip(b.segments, views):  # error = x - code * step
             torch.addcmul(v, q[o:o + k].view(r, -1), step[f:f + r].unsqueeze(1), value=-1,
                           out=b.err[o:o + k].view(r, -1))
-        if self.counter is not None:
-            self.counter.add("all_gather int8 (MLP)", out.numel())
-            self.counter.add("all_gather scales (MLP)", 4 * rows)
-        work = _all_gather_single(b.gathered.view(-1), b.payload, group=group, async_op=True)
 
-        def finish(fut):
-            steps = b.gathered[:, : 4 * rows].reshape(-1).clone().view(torch.float32).view(world, -1).div_(world)
-            codes = b.gathered[:, 4 * rows:].view(torch.int8)
-            mean = out if out.dtype == torch.float32 else b.x  # summed in fp32, rounded once
-            for _, o, k, f, r in b.segments:  # mean over ranks of code * step
-                dst = mean[o:o + k].view(r, -1)
-                torch.mul(codes[0, o:o + k].view(r, -1), steps[0, f:f + r].unsqueeze(1), out=dst)
-                for w in range(1, world):
-                    dst.addcmul_(codes[w, o:o + k].view(r, -1), steps[w, f:f + r].unsqueeze(1))
-            if mean is not out:
-                out.copy_(mean)
-            return out
-        return work.get_future().then(finish)
+    @staticmethod
+    def _decode(b: "_Int8Bucket", out: torch.Tensor, world: int) -> None:
+        """``out`` = the mean over ranks of code * step, from the gathered payloads."""
+        rows = b.rows
+        steps = b.gathered[:, : 4 * rows].reshape(-1).clone().view(torch.float32).view(world, -1).div_(world)
+        codes = b.gathered[:, 4 * rows:].view(torch.int8)
+        mean = out if out.dtype == torch.float32 else b.x  # summed in fp32, rounded once
+        for _, o, k, f, r in b.segments:  # mean over ranks of code * step
+            dst = mean[o:o + k].view(r, -1)
+            torch.mul(codes[0, o:o + k].view(r, -1), steps[0, f:f + r].unsqueeze(1), out=dst)
+            for w in range(1, world):
+                dst.addcmul_(codes[w, o:o + k].view(r, -1), steps[w, f:f + r].unsqueeze(1))
+        if mean is not out:
+            out.copy_(mean)
 
 
 class _Int8Bucket:
@@ -247,6 +279,7 @@ class _Int8Bucket:
                 first += r
             offset += p.numel()
         self.rows = first
+        self.segment_array = np.array([s[1:] for s in self.segments], dtype=np.int64).reshape(-1, 4)
         self.err = torch.zeros(n, device=dev)
         self.x, self.q = torch.empty(n, device=dev), torch.empty(n, device=dev)
         self.payload = torch.empty(4 * first + n, dtype=torch.uint8, device=dev)

@@ -168,3 +168,48 @@ def test_int8_error_feedback_hook_matches_a_plain_reimplementation(world_size, b
     for worst, lossy in run_distributed(_int8_hook_vs_reference, bucket_cap_mb, world_size=world_size):
         assert worst < 1e-5, worst  # the hook's average equals the reference's
         assert lossy > 1e-4  # and it is really quantized (INT8 is not the exact mean)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_compiled_int8_codec_is_bit_for_bit_the_torch_one(world):
+    # The CPU hook encodes and decodes with compiled loops; other devices use the torch ops. Same inputs, same bits:
+    # codes, steps and carried error after encoding; the averaged gradient after decoding.
+    import numpy as np
+
+    from sharding.comm import Int8ErrorFeedbackHook, _Int8Bucket
+
+    gen = torch.Generator().manual_seed(world)
+    shapes = [(32, 13), (32,), (0,), (8, 32), (8,), (1, 8), (1,), (5, 3, 7)]
+    params = [torch.empty(s) for s in shapes]
+    n = sum(p.numel() for p in params)
+    buckets = []
+    for name in ("torch", "compiled"):
+        b = _Int8Bucket(params, n, world, torch.device("cpu"))
+        b.err.copy_(torch.randn(n, generator=torch.Generator().manual_seed(7)) * 1e-3)
+        buckets.append(b)
+    payloads = []
+    for w in range(world):
+        grad = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-30, 3, (n,), generator=gen)
+        grad[:13] = 0.0  # an all-zero row: the smallest step, codes 0
+        for b, encode in zip(buckets, (Int8ErrorFeedbackHook._encode, Int8ErrorFeedbackHook._encode_cpu)):
+            encode(b, grad.clone())
+        (bt, bc) = buckets
+        assert torch.equal(bt.payload, bc.payload), "codes or steps differ"
+        assert torch.equal(bt.err, bc.err), "carried error differs"
+        assert bc.payload[4 * bc.rows:].view(torch.int8).abs().max() == 127
+        payloads.append(bt.payload.clone())
+    for b in buckets:
+        b.gathered.copy_(torch.stack(payloads))
+    torch_out, compiled_out = torch.empty(n), torch.full((n,), float("nan"))
+    Int8ErrorFeedbackHook._decode(buckets[0], torch_out, world)
+    b = buckets[1]
+    gathered = b.gathered.numpy()
+    from sharding import int8_codec
+    int8_codec.decode(gathered[:, 4 * b.rows:].view(np.int8),
+                      np.ascontiguousarray(gathered[:, :4 * b.rows]).view(np.float32), b.segment_array,
+                      compiled_out.numpy())
+    assert torch.equal(torch_out, compiled_out)
+    bad = torch.zeros(n)
+    bad[40] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        Int8ErrorFeedbackHook._encode_cpu(buckets[1], bad)
