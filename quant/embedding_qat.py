@@ -13,12 +13,18 @@ Granularities:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from quant import qat_kernels
 from quant.fake_quant import rowwise_qparams, symmetric_qparams
 from quant.tbe import TBELayout, find_tbes
+
+
+_EMPTY_F32 = np.zeros(0, dtype=np.float32)
+_EMPTY_BOOL = np.zeros(0, dtype=np.bool_)
 
 
 def _row_absmax(rows: torch.Tensor) -> torch.Tensor:
@@ -55,6 +61,8 @@ class EmbeddingFakeQuantizer(nn.Module):
                              for lay in layouts]
         self._grid_cache: dict = {}
         self._static_cache: dict = {}
+        self.compiled = True
+        """On CPU with the table grid, compute the correction in one compiled call (same bits as the torch ops)."""
         self._global = [torch.tensor([index[n] for n in lay.table_names], dtype=torch.long) for lay in layouts]
         for lay in layouts:
             if granularity == "row" and any(lay.column_sharded()):
@@ -201,8 +209,22 @@ class EmbeddingFakeQuantizer(nn.Module):
         Rows come from a (rows, d) view of the flat buffer; each index's grid is its feature's; the deltas are
         pooled per bag by ``embedding_bag`` over the TBE's own offsets (bags are feature-major)."""
         lay, dev = self._layouts[i], output.device
-        st = self._static(i, dev)
         d = lay.local_dims[0]
+        flat = lay.flat_weights()
+        psw = kwargs.get("per_sample_weights")
+        if self.compiled and self.granularity == "table" and dev.type == "cpu" and \
+                flat.dtype == output.dtype == torch.float32 \
+                and (psw is None or psw.dtype == torch.float32):
+            # One compiled call, the same bits as the torch ops below (quant.qat_kernels).
+            corr = torch.empty_like(output)
+            seen = self._seen.get(i)
+            qat_kernels.embedding_correction(
+                kwargs["indices"].numpy(), kwargs["offsets"].numpy(), flat.detach().view(-1, d).numpy(),
+                lay.first_rows(dev).numpy(), self._per_feature(i, dev).numpy(),
+                _EMPTY_F32 if psw is None else psw.detach().numpy(), _EMPTY_BOOL if seen is None else seen.numpy(),
+                corr.view(output.shape[0], -1).numpy())
+            return corr
+        st = self._static(i, dev)
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
         features = st["ftm"].numel()
         batch = (offsets.numel() - 1) // features
@@ -211,7 +233,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         rows_at = lay.row_ids(indices, offsets)
         if i in self._seen:
             self._seen[i][rows_at] = True
-        rows = lay.flat_weights().view(-1, d).index_select(0, rows_at)
+        rows = flat.view(-1, d).index_select(0, rows_at)
         if self.granularity == "table":
             grid = torch.repeat_interleave(self._per_feature(i, dev), counts, dim=0, output_size=n)
             bias, inv, scale, qmax = grid[:, 0:1], grid[:, 1:2], grid[:, 2:3], grid[:, 3:4]
@@ -223,7 +245,6 @@ class EmbeddingFakeQuantizer(nn.Module):
         # FBGEMM's arithmetic, in place: code = clamp(round((w - bias) / scale)), value = scale * code + bias.
         delta = (rows - bias).mul_(inv).round_().clamp_(min=0)
         delta = torch.minimum(delta, qmax, out=delta).mul_(scale).add_(bias).sub_(rows)
-        psw = kwargs.get("per_sample_weights")
         if psw is not None:
             delta.mul_(psw.unsqueeze(1))
         pooled = torch.nn.functional.embedding_bag(self._arange(n, dev), delta.to(output.dtype), offsets,

@@ -6,9 +6,14 @@ activations), so the fake-quant layer and its integer counterpart ``QuantizedLin
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quant import qat_kernels
+
+_TINY = np.float32(torch.finfo(torch.float32).tiny)
 
 
 def row_scales(w: torch.Tensor, bits: int, keepdim: bool = False) -> torch.Tensor:
@@ -34,6 +39,12 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, bits: int) -> torch.Tensor:
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
+            out = torch.empty_like(w)  # one compiled call: same bits as below (quant.qat_kernels)
+            half = 2 ** (bits - 1)
+            qat_kernels.mlp_fake_quant(w.detach().numpy(), out.numpy(), np.float32(1.0 / (half - 1)),
+                                       np.float32(-half), np.float32(half - 1), _TINY)
+            return out
         scale = row_scales(w, bits, keepdim=True)
         return row_codes(w, scale, bits).mul_(scale)
 

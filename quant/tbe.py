@@ -49,14 +49,18 @@ class TBELayout:
     def row_ids(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Row of each looked-up id in the ``(rows, d)`` view of the flat buffer, for a TBE whose tables all have
         one width ``d``; ``indices``/``offsets`` are the TBE's forward arguments (bags are feature-major)."""
-        dev = indices.device
-        first_row = self._first_rows.get(dev)
-        if first_row is None:  # first row of each feature's table
-            first_row = self.weights_offsets().to(dev, torch.long)[self.feature_table_map.to(dev)] // self.local_dims[0]
-            self._first_rows[dev] = first_row
         batch = (offsets.numel() - 1) // self.feature_table_map.numel()
         counts = offsets[::batch].diff()  # ids of each feature
-        return torch.repeat_interleave(first_row, counts, output_size=indices.numel()).add_(indices)
+        return torch.repeat_interleave(self.first_rows(indices.device), counts,
+                                       output_size=indices.numel()).add_(indices)
+
+    def first_rows(self, dev: torch.device) -> torch.Tensor:
+        """Row of the ``(rows, d)`` view where each feature's table starts (a TBE of one width ``d``)."""
+        first_row = self._first_rows.get(dev)
+        if first_row is None:
+            first_row = self.weights_offsets().to(dev, torch.long)[self.feature_table_map.to(dev)] // self.local_dims[0]
+            self._first_rows[dev] = first_row
+        return first_row
 
     def column_sharded(self) -> list[bool]:
         return [d != f for d, f in zip(self.local_dims, self.full_dims)]

@@ -1,0 +1,69 @@
+"""The per-step QAT arithmetic as compiled CPU loops (numba), bit for bit the torch ops it replaces on CPU.
+
+At the batch sizes the jobs train with (128), QAT's cost per step is not arithmetic but the dispatch of the
+twenty-odd small torch ops of each fake-quant (MLP weights: about ten per layer; the embedding correction: about
+twenty-five per TBE). Each kernel here is one call doing the same operations in the same order in float32, so it
+gives the same bits (``tests/quant/test_qat_kernels.py`` compares them); the torch versions stay for other devices
+and the less common cases. No library has these kernels, so they are written here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def mlp_fake_quant(w, out, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - compiled
+    """``out = clamp(rint(w * (1 / s)), qmin, qmax) * s`` per row, ``s = max(max|row| * inv_qmax, tiny)``: the
+    arithmetic of ``quant.mlp_qat.row_scales``/``row_codes`` (a 2-D float32 ``w``, C-contiguous)."""
+    rows, cols = w.shape
+    for r in range(rows):
+        m = np.float32(0)
+        for c in range(cols):
+            a = abs(w[r, c])
+            m = a if a > m else m
+        s = m * inv_qmax
+        if s < tiny:
+            s = tiny
+        inv = np.float32(1) / s
+        for c in range(cols):
+            q = np.rint(w[r, c] * inv)
+            q = qmin if q < qmin else q
+            q = qmax if q > qmax else q
+            out[r, c] = q * s
+
+
+@njit(cache=True, nogil=True)
+def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen, out):  # pragma: no cover
+    """``out[s, f*d:(f+1)*d] = sum over the bag (f, s) of (FQ(w) - w) * weight`` for a TBE of width ``d`` with
+    feature-major bags, FBGEMM's arithmetic per element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``,
+    ``FQ(w) = code * scale + bias``. ``rows`` is the (rows, d) weight view, ``first_row[f]`` the first row of
+    feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) and ``seen`` (per row,
+    set to True) are used when not empty."""
+    features = first_row.shape[0]
+    batch = (offsets.shape[0] - 1) // features
+    d = rows.shape[1]
+    weighted = weights.shape[0] > 0
+    mark = seen.shape[0] > 0
+    for f in range(features):
+        bias, inv, scale, qmax = grid[f, 0], grid[f, 1], grid[f, 2], grid[f, 3]
+        base = first_row[f]
+        col = f * d
+        for s in range(batch):
+            o = out[s, col:col + d]
+            for k in range(d):
+                o[k] = 0
+            for p in range(offsets[f * batch + s], offsets[f * batch + s + 1]):
+                r = base + indices[p]
+                if mark:
+                    seen[r] = True
+                w = rows[r]
+                for k in range(d):
+                    q = np.rint((w[k] - bias) * inv)
+                    q = np.float32(0) if q < 0 else q
+                    q = qmax if q > qmax else q
+                    v = q * scale + bias - w[k]
+                    if weighted:
+                        v = v * weights[p]
+                    o[k] += v

@@ -1,0 +1,89 @@
+"""The compiled CPU QAT kernels give the bits of the torch ops they replace (which other devices still run)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from quant.mlp_qat import RowwiseWeightFakeQuant, row_codes, row_scales
+from tests.dist_utils import run_distributed
+from tests.helpers import batches, mixed_placements, sharded_model, tiny_data
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_compiled_mlp_fake_quant_is_the_torch_arithmetic(bits):
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(67, 37, generator=gen) * 10.0 ** torch.randint(-6, 3, (67, 1), generator=gen)
+    w[3] = 0.0  # all-zero row: the smallest scale, codes 0
+    w[4, :5] = torch.tensor([1e-40, -3e-39, 0.0, 1e-45, 2e-44])  # subnormal row maxima
+    w[4, 5:] = 0.0
+    s = row_scales(w, bits, keepdim=True)
+    w[5] = (torch.arange(37) - 18.5) * s[5]  # exact halves: round half to even
+    w[6, 0] = float("inf")  # an infinite weight: codes of inf * 0, as torch computes them
+    expected = row_codes(w, row_scales(w, bits, keepdim=True), bits).mul_(row_scales(w, bits, keepdim=True))
+    got = RowwiseWeightFakeQuant(bits)(w)
+    assert torch.equal(got[~torch.isnan(expected)], expected[~torch.isnan(expected)])
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    strided = RowwiseWeightFakeQuant(bits)(w.t().contiguous().t())  # not contiguous: the torch path
+    assert torch.equal(strided[~torch.isnan(expected)], got[~torch.isnan(expected)])
+
+
+def _correction_both_ways(rank, world_size, data_dir):
+    model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=False))
+    quantize_(model, QATConfig(spec=QuantSpec(embedding_bits=4, granularity="table", scale_update_every=3),
+                               step="prepare"), pg=dist.group.WORLD)
+    quantizer = embedding_quantizer(model)
+    from pipeline.config import OptimConfig
+    from pipeline.optimizer import build_optimizer
+    optimizer = build_optimizer(model, OptimConfig(embedding_lr=0.5))
+    checked = 0
+    for batch in batches(data_dir / "train.parquet", 64, limit=5):
+        model.eval()  # a training forward would also count a step (and refresh the scales) each time
+        outs = {}
+        for compiled in (False, True):
+            quantizer.compiled = compiled
+            seen_before = {i: s.clone() for i, s in quantizer._seen.items()}
+            with torch.no_grad():
+                outs[compiled] = model(batch)[1][1]
+            seen_after = {i: s.clone() for i, s in quantizer._seen.items()}
+            for i, s in seen_before.items():
+                quantizer._seen[i].copy_(s)  # both ways mark from the same start
+            outs[(compiled, "seen")] = seen_after
+        assert torch.equal(outs[True], outs[False])
+        assert outs[(True, "seen")].keys() == outs[(False, "seen")].keys()
+        for i in outs[(True, "seen")]:
+            assert torch.equal(outs[(True, "seen")][i], outs[(False, "seen")][i])
+            quantizer._seen[i].copy_(outs[(True, "seen")][i])
+        if checked:  # the scales (and the seen rows) exist from the first training step on
+            assert outs[(True, "seen")] and all(m.any() for m in outs[(True, "seen")].values())
+        model.train()
+        loss, _ = model(batch)  # a step moves the rows and, every 3 steps, the scales
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        checked += 1
+    # Weighted bags, straight through the hook's entry point.
+    lay = quantizer._layouts[0]
+    features, batch_size, d = lay.feature_table_map.numel(), 8, lay.local_dims[0]
+    gen = torch.Generator().manual_seed(rank)
+    lengths = torch.randint(0, 4, (features * batch_size,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    table = lay.feature_table_map.repeat_interleave(batch_size).repeat_interleave(lengths)
+    rows = torch.tensor(lay.local_rows)[table]
+    indices = (torch.rand(int(offsets[-1]), generator=gen) * rows).long()
+    kwargs = {"indices": indices, "offsets": offsets,
+              "per_sample_weights": torch.rand(indices.numel(), generator=gen) * 3}
+    output = torch.zeros(batch_size, features * d)
+    got = {}
+    for compiled in (False, True):
+        quantizer.compiled = compiled
+        got[compiled] = quantizer._correction(0, kwargs, output)
+    assert torch.equal(got[True], got[False]) and got[True].abs().sum() > 0
+    return checked
+
+
+def test_compiled_embedding_correction_is_the_torch_arithmetic(tmp_path_factory):
+    data_dir = tiny_data(tmp_path_factory.mktemp("qat-kernel-data"))
+    assert run_distributed(_correction_both_ways, data_dir, world_size=1) == [5]
