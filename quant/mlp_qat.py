@@ -39,18 +39,26 @@ class _StraightThrough(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, bits: int) -> torch.Tensor:
-        if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
-            out = torch.empty_like(w)  # one compiled call: same bits as below (quant.qat_kernels)
-            half = 2 ** (bits - 1)
-            qat_kernels.mlp_fake_quant(w.detach().numpy(), out.numpy(), np.float32(1.0 / (half - 1)),
-                                       np.float32(-half), np.float32(half - 1), _TINY)
-            return out
         scale = row_scales(w, bits, keepdim=True)
         return row_codes(w, scale, bits).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad, None
+
+
+def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``codes * scale`` of ``w`` with a straight-through gradient. A float32 CPU matrix takes one compiled call
+    (``quant.qat_kernels``, the same bits as ``_StraightThrough``) written into ``w.clone()``: the clone's backward
+    is the identity, one C++ autograd node where a Python ``Function`` costs more than the arithmetic at MLP sizes.
+    (Nothing saved for the clone's backward reads the overwritten values.)"""
+    if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
+        out = w.clone()
+        half = 2 ** (bits - 1)
+        qat_kernels.mlp_fake_quant(w.detach().numpy(), out.detach().numpy(), np.float32(1.0 / (half - 1)),
+                                   np.float32(-half), np.float32(half - 1), _TINY)
+        return out
+    return _StraightThrough.apply(w, bits)
 
 
 class RowwiseWeightFakeQuant(nn.Module):
@@ -62,7 +70,7 @@ class RowwiseWeightFakeQuant(nn.Module):
         self.enabled = True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _StraightThrough.apply(w, self.bits) if self.enabled else w
+        return fake_quant_weight(w, self.bits) if self.enabled else w
 
 
 class QuantizedLinear(nn.Module):
@@ -104,7 +112,8 @@ class FakeQuantLinear(nn.Module):
         self.fake_quant = RowwiseWeightFakeQuant(bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.fake_quant(self.weight), self.bias)
+        fq = self.fake_quant  # applied here rather than through its module call: a per-layer, per-step cost
+        return F.linear(x, fake_quant_weight(self.weight, fq.bits) if fq.enabled else self.weight, self.bias)
 
 
 def fake_quantize_linears(module: nn.Module, bits: int) -> int:
