@@ -6,7 +6,9 @@ whole-table gradients), and the Kaggle-shaped model (``kaggle`` config, 33.8M ro
 does not fit two ranks on this 23 GB machine.
 Variants, same model and batches, built side by side in the same two processes and stepped in turn:
 dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback |
-the same + TorchRec INT8 qcomms on the model-parallel all-to-alls (all compression on).
+the same + TorchRec INT8 qcomms on the model-parallel all-to-alls (all compression on) | the same, but data-parallel
+kernels of at most 1024 rows all-reduced whole (``comm.dp_whole_max_rows``: the Kaggle plan's 7 small tables, 101
+rows in all, whose touched rows are as many bytes as the whole gradient).
 Bytes are counted by instrumenting the collectives (what each rank hands to each, padding included); times are
 medians over steps, measured after two warm-up steps.
 
@@ -32,12 +34,15 @@ from sharding.plan import TablePlacement, describe_plan, manual_plan, shard_mode
 from sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
+WHOLE_ROWS = 1024  # about the ids one batch of 128 looks up in a kernel of 8 small tables
 VARIANTS = {
     "dense FP32": CommConfig(),
     "touched FP32": CommConfig(dp_tables="touched"),
     "touched INT8": CommConfig(dp_tables="touched_int8"),
     "touched INT8 + MLP INT8 EF": CommConfig(dp_tables="touched_int8", dense="int8_ef"),
     "all INT8 (+ qcomms INT8)": CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="int8"),
+    f"all INT8, DP kernels <= {WHOLE_ROWS} rows whole": CommConfig(dp_tables="touched_int8", dense="int8_ef",
+                                                                  qcomms="int8", dp_whole_max_rows=WHOLE_ROWS),
 }
 
 
@@ -113,9 +118,11 @@ def main() -> None:
     for model in args.models.split(","):
         r = {x["variant"]: x for x in rows if x["model"] == model}
         t, t8 = r["touched FP32"]["embedding_bytes"], r["touched INT8"]["embedding_bytes"]
+        whole = r[f"all INT8, DP kernels <= {WHOLE_ROWS} rows whole"]
         print(f"{model}: plan {r['dense FP32']['plan']}; DP-table bytes touched FP32 / touched INT8 = "
               f"{t / max(t8, 1):.2f}x; fully compressed step time / dense = "
-              f"{r['all INT8 (+ qcomms INT8)']['time_vs_dense']:.3f}")
+              f"{r['all INT8 (+ qcomms INT8)']['time_vs_dense']:.3f} (small DP kernels whole: "
+              f"{whole['time_vs_dense']:.3f}, bytes/dense {whole['bytes_vs_dense']:.3f})")
     print(f"json: {save('comm', {'steps': args.steps, 'world_size': 2, 'rows': rows})}")
 
 

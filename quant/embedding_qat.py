@@ -24,7 +24,7 @@ from quant.tbe import TBELayout, find_tbes
 
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
-_EMPTY_BOOL = np.zeros(0, dtype=np.bool_)
+_EMPTY_I64 = np.zeros(0, dtype=np.int64)
 
 
 def _row_absmax(rows: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         # (not data-parallel) TBE sees every id that touches its rows, so a refresh rescans only those rows and
         # then takes the max of one float per row instead of reading the whole table.
         self._row_max: dict[int, torch.Tensor] = {}
-        self._seen: dict[int, torch.Tensor] = {}
+        self._seen: dict[int, list[torch.Tensor]] = {}  # row ids looked up since the last refresh, per layout
         self._incremental = [granularity == "table" and len(set(lay.local_dims)) == 1
                              and not isinstance(getattr(lay.tbe, "weights", None), torch.Tensor)
                              for lay in layouts]
@@ -95,15 +95,30 @@ class EmbeddingFakeQuantizer(nn.Module):
         rows = lay.flat_weights().detach().view(-1, lay.local_dims[0])
         known = self._row_max.get(i)
         if incremental and known is not None:
-            seen = self._seen[i].nonzero().squeeze(1)
+            seen = self.seen_rows(i)
             known[seen] = _row_absmax(rows[seen])
         else:  # once per job (and after fake-quant was off): one float per row, in chunks
             known = torch.empty(rows.shape[0], device=rows.device)
             for start in range(0, rows.shape[0], 1 << 18):
                 known[start:start + (1 << 18)] = _row_absmax(rows[start:start + (1 << 18)])
             self._row_max[i] = known
-        self._seen[i] = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        self._seen[i] = []
         return known
+
+    def seen_rows(self, i: int) -> torch.Tensor:
+        """The distinct rows of layout ``i`` looked up since the last refresh (sorted)."""
+        ids = self._seen.get(i) or []
+        return torch.unique(torch.cat(ids)) if ids else \
+            torch.zeros(0, dtype=torch.long, device=self._layouts[i].flat_weights().device)
+
+    def _note_seen(self, i: int, rows: torch.Tensor) -> None:
+        """Keep the looked-up row ids (a list, appended to: marking a table-sized mask costs a cache miss per id on
+        large tables); compacted to the distinct ids once they outnumber a quarter of the rows."""
+        ids = self._seen[i]
+        ids.append(rows)
+        if len(ids) % 64 == 0 and sum(t.numel() for t in ids) > max(1 << 20, self._layouts[i].flat_weights().numel()
+                                                                     // (4 * self._layouts[i].local_dims[0])):
+            self._seen[i] = [self.seen_rows(i)]
 
     @torch.no_grad()
     def update_scales(self, incremental: bool = False) -> None:
@@ -217,12 +232,15 @@ class EmbeddingFakeQuantizer(nn.Module):
                 and (psw is None or psw.dtype == torch.float32):
             # One compiled call, the same bits as the torch ops below (quant.qat_kernels).
             corr = torch.empty_like(output)
-            seen = self._seen.get(i)
+            indices = kwargs["indices"]
+            rows_at = torch.empty(indices.numel(), dtype=torch.long) if i in self._seen else None
             qat_kernels.embedding_correction(
-                kwargs["indices"].numpy(), kwargs["offsets"].numpy(), flat.detach().view(-1, d).numpy(),
+                indices.numpy(), kwargs["offsets"].numpy(), flat.detach().view(-1, d).numpy(),
                 lay.first_rows(dev).numpy(), self._per_feature(i, dev).numpy(),
-                _EMPTY_F32 if psw is None else psw.detach().numpy(), _EMPTY_BOOL if seen is None else seen.numpy(),
-                corr.view(output.shape[0], -1).numpy())
+                _EMPTY_F32 if psw is None else psw.detach().numpy(),
+                _EMPTY_I64 if rows_at is None else rows_at.numpy(), corr.view(output.shape[0], -1).numpy())
+            if rows_at is not None:
+                self._note_seen(i, rows_at)
             return corr
         st = self._static(i, dev)
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
@@ -232,7 +250,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         counts = offsets[::batch].diff()
         rows_at = lay.row_ids(indices, offsets)
         if i in self._seen:
-            self._seen[i][rows_at] = True
+            self._note_seen(i, rows_at)
         rows = flat.view(-1, d).index_select(0, rows_at)
         if self.granularity == "table":
             grid = torch.repeat_interleave(self._per_feature(i, dev), counts, dim=0, output_size=n)

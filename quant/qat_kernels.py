@@ -45,17 +45,17 @@ def mlp_fake_quant(w, out, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - co
 
 
 @njit(cache=True, nogil=True)
-def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen, out):  # pragma: no cover
+def embedding_correction(indices, offsets, rows, first_row, grid, weights, rows_at, out):  # pragma: no cover
     """``out[s, f*d:(f+1)*d] = sum over the bag (f, s) of (FQ(w) - w) * weight`` for a TBE of width ``d`` with
     feature-major bags, FBGEMM's arithmetic per element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``,
     ``FQ(w) = code * scale + bias``. ``rows`` is the (rows, d) weight view, ``first_row[f]`` the first row of
-    feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) and ``seen`` (per row,
-    set to True) are used when not empty."""
+    feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) is used and ``rows_at``
+    (per id: its row) is written when not empty."""
     features = first_row.shape[0]
     batch = (offsets.shape[0] - 1) // features
     d = rows.shape[1]
     weighted = weights.shape[0] > 0
-    mark = seen.shape[0] > 0
+    mark = rows_at.shape[0] > 0
     for f in range(features):
         bias, inv, scale, qmax = grid[f, 0], grid[f, 1], grid[f, 2], grid[f, 3]
         base = first_row[f]
@@ -67,7 +67,7 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen,
             for p in range(offsets[f * batch + s], offsets[f * batch + s + 1]):
                 r = base + indices[p]
                 if mark:
-                    seen[r] = True
+                    rows_at[p] = r
                 w = rows[r]
                 for k in range(d):
                     q = np.rint((w[k] - bias) * inv)

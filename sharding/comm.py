@@ -47,6 +47,10 @@ class CommConfig:
     dp_tables: str = "dense"
     """Data-parallel tables' gradients: dense (DDP all-reduce), touched (only touched rows, lossless),
     touched_int8 (touched rows, INT8 with a per-table scale agreed across ranks)."""
+    dp_whole_max_rows: int = 0
+    """With touched-row exchange: a data-parallel kernel holding at most this many rows (all its tables together) is
+    all-reduced whole instead. A batch touches most rows of such small tables, so their touched rows are about as
+    many bytes as the whole gradient, and the exchange's two collectives cost more than one small all-reduce."""
     dense: str = "fp32"
     """MLP gradients: fp32 (DDP all-reduce), fp16 (stock hook), int8_ef (per-row INT8 with error feedback)."""
     count_bytes: bool = True
@@ -57,6 +61,8 @@ class CommConfig:
                               ("dense", DENSE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"comm.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.dp_whole_max_rows < 0:
+            raise ValueError(f"comm.dp_whole_max_rows must be at least 0, got {self.dp_whole_max_rows}")
 
 
 # ---- counting -------------------------------------------------------------------------------------------------
@@ -343,11 +349,11 @@ class TouchedRowsHook:
         for p, g in zip(bucket.parameters(), bucket.gradients()):
             lay = self.layouts.get(id(p))
             if lay is None or len(set(lay.local_dims)) != 1:
-                buf = g.clone()  # not a table we understand: plain average
+                # Small (dp_whole_max_rows), or not a table we understand: the plain average, as DDP takes it.
                 if self.counter is not None:
-                    self.counter.add("all_reduce (DP tables, dense)", _nbytes(buf))
-                dist.all_reduce(buf, group=group)
-                g.copy_(buf / dist.get_world_size(group))
+                    self.counter.add("all_reduce fp32 (DP tables, whole)", _nbytes(g))
+                g.div_(dist.get_world_size(group))
+                dist.all_reduce(g, group=group)
                 continue
             self._exchange(g, lay, self.touched.pop(id(p), None), group)
         return _done(bucket.buffer())
@@ -440,6 +446,7 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
                 ddp.register_comm_hook(ddp.process_group, fp32_allreduce_hook(counter, "all_reduce fp32 (DP tables)"))
         else:
             own = {id(p): layouts[id(p)] for p in ddp.module.parameters() if id(p) in layouts}
+            own = {k: lay for k, lay in own.items() if sum(lay.local_rows) > cfg.dp_whole_max_rows}
             hook = TouchedRowsHook(own, cfg.dp_tables == "touched_int8", counter)
             ddp.register_comm_hook(ddp.process_group, hook.__call__)
             hooks.append(hook)

@@ -51,6 +51,7 @@ def runs(data_dir):
         "touched": CommConfig(dp_tables="touched"),
         "touched_int8": CommConfig(dp_tables="touched_int8"),
         "all_int8": CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="fp16"),
+        "small_whole": CommConfig(dp_tables="touched_int8", dp_whole_max_rows=10**6),
     }
     out = {name: run_distributed(_train, data_dir, cfg, world_size=2)[0] for name, cfg in configs.items()}
     out["single"] = run_distributed(_train, data_dir, CommConfig(count_bytes=False), world_size=1)[0]
@@ -70,6 +71,16 @@ def test_touched_rows_come_from_the_forward_not_a_scan_of_the_table(runs):
 def test_touched_rows_exchange_is_lossless(runs):
     for key, value in runs["dense"]["state"].items():
         assert torch.equal(runs["touched"]["state"][key], value), key
+
+
+def test_small_data_parallel_kernels_are_all_reduced_whole_exactly_as_ddp_does(runs):
+    # dp_whole_max_rows above the small tables' rows: they skip the touched-row exchange (INT8 asked or not) and
+    # are averaged as DDP averages, so the run is the uncompressed one bit for bit.
+    for key, value in runs["dense"]["state"].items():
+        assert torch.equal(runs["small_whole"]["state"][key], value), key
+    sent = runs["small_whole"]["bytes"]
+    assert sent["all_reduce fp32 (DP tables, whole)"] == runs["dense"]["bytes"]["all_reduce fp32 (DP tables)"] > 0
+    assert not any("all_gather" in k for k in sent), sent
 
 
 def test_int8_is_close_and_smaller(runs):
