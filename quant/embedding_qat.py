@@ -24,7 +24,7 @@ from quant.tbe import TBELayout, find_tbes
 
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
-_EMPTY_I64 = np.zeros(0, dtype=np.int64)
+_EMPTY_U8 = np.zeros(0, dtype=np.uint8)
 
 
 def _row_absmax(rows: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         # (not data-parallel) TBE sees every id that touches its rows, so a refresh rescans only those rows and
         # then takes the max of one float per row instead of reading the whole table.
         self._row_max: dict[int, torch.Tensor] = {}
-        self._seen: dict[int, list[torch.Tensor]] = {}  # row ids looked up since the last refresh, per layout
+        self._seen: dict[int, torch.Tensor] = {}  # rows looked up since the last refresh, per layout (seen_rows)
         self._incremental = [granularity == "table" and len(set(lay.local_dims)) == 1
                              and not isinstance(getattr(lay.tbe, "weights", None), torch.Tensor)
                              for lay in layouts]
@@ -102,23 +102,24 @@ class EmbeddingFakeQuantizer(nn.Module):
             for start in range(0, rows.shape[0], 1 << 18):
                 known[start:start + (1 << 18)] = _row_absmax(rows[start:start + (1 << 18)])
             self._row_max[i] = known
-        self._seen[i] = []
+        self._seen[i] = torch.zeros((rows.shape[0] + 7) // 8, dtype=torch.uint8) if rows.device.type == "cpu" \
+            else torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
         return known
 
     def seen_rows(self, i: int) -> torch.Tensor:
-        """The distinct rows of layout ``i`` looked up since the last refresh (sorted)."""
-        ids = self._seen.get(i) or []
-        return torch.unique(torch.cat(ids)) if ids else \
-            torch.zeros(0, dtype=torch.long, device=self._layouts[i].flat_weights().device)
+        """The rows of layout ``i`` looked up since the last refresh (sorted). On CPU they are kept as a bitset
+        (marking a bool per row costs twice as much on large tables: a cache miss per id), elsewhere as a bool mask."""
+        seen = self._seen[i]
+        if seen.dtype == torch.uint8:
+            return torch.from_numpy(np.flatnonzero(np.unpackbits(seen.numpy(), bitorder="little")))
+        return seen.nonzero().squeeze(1)
 
-    def _note_seen(self, i: int, rows: torch.Tensor) -> None:
-        """Keep the looked-up row ids (a list, appended to: marking a table-sized mask costs a cache miss per id on
-        large tables); compacted to the distinct ids once they outnumber a quarter of the rows."""
-        ids = self._seen[i]
-        ids.append(rows)
-        if len(ids) % 64 == 0 and sum(t.numel() for t in ids) > max(1 << 20, self._layouts[i].flat_weights().numel()
-                                                                     // (4 * self._layouts[i].local_dims[0])):
-            self._seen[i] = [self.seen_rows(i)]
+    def _mark_seen(self, i: int, rows_at: torch.Tensor) -> None:
+        seen = self._seen[i]
+        if seen.dtype == torch.uint8:
+            qat_kernels.mark_rows(seen.numpy(), rows_at.numpy())
+        else:
+            seen[rows_at] = True
 
     @torch.no_grad()
     def update_scales(self, incremental: bool = False) -> None:
@@ -232,15 +233,12 @@ class EmbeddingFakeQuantizer(nn.Module):
                 and (psw is None or psw.dtype == torch.float32):
             # One compiled call, the same bits as the torch ops below (quant.qat_kernels).
             corr = torch.empty_like(output)
-            indices = kwargs["indices"]
-            rows_at = torch.empty(indices.numel(), dtype=torch.long) if i in self._seen else None
+            seen = self._seen.get(i)
             qat_kernels.embedding_correction(
-                indices.numpy(), kwargs["offsets"].numpy(), flat.detach().view(-1, d).numpy(),
+                kwargs["indices"].numpy(), kwargs["offsets"].numpy(), flat.detach().view(-1, d).numpy(),
                 lay.first_rows(dev).numpy(), self._per_feature(i, dev).numpy(),
-                _EMPTY_F32 if psw is None else psw.detach().numpy(),
-                _EMPTY_I64 if rows_at is None else rows_at.numpy(), corr.view(output.shape[0], -1).numpy())
-            if rows_at is not None:
-                self._note_seen(i, rows_at)
+                _EMPTY_F32 if psw is None else psw.detach().numpy(), _EMPTY_U8 if seen is None else seen.numpy(),
+                corr.view(output.shape[0], -1).numpy())
             return corr
         st = self._static(i, dev)
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
@@ -250,7 +248,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         counts = offsets[::batch].diff()
         rows_at = lay.row_ids(indices, offsets)
         if i in self._seen:
-            self._note_seen(i, rows_at)
+            self._mark_seen(i, rows_at)
         rows = flat.view(-1, d).index_select(0, rows_at)
         if self.granularity == "table":
             grid = torch.repeat_interleave(self._per_feature(i, dev), counts, dim=0, output_size=n)

@@ -45,17 +45,17 @@ def mlp_fake_quant(w, out, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - co
 
 
 @njit(cache=True, nogil=True)
-def embedding_correction(indices, offsets, rows, first_row, grid, weights, rows_at, out):  # pragma: no cover
+def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen, out):  # pragma: no cover
     """``out[s, f*d:(f+1)*d] = sum over the bag (f, s) of (FQ(w) - w) * weight`` for a TBE of width ``d`` with
     feature-major bags, FBGEMM's arithmetic per element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``,
     ``FQ(w) = code * scale + bias``. ``rows`` is the (rows, d) weight view, ``first_row[f]`` the first row of
-    feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) is used and ``rows_at``
-    (per id: its row) is written when not empty."""
+    feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) is used and ``seen`` (a
+    bitset of rows, bit ``r & 7`` of byte ``r >> 3``) is marked when not empty."""
     features = first_row.shape[0]
     batch = (offsets.shape[0] - 1) // features
     d = rows.shape[1]
     weighted = weights.shape[0] > 0
-    mark = rows_at.shape[0] > 0
+    mark = seen.shape[0] > 0
     for f in range(features):
         bias, inv, scale, qmax = grid[f, 0], grid[f, 1], grid[f, 2], grid[f, 3]
         base = first_row[f]
@@ -67,7 +67,7 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, rows_
             for p in range(offsets[f * batch + s], offsets[f * batch + s + 1]):
                 r = base + indices[p]
                 if mark:
-                    rows_at[p] = r
+                    seen[r >> 3] |= np.uint8(1 << (r & 7))
                 w = rows[r]
                 for k in range(d):
                     q = np.rint((w[k] - bias) * inv)
@@ -77,3 +77,10 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, rows_
                     if weighted:
                         v = v * weights[p]
                     o[k] += v
+
+
+@njit(cache=True, nogil=True)
+def mark_rows(seen, rows):  # pragma: no cover - compiled
+    """Set bit ``r & 7`` of ``seen[r >> 3]`` for every row ``r`` (the bitset ``embedding_correction`` marks)."""
+    for r in rows:
+        seen[r >> 3] |= np.uint8(1 << (r & 7))

@@ -44,16 +44,18 @@ def _correction_both_ways(rank, world_size, data_dir):
         outs = {}
         for compiled in (False, True):
             quantizer.compiled = compiled
-            seen_before = {i: list(s) for i, s in quantizer._seen.items()}
+            seen_before = {i: s.clone() for i, s in quantizer._seen.items()}
             with torch.no_grad():
                 outs[compiled] = model(batch)[1][1]
             outs[(compiled, "seen")] = {i: quantizer.seen_rows(i) for i in quantizer._seen}
-            quantizer._seen.update(seen_before)  # both ways note from the same start
+            outs[(compiled, "state")] = {i: s.clone() for i, s in quantizer._seen.items()}
+            for i, s in seen_before.items():
+                quantizer._seen[i].copy_(s)  # both ways mark from the same start
         assert torch.equal(outs[True], outs[False])
         assert outs[(True, "seen")].keys() == outs[(False, "seen")].keys()
         for i in outs[(True, "seen")]:
             assert torch.equal(outs[(True, "seen")][i], outs[(False, "seen")][i])
-            quantizer._seen[i] = [outs[(True, "seen")][i]]
+            quantizer._seen[i].copy_(outs[(True, "state")][i])
         if checked:  # the scales (and the seen rows) exist from the first training step on
             assert outs[(True, "seen")] and all(m.numel() > 0 for m in outs[(True, "seen")].values())
         model.train()
