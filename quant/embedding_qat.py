@@ -94,10 +94,19 @@ class EmbeddingFakeQuantizer(nn.Module):
         lay = self._layouts[i]
         rows = lay.flat_weights().detach().view(-1, lay.local_dims[0])
         known = self._row_max.get(i)
+        compiled = rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.is_contiguous()
         if incremental and known is not None:
+            seen = self._seen[i]
+            if compiled and seen.dtype == torch.uint8:  # one pass over the bitset, which it also clears
+                qat_kernels.refresh_row_maxima(rows.numpy(), known.numpy(), seen.numpy())
+                return known
             seen = self.seen_rows(i)
             known[seen] = _row_absmax(rows[seen])
-        else:  # once per job (and after fake-quant was off): one float per row, in chunks
+        elif compiled:  # once per job (and after fake-quant was off): one float per row
+            known = torch.empty(rows.shape[0])
+            qat_kernels.refresh_row_maxima(rows.numpy(), known.numpy(), _EMPTY_U8)
+            self._row_max[i] = known
+        else:
             known = torch.empty(rows.shape[0], device=rows.device)
             for start in range(0, rows.shape[0], 1 << 18):
                 known[start:start + (1 << 18)] = _row_absmax(rows[start:start + (1 << 18)])

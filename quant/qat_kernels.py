@@ -84,3 +84,35 @@ def mark_rows(seen, rows):  # pragma: no cover - compiled
     """Set bit ``r & 7`` of ``seen[r >> 3]`` for every row ``r`` (the bitset ``embedding_correction`` marks)."""
     for r in rows:
         seen[r >> 3] |= np.uint8(1 << (r & 7))
+
+
+@njit(cache=True, nogil=True)
+def refresh_row_maxima(rows, known, seen):  # pragma: no cover - compiled
+    """``known[r] = max |rows[r]|`` for every row whose bit is set in the bitset ``seen`` (then cleared), or for
+    every row when ``seen`` is empty. On bit patterns, as in ``mlp_fake_quant``: a NaN wins, as in ``amax``."""
+    n, d = rows.shape
+    patterns = rows.view(np.int32)
+    maxima = known.view(np.int32)
+    if seen.shape[0] == 0:
+        for r in range(n):
+            row = patterns[r]
+            m = np.int32(0)
+            for k in range(d):
+                v = row[k] & np.int32(0x7FFFFFFF)
+                m = v if v > m else m
+            maxima[r] = m
+        return
+    for b in range(seen.shape[0]):
+        byte = seen[b]
+        if byte == 0:
+            continue
+        seen[b] = 0
+        for bit in range(8):
+            if byte & (1 << bit):
+                r = b * 8 + bit
+                row = patterns[r]
+                m = np.int32(0)
+                for k in range(d):
+                    v = row[k] & np.int32(0x7FFFFFFF)
+                    m = v if v > m else m
+                maxima[r] = m

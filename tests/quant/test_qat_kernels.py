@@ -87,3 +87,28 @@ def _correction_both_ways(rank, world_size, data_dir):
 def test_compiled_embedding_correction_is_the_torch_arithmetic(tmp_path_factory):
     data_dir = tiny_data(tmp_path_factory.mktemp("qat-kernel-data"))
     assert run_distributed(_correction_both_ways, data_dir, world_size=1) == [5]
+
+
+def test_compiled_row_maxima_refresh_reads_exactly_the_marked_rows():
+    import numpy as np
+
+    from quant import qat_kernels
+    from quant.embedding_qat import _row_absmax
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(1003, 16, generator=gen) * 10.0 ** torch.randint(-40, 30, (1003, 1), generator=gen)
+    rows[5] = -0.0
+    rows[6, 3] = float("-inf")
+    expected = _row_absmax(rows)
+    full = torch.full((1003,), -1.0)
+    qat_kernels.refresh_row_maxima(rows.numpy(), full.numpy(), np.zeros(0, dtype=np.uint8))
+    assert torch.equal(full, expected)
+    marked = torch.tensor([0, 5, 6, 7, 8, 500, 1002])
+    seen = np.zeros((1003 + 7) // 8, dtype=np.uint8)
+    qat_kernels.mark_rows(seen, marked.numpy())
+    some = torch.full((1003,), -1.0)
+    qat_kernels.refresh_row_maxima(rows.numpy(), some.numpy(), seen)
+    assert torch.equal(some[marked], expected[marked])
+    untouched = torch.ones(1003, dtype=torch.bool)
+    untouched[marked] = False
+    assert (some[untouched] == -1.0).all() and not seen.any()  # only marked rows read; the bitset is cleared
