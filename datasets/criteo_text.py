@@ -15,13 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
 from datasets.schema import DENSE_COLUMNS, LABEL, SCHEMA, SPARSE_COLUMNS
-from datasets.tsv_blocks import PAD, parse_tsv_block
+from datasets.tsv_blocks import HEX as _HEX, PAD, parse_tsv_block
 
-_HEX = np.full(256, 255, dtype=np.uint8)
-for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
-for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
 _INT_RE = r"^-?[0-9]+$"
 
 

@@ -27,11 +27,12 @@ PAD = 8
 _MIN_LINE = NUM_DENSE + NUM_SPARSE + 1  # 39 tabs or 38 tabs and a label, and the newline
 _INT32_MAX = 2**31 - 1
 
-_HEX = np.full(256, 255, dtype=np.uint8)
+HEX = np.full(256, 255, dtype=np.uint8)
+"""Value of each byte as a hex digit, 255 for a byte that is not one (shared with ``datasets.criteo_text``)."""
 for _i, _c in enumerate(b"0123456789abcdef"):
-    _HEX[_c] = _i
+    HEX[_c] = _i
 for _i, _c in enumerate(b"ABCDEF"):
-    _HEX[_c] = 10 + _i
+    HEX[_c] = 10 + _i
 
 
 @njit(cache=True, nogil=True)
@@ -88,7 +89,7 @@ def _parse(buf, start, stop, labeled, label, dense, dense_ok, sparse, sparse_ok)
                 continue
             v = 0
             for k in range(8):
-                h = _HEX[buf[i + k]]
+                h = HEX[buf[i + k]]
                 if h == 255:
                     return -1
                 v = (v << 4) | h

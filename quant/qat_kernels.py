@@ -13,24 +13,28 @@ import numpy as np
 from numba import njit
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _abs_max_pattern(row):  # pragma: no cover - compiled
+    """max |x| over a row of float32 bit patterns (int32): the patterns without their sign bit, whose integer order
+    is float order (a NaN, as in ``amax``, wins). The compiler vectorizes this where a float max chain would wait on
+    each comparison."""
+    m = np.int32(0)
+    for c in range(row.shape[0]):
+        v = row[c] & np.int32(0x7FFFFFFF)
+        m = v if v > m else m
+    return m
+
+
 @njit(cache=True, nogil=True)
 def mlp_fake_quant(w, out, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - compiled
     """``out = clamp(rint(w * (1 / s)), qmin, qmax) * s`` per row, ``s = max(max|row| * inv_qmax, tiny)``: the
-    arithmetic of ``quant.mlp_qat.row_scales``/``row_codes`` (a 2-D float32 ``w``, C-contiguous).
-
-    The row maxima are taken on the bit patterns: ``|x|`` is the pattern without its sign bit, and for those
-    patterns integer order is float order (a NaN, as in ``amax``, wins), which the compiler vectorizes where a
-    float max chain would wait on each comparison."""
+    arithmetic of ``quant.mlp_qat.row_scales``/``row_codes`` (a 2-D float32 ``w``, C-contiguous); row maxima on
+    the bit patterns (``_abs_max_pattern``)."""
     rows, cols = w.shape
     patterns = w.view(np.int32)
     bits = np.empty(rows, dtype=np.int32)
     for r in range(rows):
-        row = patterns[r]
-        m = np.int32(0)
-        for c in range(cols):
-            v = row[c] & np.int32(0x7FFFFFFF)
-            m = v if v > m else m
-        bits[r] = m
+        bits[r] = _abs_max_pattern(patterns[r])
     maxima = bits.view(np.float32)
     for r in range(rows):
         s = maxima[r] * inv_qmax
@@ -89,18 +93,12 @@ def mark_rows(seen, rows):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True)
 def refresh_row_maxima(rows, known, seen):  # pragma: no cover - compiled
     """``known[r] = max |rows[r]|`` for every row whose bit is set in the bitset ``seen`` (then cleared), or for
-    every row when ``seen`` is empty. On bit patterns, as in ``mlp_fake_quant``: a NaN wins, as in ``amax``."""
-    n, d = rows.shape
+    every row when ``seen`` is empty (on bit patterns, ``_abs_max_pattern``)."""
     patterns = rows.view(np.int32)
     maxima = known.view(np.int32)
     if seen.shape[0] == 0:
-        for r in range(n):
-            row = patterns[r]
-            m = np.int32(0)
-            for k in range(d):
-                v = row[k] & np.int32(0x7FFFFFFF)
-                m = v if v > m else m
-            maxima[r] = m
+        for r in range(rows.shape[0]):
+            maxima[r] = _abs_max_pattern(patterns[r])
         return
     for b in range(seen.shape[0]):
         byte = seen[b]
@@ -109,10 +107,4 @@ def refresh_row_maxima(rows, known, seen):  # pragma: no cover - compiled
         seen[b] = 0
         for bit in range(8):
             if byte & (1 << bit):
-                r = b * 8 + bit
-                row = patterns[r]
-                m = np.int32(0)
-                for k in range(d):
-                    v = row[k] & np.int32(0x7FFFFFFF)
-                    m = v if v > m else m
-                maxima[r] = m
+                maxima[b * 8 + bit] = _abs_max_pattern(patterns[b * 8 + bit])

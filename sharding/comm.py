@@ -220,9 +220,7 @@ class Int8ErrorFeedbackHook:
 
         def finish(fut):
             if compiled:
-                gathered = b.gathered.numpy()
-                steps = np.ascontiguousarray(gathered[:, : 4 * b.rows]).view(np.float32)
-                int8_codec.decode(gathered[:, 4 * b.rows:].view(np.int8), steps, b.segment_array, out.numpy())
+                self._decode_cpu(b, out)
             else:
                 self._decode(b, out, world)
             return out
@@ -238,6 +236,13 @@ class Int8ErrorFeedbackHook:
         if not ok:
             raise FloatingPointError("an MLP gradient holds NaN or Inf, which INT8 compression cannot scale (the "
                                      "loss was finite: look for an exploding gradient, e.g. lower the learning rate)")
+
+    @staticmethod
+    def _decode_cpu(b: "_Int8Bucket", out: torch.Tensor) -> None:
+        """``_decode`` in one compiled pass (``sharding.int8_codec``), the same bits."""
+        gathered = b.gathered.numpy()
+        steps = np.ascontiguousarray(gathered[:, : 4 * b.rows]).view(np.float32)  # aligned copy of the steps
+        int8_codec.decode(gathered[:, 4 * b.rows:].view(np.int8), steps, b.segment_array, out.numpy())
 
     @staticmethod
     def _encode(b: "_Int8Bucket", out: torch.Tensor) -> None:
