@@ -5,14 +5,16 @@ whole-table gradients), and the Kaggle-shaped model (``kaggle`` config, 33.8M ro
 (TorchRec's planner: small tables data-parallel, large ones table-wise), since all 2.2 GB of it data-parallel
 does not fit two ranks on this 23 GB machine.
 Variants, same model and batches, built side by side in the same two processes and stepped in turn:
-dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback |
-the same + TorchRec INT8 qcomms on the model-parallel all-to-alls (all compression on) | the same, but data-parallel
-kernels of at most 1024 rows all-reduced whole (``comm.dp_whole_max_rows``: the Kaggle plan's 7 small tables, 101
-rows in all, whose touched rows are as many bytes as the whole gradient).
-Bytes are counted by instrumenting the collectives (what each rank hands to each, padding included); times are
-medians over steps, measured after two warm-up steps.
+dense FP32 | touched rows FP32 | touched rows INT8 | touched rows INT8 + INT8 MLP with error feedback (the fully
+compressed step) | the same + TorchRec INT8 qcomms on the model-parallel all-to-alls (all compression on) | the fully
+compressed step with every data-parallel kernel exchanging touched rows (``comm.dp_whole_max_rows=0``; by default
+kernels of at most 1024 rows, such as the Kaggle plan's 7 small tables with 101 rows in all, are all-reduced whole).
+Bytes are counted by instrumenting the collectives (what each rank hands to each, padding included). Times: the
+median step, and, since the shared machine's speed drifts over a run, the median and quartiles of the per-round
+ratio to dense (each round steps every variant once, so a round's ratio compares steps taken seconds apart); two
+warm-up rounds are not timed.
 
-    python -m bench.comm [--models default,kaggle] [--steps 10]
+    python -m bench.comm [--models default,kaggle] [--steps 20,300]
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ from sharding.plan import TablePlacement, describe_plan, manual_plan, shard_mode
 from sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
-WHOLE_ROWS = 1024  # about the ids one batch of 128 looks up in a kernel of 8 small tables
+FULL = "touched INT8 + MLP INT8 EF"  # the fully compressed step the issue times against dense
 VARIANTS = {
     "dense FP32": CommConfig(),
     "touched FP32": CommConfig(dp_tables="touched"),
     "touched INT8": CommConfig(dp_tables="touched_int8"),
-    "touched INT8 + MLP INT8 EF": CommConfig(dp_tables="touched_int8", dense="int8_ef"),
+    FULL: CommConfig(dp_tables="touched_int8", dense="int8_ef"),
     "all INT8 (+ qcomms INT8)": CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="int8"),
-    f"all INT8, DP kernels <= {WHOLE_ROWS} rows whole": CommConfig(dp_tables="touched_int8", dense="int8_ef",
-                                                                  qcomms="int8", dp_whole_max_rows=WHOLE_ROWS),
+    f"{FULL}, every DP kernel by touched rows": CommConfig(dp_tables="touched_int8", dense="int8_ef",
+                                                            dp_whole_max_rows=0),
 }
 
 
@@ -65,8 +67,9 @@ def _build(cfg, config_name, comm, world_size, counter):
 
 
 def _worker(rank, world_size, config_name, steps):
-    """All variants built side by side and stepped in turn (variant A step i, variant B step i, ...), so that the
-    machine's load drifts over all of them alike; the first two rounds are warm-up."""
+    """All variants built side by side and stepped in turn (round i: every variant's step i, starting from a
+    different variant each round), so that the machine's load drifts over all of them alike; the first two rounds
+    are warm-up."""
     cfg = get_config(config_name)
     batches = random_batches(cfg.model.num_embeddings, cfg.data.batch_size, steps + 2, seed=rank)
     counter = ByteCounter().install()
@@ -74,7 +77,9 @@ def _worker(rank, world_size, config_name, steps):
     times = {name: [] for name in built}
     sent = {name: collections.Counter() for name in built}
     for i, b in enumerate(batches):
-        for name, (model, opt, _) in built.items():
+        names = list(built)
+        for name in names[i % len(names):] + names[: i % len(names)]:  # rotated: no variant always goes first
+            model, opt, _ = built[name]
             counter.reset()
             dist.barrier()
             t0 = time.perf_counter()
@@ -89,18 +94,28 @@ def _worker(rank, world_size, config_name, steps):
     for name, (_, _, kinds) in built.items():
         per_step = {k: v / steps for k, v in sorted(sent[name].items())}
         per_step["total"] = sum(sent[name].values()) / steps
-        results[name] = {"step_ms": 1e3 * statistics.median(times[name]), "bytes": per_step, "plan": kinds}
+        ratios = [t / d for t, d in zip(times[name], times["dense FP32"])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+        results[name] = {"step_ms": 1e3 * statistics.median(times[name]), "bytes": per_step, "plan": kinds,
+                         "ratio_median": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3}
     return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="default,kaggle", help="named configs giving the model shape and batch")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--steps", default="20,300",
+                   help="timed steps per variant: one number, or one per model (default: 20 for the default model, "
+                        "whose steps take ~0.5 s, and 300 for the Kaggle shape, whose ~25 ms steps vary by 20%%)")
     args = p.parse_args()
+    models = args.models.split(",")
+    steps = [int(x) for x in args.steps.split(",")]
+    steps = steps * len(models) if len(steps) == 1 else steps
+    if len(steps) != len(models):
+        p.error(f"--steps gives {len(steps)} counts for {len(models)} models")
     rows = []
-    for model in args.models.split(","):
-        res = run_distributed(_worker, model, args.steps, world_size=2)[0]
+    for model, n in zip(models, steps):
+        res = run_distributed(_worker, model, n, world_size=2)[0]
         base = res["dense FP32"]
         for name, r in res.items():
             b = r["bytes"]
@@ -109,21 +124,25 @@ def main() -> None:
                          "all_to_all_bytes": sum(v for k, v in b.items() if "all_to_all" in k),
                          "mlp_bytes": sum(v for k, v in b.items() if "MLP" in k),
                          "step_ms": r["step_ms"], "bytes_vs_dense": b["total"] / base["bytes"]["total"],
-                         "time_vs_dense": r["step_ms"] / base["step_ms"], "plan": r["plan"], "detail": b})
+                         "time_vs_dense": r["ratio_median"], "ratio_q1": r["ratio_q1"], "ratio_q3": r["ratio_q3"],
+                         "median_step_vs_dense": r["step_ms"] / base["step_ms"], "plan": r["plan"], "detail": b})
     print(table(rows, [("model", "model", "s"), ("variant", "variant", "s"), ("bytes_per_step", "bytes/step", ",.0f"),
                        ("embedding_bytes", "DP-table bytes", ",.0f"), ("all_to_all_bytes", "all-to-all", ",.0f"),
                        ("mlp_bytes", "MLP bytes", ",.0f"),
                        ("step_ms", "ms/step", ".1f"), ("bytes_vs_dense", "bytes/dense", ".4f"),
-                       ("time_vs_dense", "time/dense", ".3f")]))
-    for model in args.models.split(","):
+                       ("time_vs_dense", "time/dense", ".3f"), ("ratio_q1", "q1", ".3f"), ("ratio_q3", "q3", ".3f")]))
+    for model in models:
         r = {x["variant"]: x for x in rows if x["model"] == model}
         t, t8 = r["touched FP32"]["embedding_bytes"], r["touched INT8"]["embedding_bytes"]
-        whole = r[f"all INT8, DP kernels <= {WHOLE_ROWS} rows whole"]
+        full, every, qc = r[FULL], r[f"{FULL}, every DP kernel by touched rows"], r["all INT8 (+ qcomms INT8)"]
+        ratio = (f"{t / max(t8, 1):.2f}x" if t != t8 else
+                 "n/a (every data-parallel kernel is small enough to be all-reduced whole)")
         print(f"{model}: plan {r['dense FP32']['plan']}; DP-table bytes touched FP32 / touched INT8 = "
-              f"{t / max(t8, 1):.2f}x; fully compressed step time / dense = "
-              f"{r['all INT8 (+ qcomms INT8)']['time_vs_dense']:.3f} (small DP kernels whole: "
-              f"{whole['time_vs_dense']:.3f}, bytes/dense {whole['bytes_vs_dense']:.3f})")
-    print(f"json: {save('comm', {'steps': args.steps, 'world_size': 2, 'rows': rows})}")
+              f"{ratio}; fully compressed step time / dense (median per-round ratio, quartiles) = "
+              f"{full['time_vs_dense']:.3f} ({full['ratio_q1']:.3f}-{full['ratio_q3']:.3f}), bytes/dense "
+              f"{full['bytes_vs_dense']:.3f}; + qcomms INT8 {qc['time_vs_dense']:.3f}; every DP kernel by touched "
+              f"rows {every['time_vs_dense']:.3f}")
+    print(f"json: {save('comm', {'steps': dict(zip(models, steps)), 'world_size': 2, 'rows': rows})}")
 
 
 if __name__ == "__main__":

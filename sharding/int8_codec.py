@@ -16,52 +16,46 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_LANES = 8  # independent running maxima: one chain would wait on each comparison
-
-
-@njit(cache=True, nogil=True)
-def encode(grad, err, x, segments, steps, codes, tiny):  # pragma: no cover - compiled
+@njit(cache=True, nogil=True, error_model="numpy")
+def encode(grad, err, segments, steps, codes, tiny):  # pragma: no cover - compiled
     """``x = grad + err``; per row ``step = max(max|x| / 127, tiny)``, ``code = rint(x / step)`` (as int8) and
     ``err = x - code * step`` rounded once (float64 holds the product and the difference exactly; torch's addcmul
-    gets the same from a fused multiply-add). Returns False (and stops) at a row whose maximum is not finite."""
+    gets the same from a fused multiply-add). Returns False (and stops) at a row whose maximum is not finite.
+
+    Row maxima are taken on the float bit patterns as int32 (sign bit cleared: integer order is float order, and
+    any NaN or inf pattern is at least ``0x7F800000``), which the compiler vectorizes where a float max chain waits
+    on each comparison; the pattern is written straight into ``steps`` and read back as the float. Rows are
+    sliced (loop indices from 0), which lets the compiler drop negative-index handling and vectorize; nothing is
+    allocated per row, and ``x`` is recomputed rather than stored. (Measured 2x faster than lane-wise float maxima
+    with ``x`` stored, on a bucket fresh from memory as the backward leaves it.)"""
+    bits = steps.view(np.int32)
     for s in range(segments.shape[0]):
         offset, size, first, rows = segments[s, 0], segments[s, 1], segments[s, 2], segments[s, 3]
         width = size // rows
         for r in range(rows):
             lo = offset + r * width
-            g, e, xs, cs = grad[lo:lo + width], err[lo:lo + width], x[lo:lo + width], codes[lo:lo + width]
-            lanes = np.zeros(_LANES, dtype=np.float32)
-            finite = True
-            main = width - width % _LANES
-            for j in range(0, main, _LANES):
-                for k in range(_LANES):
-                    v = g[j + k] + e[j + k]
-                    xs[j + k] = v
-                    a = abs(v)
-                    finite &= a <= np.float32(np.inf)  # False for NaN (and inf fails below)
-                    lanes[k] = a if a > lanes[k] else lanes[k]
-            for j in range(main, width):
-                v = g[j] + e[j]
-                xs[j] = v
-                a = abs(v)
-                finite &= a <= np.float32(np.inf)
-                lanes[0] = a if a > lanes[0] else lanes[0]
-            m = lanes.max()
-            if not finite or m == np.float32(np.inf):
+            g, e, cs = grad[lo:lo + width], err[lo:lo + width], codes[lo:lo + width]
+            m = np.int32(0)
+            for j in range(width):
+                v = np.float32(g[j] + e[j]).view(np.int32) & np.int32(0x7FFFFFFF)
+                m = v if v > m else m
+            if m >= np.int32(0x7F800000):  # inf or NaN
                 return False
-            step = m / np.float32(127)
+            bits[first + r] = m
+            step = steps[first + r] / np.float32(127)
             if step < tiny:
                 step = tiny
             steps[first + r] = step
             step64 = np.float64(step)
-            for j in range(width):
-                q = np.rint(xs[j] / step)
-                cs[j] = np.int8(q)
-                e[j] = np.float32(np.float64(xs[j]) - np.float64(q) * step64)  # exact, rounded once (as an FMA)
+            for j in range(width):  # the row is in L1 now: recomputing x costs less than storing and reloading it
+                x = g[j] + e[j]
+                q = np.rint(x / step)
+                cs[j] = np.int8(np.int32(q))
+                e[j] = np.float32(np.float64(x) - np.float64(q) * step64)  # exact, rounded once (as an FMA)
     return True
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def decode(codes, steps, segments, out):  # pragma: no cover - compiled
     """``out = sum over ranks w of code[w] * (step[w] / world)`` in float32, summed in rank order, each term added
     with one rounding (float64 holds the product exactly and the sum exactly or within 2^-29 of an fp32 tie)."""
@@ -74,6 +68,12 @@ def decode(codes, steps, segments, out):  # pragma: no cover - compiled
             o = out[lo:lo + width]
             step = steps[0, first + r] / np.float32(world)
             c = codes[0, lo:lo + width]
+            if world == 2:  # the two terms in one pass, same operations
+                step64 = np.float64(steps[1, first + r] / np.float32(world))
+                c1 = codes[1, lo:lo + width]
+                for j in range(width):
+                    o[j] = np.float32(np.float64(np.float32(c[j]) * step) + np.float64(c1[j]) * step64)
+                continue
             for j in range(width):
                 o[j] = np.float32(c[j]) * step
             for w in range(1, world):
