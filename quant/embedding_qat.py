@@ -55,6 +55,7 @@ class EmbeddingFakeQuantizer(nn.Module):
         # (not data-parallel) TBE sees every id that touches its rows, so a refresh rescans only those rows and
         # then takes the max of one float per row instead of reading the whole table.
         self._row_max: dict[int, torch.Tensor] = {}
+        self._blocks: dict[int, torch.Tensor] = {}  # CPU: max of _row_max per 64 rows (qat_kernels.BLOCK)
         self._seen: dict[int, torch.Tensor] = {}  # rows looked up since the last refresh, per layout (seen_rows)
         self._incremental = [granularity == "table" and len(set(lay.local_dims)) == 1
                              and not isinstance(getattr(lay.tbe, "weights", None), torch.Tensor)
@@ -85,6 +86,7 @@ class EmbeddingFakeQuantizer(nn.Module):
     def enabled(self, value: bool) -> None:
         if not value:  # rows change unseen while fake-quant is off: the next refresh rescans everything
             self._row_max.clear()
+            self._blocks.clear()
             self._seen.clear()
         self._enabled = value
 
@@ -97,22 +99,24 @@ class EmbeddingFakeQuantizer(nn.Module):
         compiled = rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.is_contiguous()
         if incremental and known is not None:
             seen = self._seen[i]
-            if compiled and seen.dtype == torch.uint8:  # one pass over the bitset, which it also clears
-                qat_kernels.refresh_row_maxima(rows.numpy(), known.numpy(), seen.numpy())
+            if compiled and seen.dtype == torch.uint8 and i in self._blocks:  # one pass over the bitset (cleared)
+                qat_kernels.refresh_row_maxima(rows.numpy(), known.numpy(), seen.numpy(), self._blocks[i].numpy())
                 return known
             seen = self.seen_rows(i)
             known[seen] = _row_absmax(rows[seen])
         elif compiled:  # once per job (and after fake-quant was off): one float per row
             known = torch.empty(rows.shape[0])
-            qat_kernels.refresh_row_maxima(rows.numpy(), known.numpy(), _EMPTY_U8)
-            self._row_max[i] = known
+            blocks = torch.empty(-(-rows.shape[0] // qat_kernels.BLOCK))
+            qat_kernels.refresh_row_maxima(rows.numpy(), known.numpy(), _EMPTY_U8, blocks.numpy())
+            self._row_max[i], self._blocks[i] = known, blocks
         else:
             known = torch.empty(rows.shape[0], device=rows.device)
             for start in range(0, rows.shape[0], 1 << 18):
                 known[start:start + (1 << 18)] = _row_absmax(rows[start:start + (1 << 18)])
             self._row_max[i] = known
-        self._seen[i] = torch.zeros((rows.shape[0] + 7) // 8, dtype=torch.uint8) if rows.device.type == "cpu" \
-            else torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+        # CPU: a bitset of whole 64-bit words (one per block of row maxima); elsewhere a bool per row.
+        self._seen[i] = torch.zeros(-(-rows.shape[0] // qat_kernels.BLOCK) * 8, dtype=torch.uint8) \
+            if rows.device.type == "cpu" else torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
         return known
 
     def seen_rows(self, i: int) -> torch.Tensor:
@@ -139,6 +143,15 @@ class EmbeddingFakeQuantizer(nn.Module):
             if incremental and self._incremental[i]:
                 row_max, d = self._rows_max(i, incremental), lay.local_dims[0]
                 starts = lay.weights_offsets().to("cpu", torch.long) // d
+                if i in self._blocks:  # CPU: per table from the 64-row block maxima and the rows at its ends
+                    maxima = np.zeros(len(lay.local_rows), dtype=np.float32)
+                    qat_kernels.table_maxima(row_max.numpy(), self._blocks[i].numpy(),
+                                             starts[:len(lay.local_rows)].numpy(),
+                                             np.asarray(lay.local_rows, dtype=np.int64), maxima)
+                    for t, g in enumerate(gidx.tolist()):
+                        if lay.local_rows[t]:
+                            alpha[g] = torch.maximum(alpha[g], torch.tensor(maxima[t]))
+                    continue
                 for t, g in enumerate(gidx.tolist()):
                     if lay.local_rows[t]:
                         first = int(starts[t])

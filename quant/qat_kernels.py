@@ -90,21 +90,55 @@ def mark_rows(seen, rows):  # pragma: no cover - compiled
         seen[r >> 3] |= np.uint8(1 << (r & 7))
 
 
+BLOCK = 64
+"""Rows per block maximum: one 64-bit word of the seen-rows bitset."""
+
+
 @njit(cache=True, nogil=True)
-def refresh_row_maxima(rows, known, seen):  # pragma: no cover - compiled
+def refresh_row_maxima(rows, known, seen, blocks):  # pragma: no cover - compiled
     """``known[r] = max |rows[r]|`` for every row whose bit is set in the bitset ``seen`` (then cleared), or for
-    every row when ``seen`` is empty (on bit patterns, ``_abs_max_pattern``)."""
+    every row when ``seen`` is empty (on bit patterns, ``_abs_max_pattern``); ``blocks[b]`` is then the maximum of
+    ``known`` over rows ``[64 b, 64 b + 64)``, recomputed only for the blocks holding a refreshed row. ``seen`` is
+    a whole number of 64-bit words (bit ``r & 63`` of word ``r >> 6``, little-endian: the same bits as bit ``r & 7``
+    of byte ``r >> 3``), scanned a word at a time."""
     patterns = rows.view(np.int32)
     maxima = known.view(np.int32)
+    block_bits = blocks.view(np.int32)
+    n = rows.shape[0]
     if seen.shape[0] == 0:
-        for r in range(rows.shape[0]):
+        for r in range(n):
             maxima[r] = _abs_max_pattern(patterns[r])
+        for b in range(blocks.shape[0]):
+            block_bits[b] = _abs_max_pattern(maxima[b * BLOCK:min((b + 1) * BLOCK, n)])
         return
-    for b in range(seen.shape[0]):
-        byte = seen[b]
-        if byte == 0:
+    words = seen.view(np.uint64)
+    for b in range(words.shape[0]):
+        word = words[b]
+        if word == 0:
             continue
-        seen[b] = 0
-        for bit in range(8):
-            if byte & (1 << bit):
-                maxima[b * 8 + bit] = _abs_max_pattern(patterns[b * 8 + bit])
+        words[b] = 0
+        base = b * BLOCK
+        for bit in range(BLOCK):
+            if (word >> np.uint64(bit)) & np.uint64(1):
+                maxima[base + bit] = _abs_max_pattern(patterns[base + bit])
+        block_bits[b] = _abs_max_pattern(maxima[base:min(base + BLOCK, n)])
+
+
+@njit(cache=True, nogil=True)
+def table_maxima(known, blocks, starts, counts, out):  # pragma: no cover - compiled
+    """``out[t] = max(known[starts[t]:starts[t] + counts[t]])`` (0 for an empty table), from the block maxima for
+    the blocks wholly inside the table and from ``known`` for the rows at its two ends (on bit patterns)."""
+    maxima = known.view(np.int32)
+    block_bits = blocks.view(np.int32)
+    result = out.view(np.int32)
+    for t in range(starts.shape[0]):
+        lo, hi = starts[t], starts[t] + counts[t]
+        first, last = (lo + BLOCK - 1) // BLOCK, hi // BLOCK  # the blocks wholly inside [lo, hi)
+        if first >= last:
+            result[t] = _abs_max_pattern(maxima[lo:hi])
+            continue
+        m = _abs_max_pattern(block_bits[first:last])
+        a = _abs_max_pattern(maxima[lo:first * BLOCK])
+        c = _abs_max_pattern(maxima[last * BLOCK:hi])
+        m = a if a > m else m
+        result[t] = c if c > m else m

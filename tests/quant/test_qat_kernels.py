@@ -96,19 +96,46 @@ def test_compiled_row_maxima_refresh_reads_exactly_the_marked_rows():
     from quant.embedding_qat import _row_absmax
 
     gen = torch.Generator().manual_seed(0)
-    rows = torch.randn(1003, 16, generator=gen) * 10.0 ** torch.randint(-40, 30, (1003, 1), generator=gen)
+    n = 1003  # not a whole number of 64-row blocks
+    rows = torch.randn(n, 16, generator=gen) * 10.0 ** torch.randint(-40, 30, (n, 1), generator=gen)
     rows[5] = -0.0
     rows[6, 3] = float("-inf")
     expected = _row_absmax(rows)
-    full = torch.full((1003,), -1.0)
-    qat_kernels.refresh_row_maxima(rows.numpy(), full.numpy(), np.zeros(0, dtype=np.uint8))
-    assert torch.equal(full, expected)
-    marked = torch.tensor([0, 5, 6, 7, 8, 500, 1002])
-    seen = np.zeros((1003 + 7) // 8, dtype=np.uint8)
+    blocks_of = lambda m: torch.stack([m[b:b + 64].max() for b in range(0, n, 64)])  # noqa: E731
+    full, blocks = torch.full((n,), -1.0), torch.full((16,), -1.0)
+    qat_kernels.refresh_row_maxima(rows.numpy(), full.numpy(), np.zeros(0, dtype=np.uint8), blocks.numpy())
+    assert torch.equal(full, expected) and torch.equal(blocks, blocks_of(expected))
+    marked = torch.tensor([0, 5, 6, 7, 8, 63, 64, 500, 1002])
+    seen = np.zeros(16 * 8, dtype=np.uint8)
     qat_kernels.mark_rows(seen, marked.numpy())
-    some = torch.full((1003,), -1.0)
-    qat_kernels.refresh_row_maxima(rows.numpy(), some.numpy(), seen)
-    assert torch.equal(some[marked], expected[marked])
-    untouched = torch.ones(1003, dtype=torch.bool)
-    untouched[marked] = False
-    assert (some[untouched] == -1.0).all() and not seen.any()  # only marked rows read; the bitset is cleared
+    some = full.clone()
+    some[marked] = -1.0
+    rows[marked] *= 2  # the marked rows changed since the full scan
+    qat_kernels.refresh_row_maxima(rows.numpy(), some.numpy(), seen, blocks.numpy())
+    now = _row_absmax(rows)
+    assert torch.equal(some, now) and torch.equal(blocks, blocks_of(now)) and not seen.any()
+    rows[1] *= 4  # unmarked: neither its row maximum nor its block is reread
+    qat_kernels.refresh_row_maxima(rows.numpy(), some.numpy(), seen, blocks.numpy())
+    assert torch.equal(some, now) and torch.equal(blocks, blocks_of(now))
+
+
+def test_compiled_table_maxima_from_blocks_and_ends_equal_plain_maxima():
+    import numpy as np
+
+    from quant import qat_kernels
+
+    gen = torch.Generator().manual_seed(1)
+    n = 1000
+    known = torch.rand(n, generator=gen) * 10.0 ** torch.randint(-30, 30, (n,), generator=gen)
+    blocks = torch.stack([known[b:b + 64].max() for b in range(0, n, 64)])
+    tables = [(0, 1), (1, 62), (63, 2), (65, 300), (365, 0), (365, 635)]  # ends inside, at and across blocks
+    starts = np.array([a for a, _ in tables], dtype=np.int64)
+    counts = np.array([c for _, c in tables], dtype=np.int64)
+    out = np.full(len(tables), -1.0, dtype=np.float32)
+    qat_kernels.table_maxima(known.numpy(), blocks.numpy(), starts, counts, out)
+    for t, (a, c) in enumerate(tables):
+        assert out[t] == (known[a:a + c].max().item() if c else 0.0), (a, c)
+    known[700] = float("nan")  # a NaN row maximum wins, as in torch's max
+    blocks[700 // 64] = float("nan")
+    qat_kernels.table_maxima(known.numpy(), blocks.numpy(), starts, counts, out)
+    assert np.isnan(out[-1]) and not np.isnan(out[:-1]).any()
