@@ -1,8 +1,10 @@
 """Serving throughput on CPU: the exported INT4 artifact against the same model with FP32 tables, at batch 2048.
 
-Both are exported by the same code path (TorchRec inference EBC on FBGEMM's IntN TBE, TorchScript), so only the
-precision differs; the eager FP32 training-side DLRM is reported as well. Same batches, variants alternated,
-medians over repetitions.
+The INT8, INT4 and FP32 rows are exported by the same code path (TorchRec inference EBC on FBGEMM's IntN TBE,
+``quant.export.ServingDLRM``, TorchScript), so only the precision differs. The last row is the FP32 model run
+through TorchRec's own ``DLRM.forward`` (same modules, scripted the same way), the forward the exported artifacts
+used before ``ServingDLRM`` composed the modules with fewer copies. Same batches, variants alternated, medians over
+repetitions.
 
     python -m bench.inference [--run-dir runs/default-...] [--batches 20] [--reps 5]
 
@@ -32,6 +34,7 @@ from quant.export import export, load_with_manifest
 from sharding.plan import plan_sharding, shard_model
 
 BATCH = 2048
+TORCHREC = "fp32, DLRM.forward"
 
 
 def _artifacts(cfg, out: Path) -> dict[str, Path]:
@@ -50,7 +53,7 @@ def _artifacts(cfg, out: Path) -> dict[str, Path]:
     return paths, model
 
 
-def _fp32_artifact(cfg, model, out: Path) -> Path:
+def _fp32_artifact(cfg, model, out: Path):
     """The same export path with FP32 tables and MLPs (TorchRec inference EBC, DataType.FP32)."""
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -72,7 +75,25 @@ def _fp32_artifact(cfg, model, out: Path) -> Path:
                 over_arch_layer_sizes=list(cfg.model.over_arch))
     dlrm.dense_arch = integer_mlp(inner.model.dense_arch, 0)
     dlrm.over_arch = integer_mlp(inner.model.over_arch, 0)
-    return export(dlrm, FEATURE_NAMES, out / "fp32.pt", {"num_embeddings": list(cfg.model.num_embeddings)})
+    return dlrm, export(dlrm, FEATURE_NAMES, out / "fp32.pt", {"num_embeddings": list(cfg.model.num_embeddings)})
+
+
+class _TorchRecForward(torch.nn.Module):
+    """The DLRM called as TorchRec defines it (``DLRM.forward``), behind the artifact's plain-tensor signature."""
+
+    def __init__(self, dlrm, feature_names) -> None:
+        super().__init__()
+        self.dlrm, self.feature_names = dlrm, list(feature_names)
+
+    def forward(self, dense, values, lengths):  # no annotations: this module's are strings, which FX would copy
+        from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+        return self.dlrm(dense, KeyedJaggedTensor(keys=self.feature_names, values=values, lengths=lengths)).squeeze(-1)
+
+
+def _torchrec_forward(dlrm):
+    """The FP32 artifact's DLRM, scripted behind ``DLRM.forward`` instead of ``ServingDLRM``."""
+    from torchrec.fx import symbolic_trace
+    return torch.jit.script(symbolic_trace(_TorchRecForward(dlrm.eval(), FEATURE_NAMES)))
 
 
 def _inputs(cfg, n):
@@ -105,10 +126,16 @@ def main() -> None:
     cfg = get_config("default")
     with tempfile.TemporaryDirectory() as tmp:
         paths, model = _artifacts(cfg, Path(tmp))
-        paths["fp32"] = _fp32_artifact(cfg, model, Path(tmp))
+        fp32_dlrm, paths["fp32"] = _fp32_artifact(cfg, model, Path(tmp))
         modules = {name: load_with_manifest(path)[0] for name, path in paths.items()}
         sizes = {name: path.stat().st_size for name, path in paths.items()}
+        modules[TORCHREC] = _torchrec_forward(fp32_dlrm)
+        sizes[TORCHREC] = sizes["fp32"]
         inputs = _inputs(cfg, args.batches)
+        with torch.no_grad():  # the two FP32 forwards give the same logits
+            a, b = modules["fp32"](*inputs[0]), modules[TORCHREC](*inputs[0])
+        if not torch.equal(a, b):
+            raise AssertionError(f"ServingDLRM and DLRM.forward differ by {(a - b).abs().max().item():.3g}")
         for m in modules.values():
             _time(m, inputs[:2])
         times = {name: [] for name in modules}
@@ -117,13 +144,17 @@ def main() -> None:
                 times[name].append(_time(m, inputs))
     rows = []
     fp32 = median(times["fp32"])
-    for name in ("fp32", "int8", "int4"):
+    for name in ("fp32", "int8", "int4", TORCHREC):
         t = median(times[name])
         rows.append({"model": name, "samples_per_s": 1 / t, "speedup_vs_fp32": fp32 / t,
                      "artifact_mb": sizes[name] / 1e6, "size_vs_fp32": sizes[name] / sizes["fp32"]})
     print(table(rows, [("model", "model", "s"), ("samples_per_s", "samples/s", ".0f"),
                        ("speedup_vs_fp32", "x FP32", ".2f"), ("artifact_mb", "file MB", ".1f"),
                        ("size_vs_fp32", "size/FP32", ".3f")]))
+    by = {r["model"]: r for r in rows}
+    print(f"INT4 artifact / FP32 artifact (same serving path): {by['int4']['speedup_vs_fp32']:.2f}x; "
+          f"INT4 artifact / FP32 model through TorchRec's DLRM.forward: "
+          f"{by['int4']['samples_per_s'] / by[TORCHREC]['samples_per_s']:.2f}x; size {by['int4']['size_vs_fp32']:.3f}")
     print(f"json: {save('inference', {'batch': BATCH, 'threads': args.threads, 'rows': rows, 'raw_s': times})}")
 
 

@@ -6,6 +6,8 @@ activations), so the fake-quant layer and its integer counterpart ``QuantizedLin
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -74,7 +76,11 @@ class RowwiseWeightFakeQuant(nn.Module):
 
 
 class QuantizedLinear(nn.Module):
-    """Integer weights (int8 storage of INT-b codes) and fp32 row scales; dequantized in float at use."""
+    """Integer weights (int8 storage of INT-b codes) and fp32 row scales, dequantized in float (``codes * scale``,
+    the QAT forward's values) on first use and kept in memory, not in the state or the artifact; the artifact stores
+    the codes. (Exported as a leaf of the FX trace, so that TorchScript keeps the cache.)"""
+
+    dequantized: Optional[torch.Tensor]
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
         super().__init__()
@@ -82,9 +88,22 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+        self.dequantized = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.codes.to(torch.float32) * self.scale.unsqueeze(1), self.bias)
+        w = self.dequantized
+        if w is None or w.device != x.device:
+            w = self.codes.to(torch.float32) * self.scale.unsqueeze(1)
+            self.dequantized = w
+        return F.linear(x, w, self.bias)
+
+    def _apply(self, fn, recurse=True):  # moved or cast (.to(), .float(), ...): rebuilt at the next forward
+        self.dequantized = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.dequantized = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     @classmethod
     def from_linear(cls, linear: nn.Module, bits: int) -> "QuantizedLinear":
@@ -96,6 +115,9 @@ class QuantizedLinear(nn.Module):
         """Size in a packed layout: b-bit codes plus one fp32 scale per row, plus the fp32 bias."""
         rows, cols = self.codes.shape
         return rows * ((cols * self.bits + 7) // 8) + 4 * rows + (0 if self.bias is None else 4 * self.bias.numel())
+
+
+QuantizedLinear.__annotations__["dequantized"] = Optional[torch.Tensor]  # a type, not this module's string form
 
 
 class FakeQuantLinear(nn.Module):
