@@ -1,6 +1,7 @@
 """Does compressing every gradient exchange to INT8 cost accuracy? The default job (INT4 QAT, 5 epochs, 2 workers)
 uncompressed and with INT8 everywhere (TorchRec INT8 qcomms on the gradient all-to-alls, touched-rows INT8 for the
-data-parallel tables, INT8 MLP gradients with error feedback), through the real launcher; prints test AUC per epoch,
+data-parallel tables, even the small kernels ``comm.dp_whole_max_rows`` would all-reduce whole by default, INT8 MLP
+gradients with error feedback), through the real launcher; prints test AUC per epoch,
 the final difference and the bytes each rank sent per step. A run dir that already finished is reused.
 
     python -m bench.comm_auc [--runs-dir runs/comm_auc] [--nproc 2]
@@ -16,7 +17,8 @@ from bench.compare_quant import run
 
 VARIANTS = {
     "uncompressed": [],
-    "int8_everywhere": ["--set", "comm.qcomms=int8", "comm.dp_tables=touched_int8", "comm.dense=int8_ef"],
+    "int8_everywhere": ["--set", "comm.qcomms=int8", "comm.dp_tables=touched_int8", "comm.dense=int8_ef",
+                        "comm.dp_whole_max_rows=0"],
 }
 
 
