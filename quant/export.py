@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
-from torchrec.models.dlrm import DLRM
+from torchrec.models.dlrm import DLRM, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from quant.mlp_qat import QuantizedLinear
@@ -29,6 +29,8 @@ class ServingDLRM(nn.Module):
 
     def __init__(self, dlrm: DLRM, feature_names: List[str]) -> None:
         super().__init__()
+        if type(dlrm.inter_arch) is not InteractionArch:
+            raise TypeError(f"ServingDLRM reproduces torchrec's dot InteractionArch, not {type(dlrm.inter_arch)}")
         self.dlrm = dlrm
         self.feature_names = list(feature_names)
         f = dlrm.sparse_arch.F + 1  # the dense embedding and the sparse features
