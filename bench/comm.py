@@ -11,8 +11,9 @@ compressed step with every data-parallel kernel exchanging touched rows (``comm.
 kernels of at most 1024 rows, such as the Kaggle plan's 7 small tables with 101 rows in all, are all-reduced whole).
 Bytes are counted by instrumenting the collectives (what each rank hands to each, padding included). Times: the
 median step, and, since the shared machine's speed drifts over a run, the median and quartiles of the per-round
-ratio to dense (each round steps every variant once, so a round's ratio compares steps taken seconds apart); two
-warm-up rounds are not timed.
+ratio to dense (each round steps every variant once, starting from a different one, so a round's ratio compares
+steps taken milliseconds apart) with a bootstrap 95% interval of that median; two warm-up rounds are not timed.
+Runs differ by more than that interval (the machine's state between runs), so compare medians across runs too.
 
     python -m bench.comm [--models default,kaggle] [--steps 20,300]
 """
