@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import random_batches, save, table
+from bench.common import paired_ratio, random_batches, save, table
 from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
@@ -95,20 +95,10 @@ def _worker(rank, world_size, config_name, steps):
     for name, (_, _, kinds) in built.items():
         per_step = {k: v / steps for k, v in sorted(sent[name].items())}
         per_step["total"] = sum(sent[name].values()) / steps
-        ratios = [t / d for t, d in zip(times[name], times["dense FP32"])]
-        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+        r = paired_ratio(times[name], times["dense FP32"])
         results[name] = {"step_ms": 1e3 * statistics.median(times[name]), "bytes": per_step, "plan": kinds,
-                         "ratio_median": statistics.median(ratios), "ratio_q1": q1, "ratio_q3": q3,
-                         "ratio_ci95": _bootstrap_median_ci(ratios)}
+                         "ratio_median": r["median"], "ratio_q1": r["q1"], "ratio_q3": r["q3"], "ratio_ci95": r["ci95"]}
     return results
-
-
-def _bootstrap_median_ci(values: list[float], draws: int = 2000) -> tuple[float, float]:
-    """95% interval of the median by resampling the rounds (percentile bootstrap)."""
-    gen = torch.Generator().manual_seed(0)
-    v = torch.tensor(values, dtype=torch.float64)
-    medians = v[torch.randint(len(values), (draws, len(values)), generator=gen)].median(dim=1).values
-    return float(medians.quantile(0.025)), float(medians.quantile(0.975))
 
 
 def main() -> None:

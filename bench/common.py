@@ -32,6 +32,17 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def paired_ratio(xs: list[float], base: list[float], draws: int = 2000) -> dict:
+    """Median of the ratios ``xs[i] / base[i]`` of measurements taken side by side, its quartiles, and a 95% interval
+    of the median from resampling the pairs (percentile bootstrap)."""
+    ratios = torch.tensor([x / b for x, b in zip(xs, base)], dtype=torch.float64)
+    q1, q3 = (float(ratios.quantile(q)) for q in (0.25, 0.75))
+    picks = torch.randint(len(ratios), (draws, len(ratios)), generator=torch.Generator().manual_seed(0))
+    medians = ratios[picks].median(dim=1).values
+    return {"median": statistics.median(ratios.tolist()), "q1": q1, "q3": q3,
+            "ci95": (float(medians.quantile(0.025)), float(medians.quantile(0.975)))}
+
+
 def machine() -> dict:
     return {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
 

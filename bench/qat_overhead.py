@@ -1,7 +1,8 @@
 """QAT / FP32 training step-time ratio as tables grow (10^5, 10^6, 10^7 rows), beside a naive full-table fake-quant.
 
 One process, DMP at world size 1 on CPU, a DLRM whose 4 largest tables have N rows (22 small ones), the same
-random batches for every variant, variants alternated every 10 steps; medians over those chunks reported. At batch 128 (the
+random batches for every variant, variants alternated every 10 steps; medians over those chunks reported, and
+QAT/FP32 as the median of the chunk-by-chunk ratios with a bootstrap 95% interval of it. At batch 128 (the
 default and Kaggle jobs') and 2048 (the Terabyte job's): the QAT cost per step is mostly fixed (the MLP weights'
 fake-quant does not depend on the batch), so the ratio depends on it.
 
@@ -24,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import random_batches, median, save, table
+from bench.common import median, paired_ratio, random_batches, save, table
 from pipeline.config import ModelConfig, OptimConfig
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
@@ -88,6 +89,7 @@ def _measure(models, cards, batch, args, naive: bool) -> dict:
         if "naive" in variants:
             times["naive"].append(_time(*variants["naive"], batches[:args.naive_steps]))
     med = {v: median(t) for v, t in times.items()}
+    paired = paired_ratio(times["qat"], times["fp32"])  # chunk by chunk: the two ran seconds apart
     # The refresh as training runs it: after REFRESH_EVERY steps, rescan the rows looked up since the last one.
     qat_model, qat_opt = models["qat"]
     quantizer = embedding_quantizer(qat_model)
@@ -107,7 +109,8 @@ def _measure(models, cards, batch, args, naive: bool) -> dict:
     row = {"batch": batch, "fp32_ms": 1e3 * med["fp32"], "qat_ms": 1e3 * med["qat"],
            "refresh_ms": 1e3 * median(refresh), "first_refresh_ms": 1e3 * first_refresh,
            "naive_ms": 1e3 * med["naive"] if naive else float("nan"),
-           "qat_ratio": med["qat"] / med["fp32"], "qat_ratio_amortized": (med["qat"] + per_step) / med["fp32"],
+           "qat_ratio": paired["median"], "ci_lo": paired["ci95"][0], "ci_hi": paired["ci95"][1],
+           "qat_ratio_amortized": paired["median"] + per_step / med["fp32"],
            "naive_ratio": med["naive"] / med["fp32"] if naive else float("nan"), "raw_s": times}
     print(f"batch {batch}: fp32 {row['fp32_ms']:.2f} ms, qat {row['qat_ms']:.2f} ms (+ scale refresh "
           f"{row['refresh_ms']:.1f} ms every {REFRESH_EVERY} steps; the job's first one {row['first_refresh_ms']:.0f} "
@@ -137,7 +140,8 @@ def main() -> None:
     print(table(rows, [("rows_per_table", "rows/table", ",d"), ("batch", "batch", "d"),
                        ("fp32_ms", "fp32 ms/step", ".2f"), ("qat_ms", "qat ms/step", ".2f"),
                        ("refresh_ms", "refresh ms", ".1f"), ("naive_ms", "naive ms/step", ".2f"),
-                       ("qat_ratio", "qat/fp32", ".3f"), ("qat_ratio_amortized", "+refresh/200", ".3f"),
+                       ("qat_ratio", "qat/fp32", ".3f"), ("ci_lo", "95% lo", ".3f"), ("ci_hi", "95% hi", ".3f"),
+                       ("qat_ratio_amortized", "+refresh/200", ".3f"),
                        ("naive_ratio", "naive/fp32", ".2f")]))
     print(f"json: {save('qat_overhead', {'batch': sizes, 'steps': args.steps, 'reps': args.reps, 'rows': rows})}")
 
