@@ -293,9 +293,23 @@ class _Int8Bucket:
         self.rows = first
         self.segment_array = np.array([s[1:] for s in self.segments], dtype=np.int64).reshape(-1, 4)
         self.err = torch.zeros(n, device=dev)
-        self.x, self.q = torch.empty(n, device=dev), torch.empty(n, device=dev)
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch codec's; the compiled one needs none
         self.payload = torch.empty(4 * first + n, dtype=torch.uint8, device=dev)
         self.gathered = torch.empty(world, 4 * first + n, dtype=torch.uint8, device=dev)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.scratch()[0]
+
+    @property
+    def q(self) -> torch.Tensor:
+        return self.scratch()[1]
+
+    def scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two work buffers of the bucket's size, made on first use."""
+        if self._scratch is None:
+            self._scratch = (torch.empty_like(self.err), torch.empty_like(self.err))
+        return self._scratch
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [flat[o:o + k].view(r, -1) for _, o, k, _, r in self.segments]
