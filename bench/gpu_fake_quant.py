@@ -72,7 +72,7 @@ def check_equal(device) -> dict:
             q.to(dev)
             q.update_scales()
             kw = _inputs(rows, batch, dev)
-            results[(dev, gran)] = q._correction(0, kw, torch.zeros(batch, 3 * dim, device=dev)).cpu()
+            results[(dev, gran)] = q.corrected(0, kw, torch.zeros(batch, 3 * dim, device=dev)).cpu()
             q.remove()
     for gran in ("table", "row"):
         diff = (results[(device, gran)] - results[("cpu", gran)]).abs().max().item()
@@ -90,11 +90,11 @@ def time_correction(device, rows_per_table, batch=2048, steps=50) -> dict:
     out = torch.zeros(batch, 64, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(5):
-        q._correction(0, kw, out)
+        q.corrected(0, kw, out)
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        q._correction(0, kw, out)
+        q.corrected(0, kw, out)
     sync()
     per = (time.perf_counter() - t0) / steps
     t0 = time.perf_counter()

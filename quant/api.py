@@ -9,7 +9,7 @@ from torch import nn
 
 from quant.embedding_qat import EmbeddingFakeQuantizer, attach_embedding_qat
 from quant.fake_quant import SUPPORTED_BITS
-from quant.mlp_qat import RowwiseWeightFakeQuant, fake_quantize_linears
+from quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears
 from quant.tbe import table_configs
 
 QUANTIZER_NAME = "embedding_fake_quant"
@@ -68,8 +68,9 @@ def quantize_(model: nn.Module, config: QATConfig, *, pg: dist.ProcessGroup | No
     inner = model.module if hasattr(model, "module") else model
     spec = config.spec
     if spec.mlp_bits:
-        fake_quantize_linears(inner.model.dense_arch, spec.mlp_bits)
-        fake_quantize_linears(inner.model.over_arch, spec.mlp_bits)
+        group = FakeQuantGroup(spec.mlp_bits)  # both arches' weights fake-quantized in one call per step
+        fake_quantize_linears(inner.model.dense_arch, spec.mlp_bits, group)
+        fake_quantize_linears(inner.model.over_arch, spec.mlp_bits, group)
     names = [t.name for t in table_configs(model)]
     bits = {n: spec.bits_for(n) for n in names}
     if any(bits.values()):

@@ -185,10 +185,15 @@ class EmbeddingFakeQuantizer(nn.Module):
 
     def _make_hook(self, i: int):
         def hook(module, args, kwargs, output):
-            if not self.enabled:
-                return output
-            return output + self._correction(i, kwargs, output)
+            return self.corrected(i, kwargs, output) if self.enabled else output
         return hook
+
+    def corrected(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """Layout ``i``'s TBE output plus the fake-quant correction of the rows it pooled (``kwargs``: the TBE's
+        indices, offsets and per-sample weights): ``output`` itself, written in place, on the compiled CPU path;
+        ``output + correction`` otherwise. Either way its gradient is the TBE's (straight through)."""
+        corr = self._correction(i, kwargs, output)
+        return output if corr is None else output + corr
 
     def _table_grid(self, i: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
         """Per local table of layout ``i``: (scale, 1/scale, bias, qmax), recomputed only when the scales change."""
@@ -236,13 +241,14 @@ class EmbeddingFakeQuantizer(nn.Module):
         return have[:n]
 
     @torch.no_grad()
-    def _correction(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
-        """``pool(FQ(W_touched) - W_touched)`` in the TBE's output layout (features side by side per sample)."""
+    def _correction(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        """``pool(FQ(W_touched) - W_touched)`` in the TBE's output layout (features side by side per sample), or
+        ``None`` where it was added to ``output`` in place."""
         if len(set(self._layouts[i].local_dims)) == 1:
             return self._correction_uniform(i, kwargs, output)
         return self._correction_mixed(i, kwargs, output)
 
-    def _correction_uniform(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def _correction_uniform(self, i: int, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         """All tables of the TBE have one width ``d``: few, large tensor ops (the per-step cost is op dispatch).
         Rows come from a (rows, d) view of the flat buffer; each index's grid is its feature's; the deltas are
         pooled per bag by ``embedding_bag`` over the TBE's own offsets (bags are feature-major)."""
@@ -251,17 +257,18 @@ class EmbeddingFakeQuantizer(nn.Module):
         flat = lay.flat_weights()
         psw = kwargs.get("per_sample_weights")
         if self.compiled and self.granularity == "table" and dev.type == "cpu" and \
-                flat.dtype == output.dtype == torch.float32 \
+                flat.dtype == output.dtype == torch.float32 and output.is_contiguous() \
                 and (psw is None or psw.dtype == torch.float32):
-            # One compiled call, the same bits as the torch ops below (quant.qat_kernels).
-            corr = torch.empty_like(output)
+            # One compiled call, the same bits as the torch ops below (quant.qat_kernels), adding the correction to
+            # the TBE's output in place: no autograd op (its gradient is the identity, the STE), and nothing
+            # allocated. The TBE's backward does not read its output, and the write does not bump its version.
             seen = self._seen.get(i)
             qat_kernels.embedding_correction(
                 kwargs["indices"].numpy(), kwargs["offsets"].numpy(), flat.detach().view(-1, d).numpy(),
                 lay.first_rows(dev).numpy(), self._per_feature(i, dev).numpy(),
                 _EMPTY_F32 if psw is None else psw.detach().numpy(), _EMPTY_U8 if seen is None else seen.numpy(),
-                corr.view(output.shape[0], -1).numpy())
-            return corr
+                output.detach().view(output.shape[0], -1).numpy())
+            return None
         st = self._static(i, dev)
         indices, offsets = kwargs["indices"].long(), kwargs["offsets"].long()
         features = st["ftm"].numel()

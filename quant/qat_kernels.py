@@ -25,33 +25,58 @@ def _abs_max_pattern(row):  # pragma: no cover - compiled
     return m
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _fake_quant_row(row, dst, maximum, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - compiled
+    """``dst = clamp(rint(row * (1 / s)), qmin, qmax) * s`` with ``s = max(maximum * inv_qmax, tiny)``."""
+    s = maximum * inv_qmax
+    s = tiny if s < tiny else s
+    inv = np.float32(1) / s
+    for c in range(row.shape[0]):
+        q = np.rint(row[c] * inv)
+        q = qmin if q < qmin else q
+        q = qmax if q > qmax else q
+        dst[c] = q * s
+
+
 @njit(cache=True, nogil=True)
 def mlp_fake_quant(w, out, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - compiled
     """``out = clamp(rint(w * (1 / s)), qmin, qmax) * s`` per row, ``s = max(max|row| * inv_qmax, tiny)``: the
     arithmetic of ``quant.mlp_qat.row_scales``/``row_codes`` (a 2-D float32 ``w``, C-contiguous); row maxima on
     the bit patterns (``_abs_max_pattern``)."""
-    rows, cols = w.shape
+    rows = w.shape[0]
     patterns = w.view(np.int32)
     bits = np.empty(rows, dtype=np.int32)
     for r in range(rows):
         bits[r] = _abs_max_pattern(patterns[r])
     maxima = bits.view(np.float32)
     for r in range(rows):
-        s = maxima[r] * inv_qmax
-        s = tiny if s < tiny else s
-        inv = np.float32(1) / s
-        row, dst = w[r], out[r]
-        for c in range(cols):
-            q = np.rint(row[c] * inv)
-            q = qmin if q < qmin else q
-            q = qmax if q > qmax else q
-            dst[c] = q * s
+        _fake_quant_row(w[r], out[r], maxima[r], inv_qmax, qmin, qmax, tiny)
+
+
+@njit(cache=True, nogil=True)
+def mlp_fake_quant_flat(flat, layers, inv_qmax, qmin, qmax, tiny):  # pragma: no cover - compiled
+    """``mlp_fake_quant`` in place on several matrices laid end to end in the 1-D ``flat``: ``layers[i] =
+    (offset, rows, cols)``. One call for every MLP layer of a model (per call, the dispatch costs more than the
+    arithmetic). Rows are 1-D slices of ``flat`` (a reshaped 2-D view is not known to be contiguous, and the
+    compiler then leaves the loops scalar)."""
+    patterns = flat.view(np.int32)
+    bits = np.empty(np.max(layers[:, 1]), dtype=np.int32)
+    maxima = bits.view(np.float32)
+    for i in range(layers.shape[0]):
+        start, rows, cols = layers[i, 0], layers[i, 1], layers[i, 2]
+        for r in range(rows):
+            a = start + r * cols
+            bits[r] = _abs_max_pattern(patterns[a:a + cols])
+        for r in range(rows):
+            a = start + r * cols
+            row = flat[a:a + cols]
+            _fake_quant_row(row, row, maxima[r], inv_qmax, qmin, qmax, tiny)
 
 
 @njit(cache=True, nogil=True)
 def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen, out):  # pragma: no cover
-    """``out[s, f*d:(f+1)*d] = sum over the bag (f, s) of (FQ(w) - w) * weight`` for a TBE of width ``d`` with
-    feature-major bags, FBGEMM's arithmetic per element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``,
+    """``out[s, f*d:(f+1)*d] += sum over the bag (f, s) of (FQ(w) - w) * weight`` (the bag's sum first, then one
+    add: the bits of ``out + pooled``) for a TBE of width ``d`` with feature-major bags, FBGEMM's arithmetic per element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``,
     ``FQ(w) = code * scale + bias``. ``rows`` is the (rows, d) weight view, ``first_row[f]`` the first row of
     feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) is used and ``seen`` (a
     bitset of rows, bit ``r & 7`` of byte ``r >> 3``) is marked when not empty."""
@@ -60,12 +85,12 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen,
     d = rows.shape[1]
     weighted = weights.shape[0] > 0
     mark = seen.shape[0] > 0
+    o = np.empty(d, dtype=out.dtype)
     for f in range(features):
         bias, inv, scale, qmax = grid[f, 0], grid[f, 1], grid[f, 2], grid[f, 3]
         base = first_row[f]
         col = f * d
         for s in range(batch):
-            o = out[s, col:col + d]
             for k in range(d):
                 o[k] = 0
             for p in range(offsets[f * batch + s], offsets[f * batch + s + 1]):
@@ -81,6 +106,9 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen,
                     if weighted:
                         v = v * weights[p]
                     o[k] += v
+            dst = out[s, col:col + d]
+            for k in range(d):
+                dst[k] += o[k]
 
 
 @njit(cache=True, nogil=True)

@@ -75,12 +75,12 @@ def _correction_both_ways(rank, world_size, data_dir):
     indices = (torch.rand(int(offsets[-1]), generator=gen) * rows).long()
     kwargs = {"indices": indices, "offsets": offsets,
               "per_sample_weights": torch.rand(indices.numel(), generator=gen) * 3}
-    output = torch.zeros(batch_size, features * d)
+    output = torch.randn(batch_size, features * d, generator=gen)  # the pooled rows the correction is added to
     got = {}
     for compiled in (False, True):
         quantizer.compiled = compiled
-        got[compiled] = quantizer._correction(0, kwargs, output)
-    assert torch.equal(got[True], got[False]) and got[True].abs().sum() > 0
+        got[compiled] = quantizer.corrected(0, kwargs, output.clone())
+    assert torch.equal(got[True], got[False]) and not torch.equal(got[True], output)
     return checked
 
 
@@ -139,3 +139,42 @@ def test_compiled_table_maxima_from_blocks_and_ends_equal_plain_maxima():
     blocks[700 // 64] = float("nan")
     qat_kernels.table_maxima(known.numpy(), blocks.numpy(), starts, counts, out)
     assert np.isnan(out[-1]) and not np.isnan(out[:-1]).any()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grouped_mlp_fake_quant_is_per_layer_fake_quant_and_follows_weight_updates(bits):
+    import copy
+
+    from quant.mlp_qat import FakeQuantLinear, fake_quant_weight, fake_quantize_linears
+
+    torch.manual_seed(bits)
+    mlp = torch.nn.Sequential(torch.nn.Linear(13, 24), torch.nn.ReLU(), torch.nn.Linear(24, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 1))
+    plain = copy.deepcopy(mlp)
+    assert fake_quantize_linears(mlp, bits) == 3
+    layers = [m for m in mlp if isinstance(m, FakeQuantLinear)]
+    assert layers[0]._group is layers[2]._group and len(layers[0]._group.layers) == 3
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    for step in range(3):
+        x = torch.randn(32, 13)
+        # The reference: each layer fake-quantized on its own (the per-layer compiled call, clone's identity grad).
+        ref = x
+        for m in plain:
+            ref = torch.nn.functional.linear(ref, fake_quant_weight(m.weight, bits), m.bias) \
+                if isinstance(m, torch.nn.Linear) else m(ref)
+        out = mlp(x)
+        assert torch.equal(out, ref)
+        for layer, m in zip(layers, [m for m in plain if isinstance(m, torch.nn.Linear)]):
+            assert torch.equal(layer._group.weight(layer._index), fake_quant_weight(m.weight.detach(), bits))
+        opt.zero_grad(), ref_opt.zero_grad()
+        out.square().mean().backward()
+        ref.square().mean().backward()
+        for a, b in zip(mlp.parameters(), plain.parameters()):
+            assert torch.equal(a.grad, b.grad)  # the straight-through gradient, slice by slice
+        opt.step(), ref_opt.step()  # new weight versions: the next forward fake-quantizes the new weights
+    with torch.no_grad():  # an in-place write to one weight is seen (its version changes)
+        layers[1].weight.mul_(-2.0)
+        assert torch.equal(layers[1]._group.weight(1), fake_quant_weight(layers[1].weight, bits))
+    clone = copy.deepcopy(mlp)  # the cached graph outputs are not copied (a non-leaf tensor cannot be)
+    assert torch.equal(clone(x), mlp(x))
