@@ -4,12 +4,12 @@ The INT8, INT4 and FP32 rows are exported by the same code path (TorchRec infere
 ``quant.export.ServingDLRM``, TorchScript), so only the precision differs. The last row is the FP32 model run
 through TorchRec's own ``DLRM.forward`` (same modules, scripted the same way), the forward the exported artifacts
 used before ``ServingDLRM`` composed the modules with fewer copies. Same batches, variants alternated, medians over
-repetitions.
+repetitions. Then a profile of a few batches splits the FP32 and INT4 artifacts' time into table lookups, MLPs,
+interaction and the rest: precision changes only the lookups' cost, which bounds what INT4 can gain here.
 
-    python -m bench.inference [--run-dir runs/default-...] [--batches 20] [--reps 5]
+    python -m bench.inference [--batches 20] [--reps 5] [--threads N]
 
-Without --run-dir, a model is built from the `default` config with random weights (sizes and speed do not depend on
-training).
+The model is built from the `default` config with random weights (sizes and speed do not depend on training).
 """
 
 from __future__ import annotations
@@ -115,6 +115,34 @@ def _time(module, inputs):
     return (time.perf_counter() - t0) / (len(inputs) * BATCH)
 
 
+# Where a serving batch's time goes, by the ops the profiler names (self CPU time, summed over a few batches).
+_PARTS = {"embedding lookups (FBGEMM TBE)": ("int_nbit_split_embedding", "bounds_check_indices", "cumsum"),
+          "MLPs (addmm, relu)": ("aten::addmm", "aten::clamp_min", "aten::relu"),
+          "interaction (bmm, cat, index_select)": ("aten::bmm", "aten::cat", "aten::index_select")}
+
+
+@torch.no_grad()
+def _breakdown(module, inputs) -> dict[str, float]:
+    """Share of the profiled op time per part of the model (the rest: copies, fills, reshapes, and the TorchScript
+    interpreter's own time)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for x in inputs:
+            module(*x)
+    totals = {part: 0.0 for part in _PARTS}
+    everything = 0.0
+    for event in prof.key_averages():
+        everything += event.self_cpu_time_total
+        for part, names in _PARTS.items():
+            if any(n in event.key for n in names):
+                totals[part] += event.self_cpu_time_total
+                break
+    totals = {part: t / everything for part, t in totals.items()}
+    totals["other"] = 1.0 - sum(totals.values())
+    return totals
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=20, help="batches of 2048 per repetition")
@@ -142,6 +170,7 @@ def main() -> None:
         for _ in range(args.reps):
             for name, m in modules.items():
                 times[name].append(_time(m, inputs))
+        shares = {name: _breakdown(modules[name], inputs[:5]) for name in ("fp32", "int4")}
     rows = []
     fp32 = median(times["fp32"])
     for name in ("fp32", "int8", "int4", TORCHREC):
@@ -155,7 +184,14 @@ def main() -> None:
     print(f"INT4 artifact / FP32 artifact (same serving path): {by['int4']['speedup_vs_fp32']:.2f}x; "
           f"INT4 artifact / FP32 model through TorchRec's DLRM.forward: "
           f"{by['int4']['samples_per_s'] / by[TORCHREC]['samples_per_s']:.2f}x; size {by['int4']['size_vs_fp32']:.3f}")
-    print(f"json: {save('inference', {'batch': BATCH, 'threads': args.threads, 'rows': rows, 'raw_s': times})}")
+    parts = [{"part": part, "fp32": shares["fp32"][part], "int4": shares["int4"][part]} for part in shares["fp32"]]
+    print(table(parts, [("part", "share of the profiled batch time", "s"), ("fp32", "fp32", ".1%"),
+                        ("int4", "int4", ".1%")]))
+    lookups = shares["fp32"]["embedding lookups (FBGEMM TBE)"]
+    print(f"Precision changes only the table lookups (the MLPs run in float from dequantized weights): with lookups "
+          f"{lookups:.0%} of the FP32 batch, even free lookups would make the artifact at most "
+          f"{1 / (1 - lookups):.2f}x faster than FP32 through the same serving path.")
+    print(f"json: {save('inference', {'batch': BATCH, 'threads': args.threads, 'rows': rows, 'raw_s': times, 'shares': shares})}")
 
 
 if __name__ == "__main__":
