@@ -133,7 +133,12 @@ class FakeQuantGroup:
     views of it, so that autograd sees one ``copy_`` per layer and nothing else. A layer's result is reused while
     its weight is the same tensor at the same version (an optimizer step, ``load_state_dict`` or any in-place
     write bumps it) and autograd is in the same mode. Same bits as ``fake_quant_weight``; CPU float32 only
-    (elsewhere each layer falls back to it). Written here: no library has it."""
+    (elsewhere each layer falls back to it). Written here: no library has it.
+
+    A recomputation (new weights, or autograd switched on or off) while an earlier forward's graph still awaits
+    its backward rewrites the buffers that graph saved: that backward then stops with autograd's in-place error,
+    never a silently wrong gradient. Training loops (forward, backward, step; evaluation between steps) never do
+    this; several forwards before one backward with unchanged weights reuse the buffers as they are."""
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
