@@ -191,7 +191,8 @@ def main() -> None:
     print(f"Precision changes only the table lookups (the MLPs run in float from dequantized weights): with lookups "
           f"{lookups:.0%} of the FP32 batch, even free lookups would make the artifact at most "
           f"{1 / (1 - lookups):.2f}x faster than FP32 through the same serving path.")
-    print(f"json: {save('inference', {'batch': BATCH, 'threads': args.threads, 'rows': rows, 'raw_s': times, 'shares': shares})}")
+    payload = {"batch": BATCH, "threads": args.threads, "rows": rows, "raw_s": times, "shares": shares}
+    print(f"json: {save('inference', payload)}")
 
 
 if __name__ == "__main__":

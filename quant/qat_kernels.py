@@ -76,8 +76,8 @@ def mlp_fake_quant_flat(flat, layers, inv_qmax, qmin, qmax, tiny):  # pragma: no
 @njit(cache=True, nogil=True)
 def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen, out):  # pragma: no cover
     """``out[s, f*d:(f+1)*d] += sum over the bag (f, s) of (FQ(w) - w) * weight`` (the bag's sum first, then one
-    add: the bits of ``out + pooled``) for a TBE of width ``d`` with feature-major bags, FBGEMM's arithmetic per element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``,
-    ``FQ(w) = code * scale + bias``. ``rows`` is the (rows, d) weight view, ``first_row[f]`` the first row of
+    add: the bits of ``out + pooled``) for a TBE of width ``d`` with feature-major bags, FBGEMM's arithmetic per
+    element: ``code = min(max(rint((w - bias) * inv), 0), qmax)``, ``FQ(w) = code * scale + bias``. ``rows`` is the (rows, d) weight view, ``first_row[f]`` the first row of
     feature f's table, ``grid[f] = (bias, 1/scale, scale, qmax)``; ``weights`` (per id) is used and ``seen`` (a
     bitset of rows, bit ``r & 7`` of byte ``r >> 3``) is marked when not empty."""
     features = first_row.shape[0]
