@@ -249,14 +249,15 @@ class Int8ErrorFeedbackHook:
     def _encode(b: "_Int8Bucket", out: torch.Tensor) -> None:
         """Codes and steps into ``b.payload`` (``[steps as bytes][codes]``), the new error into ``b.err``."""
         rows = b.rows
-        x = torch.add(out, b.err, out=b.x)  # gradient + carried error (in fp32 whatever the gradients' dtype)
+        x, q = b.scratch()
+        torch.add(out, b.err, out=x)  # gradient + carried error (in fp32 whatever the gradients' dtype)
         views = b.views(x)
-        maxima = [a.amax(dim=1) for a in b.views(torch.abs(x, out=b.q))]  # q: scratch for |x|
+        maxima = [a.amax(dim=1) for a in b.views(torch.abs(x, out=q))]  # q: scratch for |x|
         step = int8_step(torch.cat(maxima) if maxima else x.new_zeros(0))
         b.payload[: 4 * rows] = step.view(torch.uint8)
         for (_, o, k, f, r), v in zip(b.segments, views):
-            torch.div(v, step[f:f + r].unsqueeze(1), out=b.q[o:o + k].view(r, -1))
-        q = b.q.round_()  # within [-127, 127] by int8_step's construction
+            torch.div(v, step[f:f + r].unsqueeze(1), out=q[o:o + k].view(r, -1))
+        q.round_()  # within [-127, 127] by int8_step's construction
         b.payload[4 * rows:].view(torch.int8).copy_(q)
         for (_, o, k, f, r), v in zip(b.segments, views):  # error = x - code * step
             torch.addcmul(v, q[o:o + k].view(r, -1), step[f:f + r].unsqueeze(1), value=-1,
@@ -268,7 +269,7 @@ class Int8ErrorFeedbackHook:
         rows = b.rows
         steps = b.gathered[:, : 4 * rows].reshape(-1).clone().view(torch.float32).view(world, -1).div_(world)
         codes = b.gathered[:, 4 * rows:].view(torch.int8)
-        mean = out if out.dtype == torch.float32 else b.x  # summed in fp32, rounded once
+        mean = out if out.dtype == torch.float32 else b.scratch()[0]  # summed in fp32, rounded once
         for _, o, k, f, r in b.segments:  # mean over ranks of code * step
             dst = mean[o:o + k].view(r, -1)
             torch.mul(codes[0, o:o + k].view(r, -1), steps[0, f:f + r].unsqueeze(1), out=dst)
@@ -297,16 +298,8 @@ class _Int8Bucket:
         self.payload = torch.empty(4 * first + n, dtype=torch.uint8, device=dev)
         self.gathered = torch.empty(world, 4 * first + n, dtype=torch.uint8, device=dev)
 
-    @property
-    def x(self) -> torch.Tensor:
-        return self.scratch()[0]
-
-    @property
-    def q(self) -> torch.Tensor:
-        return self.scratch()[1]
-
     def scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two work buffers of the bucket's size, made on first use."""
+        """The torch codec's two work buffers of the bucket's size (x and its codes), made on first use."""
         if self._scratch is None:
             self._scratch = (torch.empty_like(self.err), torch.empty_like(self.err))
         return self._scratch

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def encode(grad, err, segments, steps, codes, tiny):  # pragma: no cover - compiled
     """``x = grad + err``; per row ``step = max(max|x| / 127, tiny)``, ``code = rint(x / step)`` (as int8) and
