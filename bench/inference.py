@@ -53,8 +53,9 @@ def _artifacts(cfg, out: Path) -> dict[str, Path]:
     return paths, model
 
 
-def _fp32_artifact(cfg, model, out: Path):
-    """The same export path with FP32 tables and MLPs (TorchRec inference EBC, DataType.FP32)."""
+def _fp32_artifact(cfg, model, out: Path) -> tuple[torch.nn.Module, Path]:
+    """The same export path with FP32 tables and MLPs (TorchRec inference EBC, DataType.FP32): the DLRM and its
+    artifact."""
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC

@@ -49,12 +49,17 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def _compiled_ok(w: torch.Tensor) -> bool:
+    """Whether ``quant.qat_kernels`` can fake-quantize ``w`` (a contiguous float32 CPU matrix)."""
+    return w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous()
+
+
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     """``codes * scale`` of ``w`` with a straight-through gradient. A float32 CPU matrix takes one compiled call
     (``quant.qat_kernels``, the same bits as ``_StraightThrough``) written into ``w.clone()``: the clone's backward
     is the identity, one C++ autograd node where a Python ``Function`` costs more than the arithmetic at MLP sizes.
     (Nothing saved for the clone's backward reads the overwritten values.)"""
-    if w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2 and w.is_contiguous():
+    if _compiled_ok(w):
         out = w.clone()
         half = 2 ** (bits - 1)
         qat_kernels.mlp_fake_quant(w.detach().numpy(), out.detach().numpy(), np.float32(1.0 / (half - 1)),
@@ -178,9 +183,10 @@ class FakeQuantGroup:
         w = self.layers[index].weight
         if self._keys and self._keys[index] == self._key(w):
             return self._buffers[index]
+        if not _compiled_ok(w):
+            return fake_quant_weight(w, self.bits)
         weights = [layer.weight for layer in self.layers]
-        if not all(p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
-                   for p in weights):
+        if not all(map(_compiled_ok, weights)):  # a group split across devices or dtypes
             self._reset()
             return fake_quant_weight(w, self.bits)
         if not self._buffers or any(b.shape != p.shape for b, p in zip(self._buffers, weights)):
