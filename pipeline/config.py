@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+import typing
 from pathlib import Path
 from typing import Any
 
 from datasets.reader import ReaderConfig
-from datasets.schema import NUM_SPARSE
+from datasets.schema import FEATURE_NAMES, NUM_SPARSE
 from datasets.synthetic import SyntheticConfig
 from quant.api import QuantSpec
 from sharding.comm import CommConfig
@@ -86,8 +88,11 @@ class JobConfig:
     name: str = "default"
     """Name of the experiment (the named config it came from)."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Shapes of the DLRM."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    """Where the rows come from and how they are batched."""
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    """Learning rates of the dense and the fused embedding optimizer."""
     quant_mode: str = "qat"
     """'fp32': no quantization; 'qat': train with fake-quant on `quant`'s grid, then export; 'ptq': train in
     float, quantize to `quant`'s grid after each epoch for evaluation, then export."""
@@ -120,6 +125,17 @@ class JobConfig:
         for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps", "checkpoint_every_steps"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        self.check_table_names()
+
+    def check_table_names(self) -> None:
+        """Per-table settings must name this model's tables: a misspelt name would otherwise be ignored and the
+        table silently trained with the default (``--set`` overrides call this again)."""
+        tables = [f"t_{feature}" for feature in FEATURE_NAMES]
+        for field, named in (("quant.table_bits", self.quant.table_bits), ("plan.overrides", self.plan.overrides)):
+            unknown = sorted(set(named) - set(tables))
+            if unknown:
+                raise ValueError(f"{field}: no table named {', '.join(unknown)} (the tables are {tables[0]} .. "
+                                 f"{tables[-1]}, one per categorical feature)")
 
     @property
     def run_path(self) -> Path:
@@ -130,8 +146,49 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def apply_override(cfg: Any, dotted: str) -> None:
-    """Set ``a.b.c=value`` on nested dataclasses, parsing ``value`` by the field's current type."""
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings written under a dataclass's fields (Python keeps them only in the source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for stmt, following in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str)):
+            docs[stmt.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def describe_fields(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """``(dotted path, current value, docstring)`` of every leaf field of a nested config, in declaration order
+    (what ``--set`` accepts)."""
+    out = []
+    docs = field_docs(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(describe_fields(value, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
+    return out
+
+
+def validate(cfg: Any) -> None:
+    """Run every nested section's checks (``__post_init__``), innermost first, then ``cfg``'s own."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value)
+    if hasattr(cfg, "__post_init__"):
+        cfg.__post_init__()
+
+
+def apply_override(cfg: Any, dotted: str, *, check: bool = True) -> None:
+    """Set ``a.b.c=value`` on nested dataclasses, parsing ``value`` by the field's current type. With ``check``
+    the changed section is validated at once; without, call ``validate`` after the last override (fields that must
+    agree, like ``model.embedding_dim`` and the last of ``model.dense_arch``, can then change together)."""
     if "=" not in dotted:
         raise ValueError(f"override {dotted!r} must look like field.path=value")
     path, raw = dotted.split("=", 1)
@@ -145,14 +202,19 @@ def apply_override(cfg: Any, dotted: str) -> None:
     if leaf not in names:
         raise ValueError(f"override {dotted!r}: {type(obj).__name__} has no field {leaf!r} (fields: {sorted(names)})")
     current = getattr(obj, leaf)
-    value = _parse_like(current, raw, dotted)
+    value_type = typing.get_type_hints(type(obj)).get(leaf)
+    value = _parse_like(current, raw, dotted, typing.get_args(value_type)[1:2] if isinstance(current, dict) else ())
     if dataclasses.is_dataclass(obj) and getattr(type(obj), "__dataclass_params__").frozen:
         raise ValueError(f"override {dotted!r}: {type(obj).__name__} is frozen; set the whole section in a named config")
     setattr(obj, leaf, value)
-    obj.__post_init__() if hasattr(obj, "__post_init__") else None
+    if check and hasattr(obj, "__post_init__"):
+        obj.__post_init__()
 
 
-def _parse_like(current: Any, raw: str, where: str) -> Any:
+_DICT_ITEM = re.compile(r",(?=[A-Za-z_][\w.]*:)")  # a comma that starts the next ``name:`` (values may hold commas)
+
+
+def _parse_like(current: Any, raw: str, where: str, dict_value: tuple = ()) -> Any:
     try:
         if isinstance(current, bool):
             if raw.lower() not in ("true", "false", "1", "0"):
@@ -164,8 +226,16 @@ def _parse_like(current: Any, raw: str, where: str) -> Any:
             return float(raw)
         if isinstance(current, tuple):
             return tuple(int(x) for x in raw.split(",") if x)
-        if isinstance(current, dict):  # name:int,name:int
-            return {k: int(v) for k, v in (item.split(":", 1) for item in raw.split(",") if item)}
+        if isinstance(current, dict):  # name:value,name:value (a value may itself hold ':' and ',')
+            convert = dict_value[0] if dict_value and dict_value[0] in (int, float) else str
+            out = {}
+            for item in _DICT_ITEM.split(raw):
+                if item:
+                    if ":" not in item:
+                        raise ValueError(f"{item!r} is not name:value")
+                    key, value = item.split(":", 1)
+                    out[key] = convert(value)
+            return out
         return raw
     except ValueError as e:
         raise ValueError(f"override {where!r}: cannot parse {raw!r} as {type(current).__name__} ({e})") from None

@@ -20,7 +20,7 @@ from datasets.schema import FEATURE_NAMES, NUM_DENSE, parquet_files
 from datasets.synthetic import ensure_synthetic
 from datasets.vocab import vocab_num_embeddings
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import JobConfig, apply_override, to_dict
+from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
 from pipeline.configs import CONFIGS, get_config
 from pipeline.model import build_dlrm
 from pipeline.metrics import binary_metrics
@@ -48,14 +48,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named experiment (default: default)")
     p.add_argument("--run-dir", help="where logs, checkpoints and the summary go (resumed if it has checkpoints)")
     p.add_argument("--data-dir", help="folder with train/val/test Parquet; omit for the bundled synthetic data")
-    p.add_argument("--epochs", type=int, help="passes over the training split")
-    p.add_argument("--batch-size", type=int, help="training rows per batch per rank")
-    p.add_argument("--lr", type=float, help="learning rate of both the MLP and the embedding SGD")
+    p.add_argument("--epochs", type=int, help="passes over the training split (default: the config's)")
+    p.add_argument("--batch-size", type=int, help="training rows per batch per rank (default: the config's)")
+    p.add_argument("--lr", type=float, help="one learning rate for both the MLP and the embedding SGD (default: the "
+                                            "config's optim.lr and optim.embedding_lr, which may differ)")
     p.add_argument("--limit-train-batches", type=int, help="stop each epoch after N batches (smoke tests)")
     p.add_argument("--limit-eval-batches", type=int, help="evaluate on at most N batches per rank")
+    p.add_argument("--fields", action="store_true",
+                   help="print every config field --set accepts, with its value in the chosen config (after the "
+                        "other flags) and what it means, then exit")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="override config fields, e.g. --set model.embedding_dim=32 comm.dense=int8_ef "
-                        "(repeatable)")
+                   help="override config fields, e.g. --set quant.embedding_bits=8 comm.dense=int8_ef "
+                        "plan.overrides=t_cat_3:row_wise,t_cat_5:column_wise:0,1 (repeatable; an unknown field "
+                        "lists the section's fields)")
     return p.parse_args(argv)
 
 
@@ -66,9 +71,10 @@ def build_config(args: argparse.Namespace) -> JobConfig:
              "limit_train_batches": args.limit_train_batches, "limit_eval_batches": args.limit_eval_batches}
     for field, value in flags.items():
         if value is not None:
-            apply_override(cfg, f"{field}={value}")
+            apply_override(cfg, f"{field}={value}", check=False)
     for item in args.set:
-        apply_override(cfg, item)
+        apply_override(cfg, item, check=False)
+    validate(cfg)  # once, after all overrides: fields that must agree can change together
     if cfg.data.vocab_dir:
         sizes = tuple(vocab_num_embeddings(cfg.data.vocab_dir))
         if tuple(cfg.model.num_embeddings) != sizes:
@@ -79,6 +85,20 @@ def build_config(args: argparse.Namespace) -> JobConfig:
                   f"{list(cfg.model.num_embeddings)})", file=sys.stderr)
             cfg.model.num_embeddings = sizes
     return cfg
+
+
+def fields_table(cfg: JobConfig) -> str:
+    """The ``--fields`` listing: one block per field (path = value, then its docstring, wrapped)."""
+    import textwrap
+
+    lines = [f"fields of --config {cfg.name} (set any with --set PATH=VALUE; tuples as 1,2,3; dicts as "
+             f"name:value,name:value):", ""]
+    for path, value, doc in describe_fields(cfg):
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        shown = ",".join(f"{k}:{v}" for k, v in value.items()) if isinstance(value, dict) else shown
+        lines.append(f"{path} = {shown}")
+        lines.extend(textwrap.wrap(doc, 100, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(lines)
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -260,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.fields:
+        print(fields_table(cfg))
+        return 0
     try:
         run(cfg)
     except (FileNotFoundError, ValueError, NotImplementedError, NonFiniteLossError) as e:

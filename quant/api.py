@@ -50,7 +50,9 @@ class QATConfig:
     """What ``quantize_`` does: ``prepare`` inserts fake-quant, ``convert`` builds the FBGEMM integer model."""
 
     spec: QuantSpec = dataclasses.field(default_factory=QuantSpec)
+    """The integer grid: bits per table and for the MLPs, granularity, scale refresh period."""
     step: str = "prepare"
+    """'prepare' (insert fake-quant before training) or 'convert' (build the FBGEMM integer model after)."""
 
     def __post_init__(self) -> None:
         if self.step not in ("prepare", "convert"):
