@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from pathlib import Path
@@ -72,13 +73,16 @@ class OptimConfig:
     """Plain SGD, as in the DQRM paper."""
 
     lr: float = 0.1
-    """Learning rate of the dense (MLP) SGD optimizer."""
+    """Learning rate of the dense SGD: the MLPs and the data-parallel (replicated) tables, which TorchRec keeps as
+    dense parameters outside the fused optimizer."""
     embedding_lr: float = 0.1
-    """Learning rate of the fused (in-backward) embedding SGD."""
+    """Learning rate of the fused (in-backward) SGD of the sharded tables (table-, row-, column-wise)."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.embedding_lr <= 0:
-            raise ValueError("learning rates must be positive")
+        for name in ("lr", "embedding_lr"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"optim.{name} must be a positive number, got {value}")
 
 
 @dataclasses.dataclass(kw_only=True)

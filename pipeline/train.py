@@ -198,6 +198,10 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
     optimizer = build_optimizer(model, cfg.optim)
     if rank == 0:
         log.info("sharding plan:\n%s", plan_table(rows))
+        replicated = [r["table"] for r in rows if r["sharding"] == "data_parallel"]
+        log.info("learning rates: sharded tables %g (optim.embedding_lr, fused); MLPs%s %g (optim.lr)",
+                 cfg.optim.embedding_lr, f" and the {len(replicated)} data-parallel tables" if replicated else "",
+                 cfg.optim.lr)
         save_plan(rows, run_dir / "plan.json")
         try:
             save_placements(placements_from_plan(plan), run_dir / "placements.json")

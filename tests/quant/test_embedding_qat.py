@@ -135,3 +135,82 @@ def test_incremental_scale_refresh_equals_a_full_rescan(data_dir):
     for out in run_distributed(_refresh_run, data_dir, world_size=2):
         assert 0 < out["incremental_layouts"] < out["layouts"]  # sharded TBEs incremental, the others rescanned
         assert torch.equal(out["incremental"], out["full"])
+
+
+def _fq_table(w: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
+    """FBGEMM's row-wise INT-N value of every row, written out from its definition (not the product's code)."""
+    qmax = 2 ** bits - 1
+    if granularity == "row":
+        bias = w.amin(1, keepdim=True).half().float()
+        scale = ((w.amax(1, keepdim=True) - bias) / qmax).half().float()
+        scale[scale == 0] = 1.0
+    else:  # the paper's grid: alpha = max|W| over the table, symmetric, in FBGEMM's (scale, bias) form
+        scale = (w.abs().max() / (2 ** (bits - 1) - 1)).half().float().reshape(1, 1)
+        bias = -(2 ** (bits - 1)) * scale
+    return torch.clamp(torch.round((w - bias) * (1.0 / scale)), 0, qmax) * scale + bias
+
+
+def _fq_mlp(w: torch.Tensor, bits: int) -> torch.Tensor:
+    half = 2 ** (bits - 1)
+    s = w.abs().amax(1, keepdim=True) * (1.0 / (half - 1))
+    return torch.clamp(torch.round(w * (1.0 / s)), -half, half - 1) * s
+
+
+def _one_qat_step(rank, world_size, data_dir, spec, lr, embedding_lr):
+    """One training step of the prepared, sharded model: the state before, the state after, the training logits."""
+    model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=False),
+                             optim=OptimConfig(lr=lr, embedding_lr=embedding_lr))
+    quantize_(model, QATConfig(spec=spec, step="prepare"), pg=dist.group.WORLD)
+    optimizer = build_optimizer(model, OptimConfig(lr=lr, embedding_lr=embedding_lr))
+    before = gather_full_state(model)
+    batch = batches(data_dir / "train.parquet", LOCAL_BATCH, limit=1)[0]
+    model.train()
+    loss, (_, logits, _) = model(batch)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"before": before, "after": gather_full_state(model), "logits": logits.detach(), "batch": batch}
+
+
+@pytest.mark.parametrize("granularity", ["table", "row"])
+def test_qat_step_is_the_straight_through_update_of_the_fake_quantized_model(granularity, data_dir):
+    """Against a reference built from definitions: a plain (unsharded, unfused) TorchRec DLRM whose tables hold
+    FQ(W) and whose MLPs hold FQ(W); its forward gives the QAT model's training logits, and one SGD step on W with
+    its gradient (the straight-through estimator) gives the QAT model's new tables and MLP weights."""
+    from pipeline.model import build_dlrm
+    from tests.helpers import MODEL
+
+    spec = QuantSpec(embedding_bits=4, granularity=granularity, scale_update_every=1000, mlp_bits=4)
+    lr, embedding_lr = 0.5, 5.0  # large enough that every touched row moves by far more than the tolerance
+    out = run_distributed(_one_qat_step, data_dir, spec, lr, embedding_lr, world_size=1)[0]
+    before, after = out["before"], out["after"]
+    reference = build_dlrm(MODEL, torch.device("cpu"), table_device=torch.device("cpu"))
+    ref_state = reference.state_dict()
+    fq = {}
+    for key in ref_state:
+        w = before[key]
+        if "embedding_bags" in key:
+            fq[key] = _fq_table(w, 4, granularity)
+        elif key.endswith("weight"):
+            fq[key] = _fq_mlp(w, 4)
+        else:
+            fq[key] = w
+    reference.load_state_dict(fq)
+    reference.train()
+    loss, (_, logits, _) = reference(out["batch"])
+    loss.backward()
+    torch.testing.assert_close(out["logits"], logits.detach(), atol=1e-5, rtol=0)
+    params = dict(reference.named_parameters())
+    replicated = {f"t_cat_{i}" for i, p in enumerate(mixed_placements(1, with_column_wise=False).values())
+                  if p.kind == "data_parallel"}
+    assert replicated  # both kinds of table are in the model
+    moved = 0
+    for key in ref_state:
+        table = key.split(".")[-2] if "embedding_bags" in key else None
+        # sharded tables: the fused in-backward SGD at embedding_lr; data-parallel (replicated) tables are dense
+        # parameters and step with the MLPs' SGD at lr (pipeline/optimizer.py)
+        rate = embedding_lr if table and table not in replicated else lr
+        expected = before[key] - rate * params[key].grad
+        torch.testing.assert_close(after[key], expected, atol=1e-5, rtol=0, msg=key)
+        moved += int((after[key] - before[key]).abs().max() > 1e-4)
+    assert moved == len(ref_state)  # every table and layer moved by over 10x the tolerance
