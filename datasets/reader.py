@@ -122,6 +122,9 @@ class ParquetBatches(IterableDataset):
                 n = meta.row_group(i).num_rows
                 self._groups.append(_RowGroupRef(p, layout, i, total, n))
                 total += n
+        if total == 0:
+            raise ValueError(f"{', '.join(map(str, paths)) or 'no files given'}: no rows to read (an empty split? "
+                             f"check the converter's summary)")
         self.total_rows = total
         per_rank = total // world_size
         self.rows_unused = total - per_rank * world_size
@@ -162,8 +165,23 @@ class ParquetBatches(IterableDataset):
             out = [out[i] for i in rng.permutation(len(out))]
         return out
 
-    def _decode(self, table: pa.Table, layout: Layout) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        labels = table.column(layout.label).to_numpy().astype(np.float32)
+    def _decode(self, table: pa.Table, layout: Layout, where: tuple = ("", 0, 0)) -> tuple[np.ndarray, np.ndarray,
+                                                                                         np.ndarray, np.ndarray]:
+        """Labels, log-transformed counts, ids and id presence of ``table``'s rows; a label that is not 0 or 1
+        (or missing) is an error naming the file, row group and row (``where``: path, row group, its first row
+        in ``table``)."""
+        path, group, first = where
+        label = table.column(layout.label)
+        if label.null_count:
+            row = int(np.flatnonzero(~label.is_valid().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{path}: row group {group}, row {first + row}: label is missing ({label.null_count} "
+                             f"rows without one in this stretch); training and scoring need 0/1 labels")
+        labels = label.to_numpy().astype(np.float32)
+        bad = (labels != 0) & (labels != 1)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{path}: row group {group}, row {first + row}: label is {label[row].as_py()!r}, "
+                             f"expected 0 or 1 ({int(bad.sum())} such rows in this stretch)")
         dense = np.empty((table.num_rows, len(DENSE_COLUMNS)), dtype=np.float32)
         for j, c in enumerate(layout.dense):
             x = table.column(c).to_numpy(zero_copy_only=False)  # float64 with NaN where null
@@ -201,7 +219,7 @@ class ParquetBatches(IterableDataset):
         for g, lo, hi in self._row_groups(rng, begin, end):
             f = open_files.setdefault(g.path, pq.ParquetFile(g.path))
             table = f.read_row_group(g.index).slice(lo, hi - lo)
-            parts = self._decode(table, g.layout)
+            parts = self._decode(table, g.layout, (g.path, g.index, lo))
             if self.cfg.shuffle:
                 order = rng.permutation(table.num_rows)
                 parts = (parts[0][order], parts[1][order], parts[2][:, order], parts[3][:, order])

@@ -68,11 +68,21 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
+    def latest_verified_here(self) -> Path | None:
+        """``latest_valid`` without the collective (for one rank's error message): the newest checkpoint whose
+        files match its manifest."""
+        return next((p for p in reversed(self.complete()) if verify(p) is None), None)
+
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose files match its manifest; rank 0 decides and every rank gets its choice.
         Each one skipped is reported with what is wrong with it."""
         choice: list[str | None] = [None]
         if _rank() == 0:
+            unfinished = sorted(self.root.glob(".tmp_step_*")) if self.root.is_dir() else []
+            unfinished += [p for p in sorted(self.root.glob("step_*")) if not (p / MANIFEST).is_file()]
+            for path in unfinished:
+                log.warning("ignoring %s: a checkpoint write that did not finish (no %s); it is never resumed "
+                            "from and can be deleted", path, MANIFEST)
             for path in reversed(self.complete()):
                 problem = verify(path)
                 if problem is None:

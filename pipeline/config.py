@@ -37,6 +37,12 @@ class ModelConfig:
         self.dense_arch, self.over_arch = tuple(self.dense_arch), tuple(self.over_arch)
         if len(self.num_embeddings) != NUM_SPARSE:
             raise ValueError(f"model.num_embeddings needs {NUM_SPARSE} entries, got {len(self.num_embeddings)}")
+        for field in ("num_embeddings", "dense_arch", "over_arch"):
+            bad = [(i, n) for i, n in enumerate(getattr(self, field)) if n < 1]
+            if bad:
+                raise ValueError(f"model.{field}[{bad[0][0]}] must be at least 1, got {bad[0][1]}")
+        if not self.dense_arch or not self.over_arch:
+            raise ValueError("model.dense_arch and model.over_arch need at least one layer each")
         if self.dense_arch[-1] != self.embedding_dim:
             raise ValueError(f"model.dense_arch must end with embedding_dim={self.embedding_dim}, got {self.dense_arch}")
         if self.over_arch[-1] != 1:
@@ -60,6 +66,11 @@ class DataConfig:
     vocab_dir: str = ""
     """Vocabulary written by ``datasets.convert --vocab-min-count`` (ids -> contiguous indices, 0 = rare or
     missing); empty = ``hash % num_embeddings``. ``model.num_embeddings`` must then be the vocabulary sizes + 1."""
+
+    def __post_init__(self) -> None:
+        for field in ("batch_size", "eval_batch_size"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"data.{field} must be at least 1, got {getattr(self, field)}")
 
     def reader(self, *, train: bool, seed: int) -> ReaderConfig:
         vocab = self.vocab_dir or None
@@ -206,6 +217,10 @@ def apply_override(cfg: Any, dotted: str, *, check: bool = True) -> None:
     if leaf not in names:
         raise ValueError(f"override {dotted!r}: {type(obj).__name__} has no field {leaf!r} (fields: {sorted(names)})")
     current = getattr(obj, leaf)
+    if dataclasses.is_dataclass(current):
+        fields = ", ".join(f.name for f in dataclasses.fields(current))
+        raise ValueError(f"override {dotted!r}: {path} is a config section; set its fields, {path}.FIELD=VALUE "
+                         f"(fields: {fields})")
     value_type = typing.get_type_hints(type(obj)).get(leaf)
     value = _parse_like(current, raw, dotted, typing.get_args(value_type)[1:2] if isinstance(current, dict) else ())
     if dataclasses.is_dataclass(obj) and getattr(type(obj), "__dataclass_params__").frozen:

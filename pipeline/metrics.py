@@ -22,12 +22,14 @@ def gather(t: torch.Tensor) -> torch.Tensor:
 
 
 def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """AUC, accuracy at 0.5 and mean log loss of logits against 0/1 labels."""
+    """AUC, accuracy at 0.5 and mean log loss of logits against 0/1 labels (AUC is NaN when every label is the
+    same: it ranks positives against negatives)."""
     logits, labels = logits.double().flatten(), labels.double().flatten()
     if logits.numel() == 0:
         raise ValueError("no predictions to score: the evaluation split is empty")
+    one_class = bool((labels == labels[0]).all())  # AUC is undefined (torchmetrics would say 0)
     return {
-        "auc": float(binary_auroc(torch.sigmoid(logits), labels.long())),
+        "auc": float("nan") if one_class else float(binary_auroc(torch.sigmoid(logits), labels.long())),
         "accuracy": float(((logits >= 0).double() == labels).double().mean()),
         "logloss": float(F.binary_cross_entropy_with_logits(logits, labels)),
         "rows": int(labels.numel()),

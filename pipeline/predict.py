@@ -37,26 +37,37 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Score Parquet data (dqrm layout) with an exported integer DLRM.")
     p.add_argument("--model", type=Path, required=True, help="exported artifact (model_int*.pt in a run dir)")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="Parquet file(s) to score")
-    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward call")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward call (default: 4096)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--vocab-dir", help="vocabulary the model was trained with (default: the one its manifest names)")
     args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
         module, manifest = load_with_manifest(args.model)
+        if args.vocab_dir and not manifest.get("vocab_dir"):
+            raise ValueError(f"{args.model} was trained with hashed ids (hash % table size), not a vocabulary; "
+                             f"drop --vocab-dir")
         vocab = args.vocab_dir or manifest.get("vocab_dir")
         if vocab and not Path(vocab).is_dir():
             raise FileNotFoundError(f"{vocab}: the vocabulary this model was trained with is missing; pass "
                                     f"--vocab-dir with its new location")
+        for path in args.data:
+            if path.is_dir():
+                raise ValueError(f"{path} is a folder; pass its Parquet files (e.g. {path}/*.parquet)")
         logits, labels = score(module, args.data, manifest["num_embeddings"], args.batch_size, vocab_dir=vocab)
+        m = binary_metrics(logits, labels)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    m = binary_metrics(logits, labels)
     if args.json:
         print(json.dumps(m))
     else:
-        print(f"rows {m['rows']:,}  AUC {m['auc']:.4f}  accuracy {100 * m['accuracy']:.2f}%  "
-              f"log loss {m['logloss']:.4f}")
+        auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "n/a"
+        print(f"rows {m['rows']:,}  AUC {auc}  accuracy {100 * m['accuracy']:.2f}%  log loss {m['logloss']:.4f}")
+    if m["auc"] != m["auc"]:
+        print(f"note: every label is {int(labels[0])}, so AUC is undefined; unlabeled data (e.g. Criteo's test.txt, "
+              f"converted with label 0) can be scored but not evaluated", file=sys.stderr)
     return 0
 
 

@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = build_config(args)
-    except ValueError as e:
+        if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):
+            raise ValueError(f"--run-dir {cfg.run_dir}: a file is in the way (a run dir must be a folder)")
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.fields:

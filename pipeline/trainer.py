@@ -122,7 +122,7 @@ class Trainer:
         return stats
 
     def _non_finite(self, loss: torch.Tensor, epoch: int) -> NonFiniteLossError:
-        last = self.checkpointer.latest()
+        last = self.checkpointer.latest_verified_here()
         return NonFiniteLossError(
             f"rank {self.rank}: training loss is {float(loss)} at step {self.step + 1} (epoch {epoch + 1}); "
             f"last good checkpoint: {last or 'none'}. Lower optim.lr / optim.embedding_lr or check the input data, "

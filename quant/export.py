@@ -8,6 +8,7 @@ The artifact takes ``(dense [B, 13] float, values [N] int64, lengths [26 * B] in
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
@@ -80,13 +81,22 @@ def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, An
     import fbgemm_gpu  # noqa: F401 - registers the FBGEMM operators the artifact calls
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a model file (a run dir holds model_int4.pt; checkpoints/ holds "
+                         f"training state, which predict cannot serve)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     sidecar = Path(str(path) + ".json")
     if sidecar.is_file():
-        expected = json.loads(sidecar.read_text()).get("sha256")
+        try:
+            expected = json.loads(sidecar.read_text()).get("sha256")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{sidecar}: not the JSON export writes beside the model ({e}); restore it or delete "
+                             f"it to load without the checksum") from None
         if expected and _sha256(path) != expected:
             raise ValueError(f"{path}: checksum does not match {sidecar.name} (file truncated or modified)")
+    else:
+        warnings.warn(f"{path}: no {sidecar.name} beside it, so its checksum cannot be verified", stacklevel=2)
     extra = {MANIFEST_NAME: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

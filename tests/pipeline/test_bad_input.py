@@ -76,7 +76,8 @@ def test_missing_data_dir(capsys, tmp_path):
 
 def test_run_dir_is_a_file(capsys, tmp_path):
     (tmp_path / "f").write_text("keep me")
-    _check(train.main([*TINY, "--run-dir", str(tmp_path / "f")]), capsys, "is not a directory")
+    _check(train.main([*TINY, "--run-dir", str(tmp_path / "f")]), capsys, "a file is in the way")
+    _check(train.main([*TINY, "--run-dir", str(tmp_path / "f" / "run")]), capsys, "a file is in the way")
     assert (tmp_path / "f").read_text() == "keep me"
 
 
@@ -95,6 +96,12 @@ def _bad_data_dir(tmp_path, good: Path, kind: str) -> Path:
     elif kind == "wrong-type":
         pq.write_table(table.set_column(table.schema.get_field_index("C3"), "C3",
                                         table.column("C3").cast(pa.string())), target)
+    elif kind in ("label-2", "label-null"):
+        labels = table.column("label").to_pylist()
+        labels[5] = 2 if kind == "label-2" else None
+        pq.write_table(table.set_column(0, "label", pa.array(labels, table.schema.field("label").type)), target)
+    elif kind == "no-rows":
+        pq.write_table(table.slice(0, 0), target)
     return d
 
 
@@ -102,6 +109,9 @@ def _bad_data_dir(tmp_path, good: Path, kind: str) -> Path:
     ("not-parquet", ["val.parquet: not a readable Parquet file"]),
     ("missing-column", ["val.parquet: column 'C7' is missing"]),
     ("wrong-type", ["val.parquet: column 'C3' has type string, expected uint32"]),
+    ("label-2", ["val.parquet: row group 0, row 5: label is 2, expected 0 or 1"]),
+    ("label-null", ["val.parquet: row group 0, row 5: label is missing"]),
+    ("no-rows", ["val.parquet: no rows to read"]),
 ])
 def test_bad_parquet(kind, needles, done_run, capsys, tmp_path):
     d = _bad_data_dir(tmp_path, _synthetic_test_file(done_run), kind)
@@ -131,14 +141,17 @@ def test_damaged_checkpoint_falls_back_with_a_warning(damage, done_run, tmp_path
     assert newer.exists()  # reported, not deleted
 
 
-def test_incomplete_checkpoint_is_ignored(done_run, tmp_path):
+def test_incomplete_checkpoint_is_ignored_and_reported(done_run, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(done_run, run)
     good = sorted((run / "checkpoints").glob("step_*"))[-1]
     partial = good.with_name(".tmp_step_99999999")
     shutil.copytree(good, partial)
     (partial / "manifest.json").unlink()
-    assert Checkpointer(run / "checkpoints").latest_valid() == good
+    with caplog.at_level("WARNING"):
+        assert Checkpointer(run / "checkpoints").latest_valid() == good
+    assert ".tmp_step_99999999: a checkpoint write that did not finish" in caplog.text
+    assert partial.exists()
 
 
 # ---- exported artifacts ----------------------------------------------------------------------------------------
@@ -156,6 +169,8 @@ def _artifact_copy(done_run, tmp_path):
     ("tamper", ["checksum does not match"]),
     ("garbage-no-sidecar", ["not a loadable dqrm model artifact"]),
     ("foreign-torchscript", ["has no dqrm_manifest.json"]),
+    ("bad-sidecar", ["model.pt.json: not the JSON export writes"]),
+    ("folder", ["is a folder, not a model file"]),
 ])
 def test_bad_artifact(damage, needles, done_run, tmp_path, capsys):
     path = _artifact_copy(done_run, tmp_path)
@@ -168,6 +183,11 @@ def test_bad_artifact(damage, needles, done_run, tmp_path, capsys):
         raw = bytearray(path.read_bytes())
         raw[-100] ^= 0x01
         path.write_bytes(bytes(raw))
+    elif damage == "bad-sidecar":
+        sidecar.write_text("{truncated")
+    elif damage == "folder":
+        path.unlink()
+        path.mkdir()
     elif damage == "garbage-no-sidecar":
         sidecar.unlink()
         path.write_bytes(b"\x00" * 100)
@@ -183,6 +203,23 @@ def test_predict_on_wrong_schema(done_run, tmp_path, capsys):
     pq.write_table(pa.table({"label": pa.array([1], pa.int8())}), bad)
     _check(predict.main(["--model", str(done_run / "model_int4.pt"), "--data", str(bad)]), capsys,
            "bad.parquet: column 'I1' is missing")
+
+
+def test_predict_refuses_a_vocabulary_for_a_hashing_model_and_a_folder(done_run, tmp_path, capsys):
+    model, data = str(done_run / "model_int4.pt"), str(_synthetic_test_file(done_run))
+    _check(predict.main(["--model", model, "--data", data, "--vocab-dir", str(tmp_path)]), capsys,
+           "trained with hashed ids")
+    _check(predict.main(["--model", model, "--data", str(tmp_path)]), capsys, "is a folder; pass its Parquet files")
+
+
+def test_predict_on_unlabeled_data_says_auc_is_undefined(done_run, tmp_path, capsys):
+    table = pq.read_table(_synthetic_test_file(done_run))
+    zeros = tmp_path / "unlabeled.parquet"
+    pq.write_table(table.set_column(0, "label", pa.array([0] * table.num_rows, table.schema.field("label").type)),
+                   zeros)
+    assert predict.main(["--model", str(done_run / "model_int4.pt"), "--data", str(zeros)]) == 0
+    out = capsys.readouterr()
+    assert "AUC n/a" in out.out and "every label is 0, so AUC is undefined" in out.err
 
 
 def test_predict_works_on_the_good_artifact(done_run, capsys):
