@@ -42,6 +42,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Callable, Sequence
@@ -208,6 +209,14 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
             w.close()
     except pa.ArrowInvalid as e:
         raise BadInputError(f"{job.path}: {e}") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise BadInputError(f"{job.path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress "
+                            f"it") from None
+    except OSError as e:
+        if job.path.suffix != ".gz":
+            raise
+        raise BadInputError(f"{job.path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress "
+                            f"it") from None
     except BaseException:
         for w, o in zip(writers, job.outputs):
             w.close()
@@ -249,10 +258,14 @@ def count_lines(path: Path) -> int:
     if path.suffix != ".gz":
         return count_newlines(path) + (0 if ends_with_newline(path) else 1)
     n, last = 0, b"\n"
-    with gzip.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            n += block.count(b"\n")
-            last = block[-1:]
+    try:
+        with gzip.open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                n += block.count(b"\n")
+                last = block[-1:]
+    except (EOFError, OSError, zlib.error) as e:
+        raise BadInputError(f"{path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress "
+                            f"it") from None
     return n + (last != b"\n")
 
 
@@ -444,10 +457,28 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give input files, or --vocab-min-count to build a vocabulary over existing outputs")
     if args.vocab_min_count is not None and args.vocab_min_count < 1:
         p.error(f"--vocab-min-count must be at least 1, got {args.vocab_min_count}")
+    if args.workers < 1:
+        p.error(f"--workers must be at least 1, got {args.workers}")
+    if args.out.exists() and not args.out.is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
+    folders = [str(f) for f in args.inputs if f.is_dir()]
+    if folders:
+        p.error(f"inputs must be files, not folders: {', '.join(folders)} (pass the files in them, e.g. DIR/day_*)")
     missing = [str(f) for f in args.inputs if not f.is_file()]
     if missing:
         print(f"error: no such input file: {', '.join(missing)}", file=sys.stderr)
         return 1
+    if args.split == "kaggle" and len(args.inputs) > 1:
+        p.error(f"--split kaggle takes one train.txt (its last seventh becomes val/test), got {len(args.inputs)} "
+                f"inputs")
+    by_output: dict[str, list[str]] = {}
+    for f in args.inputs:
+        by_output.setdefault(_stem(f), []).append(str(f))
+    clashes = {stem: names for stem, names in by_output.items() if len(names) > 1}
+    if clashes and args.split != "kaggle":
+        stem, names = next(iter(clashes.items()))
+        p.error(f"{' and '.join(names)} would all be written to {stem}.parquet (one output per input, named by "
+                f"its stem); rename them or convert them into different --out folders")
     try:
         opts = ConvertOptions(skip_bad_rows=args.skip_bad_rows, row_group_size=args.row_group_size,
                               chunk_bytes=args.chunk_bytes, block_size=args.block_bytes)
