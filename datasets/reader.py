@@ -217,8 +217,13 @@ class ParquetBatches(IterableDataset):
         emitted = 0
         open_files: dict[Path, pq.ParquetFile] = {}
         for g, lo, hi in self._row_groups(rng, begin, end):
-            f = open_files.setdefault(g.path, pq.ParquetFile(g.path))
-            table = f.read_row_group(g.index).slice(lo, hi - lo)
+            try:
+                if g.path not in open_files:
+                    open_files[g.path] = pq.ParquetFile(g.path)
+                table = open_files[g.path].read_row_group(g.index).slice(lo, hi - lo)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"{g.path}: row group {g.index} cannot be read ({e}); was the file changed or "
+                                 f"removed while the job ran?") from None
             parts = self._decode(table, g.layout, (g.path, g.index, lo))
             if self.cfg.shuffle:
                 order = rng.permutation(table.num_rows)

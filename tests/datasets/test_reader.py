@@ -114,7 +114,7 @@ def test_background_prefetch_changes_nothing_and_reports_errors(tmp_path):
         assert torch.equal(x.sparse_features.values(), y.sparse_features.values())
     data = ParquetBatches([tmp_path / "d.parquet"], SIZES, ReaderConfig(batch_size=64, prefetch=2))
     (tmp_path / "d.parquet").write_bytes(b"gone")  # the file changes under the reader
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"d\.parquet: row group 0 cannot be read .* changed or removed"):
         list(data)
 
 

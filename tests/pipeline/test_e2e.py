@@ -50,6 +50,9 @@ def test_torchx_job_trains_checkpoints_and_reports(finished_run):
     assert (run_dir / "plan.json").is_file() and (run_dir / "logs" / "rank1.log").is_file()
     out = proc.stdout + proc.stderr
     assert "test AUC" in out and "epoch 2/2" in out
+    # comm.count_bytes: what each rank handed to each collective per step, by kind (uncompressed here)
+    sent = epochs[-1]["comm_bytes_per_step"]
+    assert sent["all_reduce fp32 (MLP)"] > 0 and sent["all_to_all (model-parallel)"] > 0, sent
 
 
 def test_repeated_overrides_travel_as_one_flag():
@@ -73,4 +76,7 @@ def test_rerun_resumes_from_latest_checkpoint(finished_run):
 def test_failed_job_exits_nonzero(tmp_path):
     proc = _launch(tmp_path / "run", tmp_path / "cache", "--data-dir", str(tmp_path / "nowhere"))
     assert proc.returncode != 0
-    assert "no train.parquet" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "no train.parquet" in out
+    run = tmp_path / "run"
+    assert f"rank logs are in {run / 'torchx'} and {run / 'logs'}" in out, out[-2000:]

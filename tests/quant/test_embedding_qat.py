@@ -16,10 +16,9 @@ from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.convert import gather_full_state
 from quant.export import export
 from tests.dist_utils import run_distributed
-from tests.helpers import batches, concat_batches, mixed_placements, sharded_model, tiny_data
+from tests.helpers import CARDS, MODEL, batches, concat_batches, mixed_placements, sharded_model, tiny_data
 
-import os
-STEPS, LOCAL_BATCH = int(os.environ.get("QAT_TEST_STEPS", 6)), 64
+STEPS, LOCAL_BATCH = 6, 64
 
 
 def _qat_run(rank, world_size, data_dir, spec, out_dir):
@@ -99,12 +98,23 @@ def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
         "with torch.no_grad():\n"
         "    out = torch.cat([m(*x) for x in inputs])\n"
         "torch.save(out, sys.argv[3])\n"
+        "print([(n, str(b.dtype), b.numel()) for n, b in m.named_buffers()])\n"
         "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchrec', 'quant', 'pipeline')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, result["artifact"], str(tmp_path / "inputs.pt"),
                            str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", "the artifact must not need torchrec or this repo"
+    # It stores integers: the tables as FBGEMM rows of dim * bits / 8 code bytes + 4 bytes of fp16 scale and bias
+    # (padded to FBGEMM's row alignment), the MLP weights as int8 codes; no float copy of either.
+    buffers = eval(proc.stdout.strip().splitlines()[-2])  # noqa: S307 - our own subprocess's repr of a list
+    bits, rows, dim = SPECS[name].embedding_bits, sum(CARDS), MODEL.embedding_dim
+    tables = [numel for _, dtype, numel in buffers if dtype == "torch.uint8" and numel >= rows]
+    assert len(tables) == 1 and dim * bits // 8 + 4 <= tables[0] / rows < dim * bits // 8 + 4 + 16, tables
+    codes = [(n, dtype) for n, dtype, _ in buffers if n.endswith(".codes")]
+    assert len(codes) == len(MODEL.dense_arch) + len(MODEL.over_arch) and all(d == "torch.int8" for _, d in codes)
+    assert not [n for n, dtype, numel in buffers if dtype == "torch.float32" and numel >= min(rows, 32 * 13)
+                and not n.endswith((".scale", ".bias"))], "a float copy of a table or an MLP weight was stored"
     served = torch.load(tmp_path / "out.pt")
     qat = result["logits"]
     assert served.shape == qat.shape
@@ -178,7 +188,6 @@ def test_qat_step_is_the_straight_through_update_of_the_fake_quantized_model(gra
     FQ(W) and whose MLPs hold FQ(W); its forward gives the QAT model's training logits, and one SGD step on W with
     its gradient (the straight-through estimator) gives the QAT model's new tables and MLP weights."""
     from pipeline.model import build_dlrm
-    from tests.helpers import MODEL
 
     spec = QuantSpec(embedding_bits=4, granularity=granularity, scale_update_every=1000, mlp_bits=4)
     lr, embedding_lr = 0.5, 5.0  # large enough that every touched row moves by far more than the tolerance

@@ -22,6 +22,7 @@ def _train(rank, world_size, data_dir, comm: CommConfig):
     counter = ByteCounter().install() if world_size > 1 else None
     hooks = compress_gradients(model, comm, counter)
     optimizer = build_optimizer(model, OptimConfig())
+    init = gather_full_state(model)
     local = batches(data_dir / "train.parquet", LOCAL, limit=2 * STEPS)
     model.train()
     losses = []
@@ -35,7 +36,7 @@ def _train(rank, world_size, data_dir, comm: CommConfig):
     state = gather_full_state(model)
     if rank != 0:
         return None
-    return {"state": state, "losses": losses, "bytes": counter.snapshot(STEPS) if counter else None,
+    return {"state": state, "init": init, "losses": losses, "bytes": counter.snapshot(STEPS) if counter else None,
             "touched_hooks": len(hooks), "full_scans": sum(h.scans for h in hooks)}
 
 
@@ -50,7 +51,8 @@ def runs(data_dir):
         "dense": CommConfig(),
         "touched": CommConfig(dp_tables="touched", dp_whole_max_rows=0),
         "touched_int8": CommConfig(dp_tables="touched_int8", dp_whole_max_rows=0),
-        "all_int8": CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="fp16", dp_whole_max_rows=0),
+        # INT8 where it is offered for these tables (TorchRec's INT8 qcomms refuse row-wise tables, so fp16 there)
+        "all_compressed": CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="fp16", dp_whole_max_rows=0),
         "small_whole": CommConfig(dp_tables="touched_int8", dp_whole_max_rows=10**6),
     }
     out = {name: run_distributed(_train, data_dir, cfg, world_size=2)[0] for name, cfg in configs.items()}
@@ -64,7 +66,7 @@ def test_uncompressed_matches_single_process(runs):
 
 
 def test_touched_rows_come_from_the_forward_not_a_scan_of_the_table(runs):
-    for name in ("touched", "touched_int8", "all_int8"):
+    for name in ("touched", "touched_int8", "all_compressed"):
         assert runs[name]["touched_hooks"] > 0 and runs[name]["full_scans"] == 0, name
 
 
@@ -84,9 +86,20 @@ def test_small_data_parallel_kernels_are_all_reduced_whole_exactly_as_ddp_does(r
 
 
 def test_int8_is_close_and_smaller(runs):
-    dense, t8, all8 = runs["dense"], runs["touched_int8"], runs["all_int8"]
-    for key, value in dense["state"].items():
-        torch.testing.assert_close(t8["state"][key], value, atol=2e-3, rtol=0, msg=key)
+    dense, t8, all8 = runs["dense"], runs["touched_int8"], runs["all_compressed"]
+    init = dense["init"]
+    replicated = [k for k in init if "embedding_bags" in k and k.split(".")[-2] in
+                  {t for t, p in mixed_placements(2, with_column_wise=False).items() if p.kind == "data_parallel"}]
+    assert replicated
+    for key in init:
+        # compare what training changed, not the states: the tables move little in 5 steps, so closeness of
+        # states would hide a lost or mis-scaled gradient
+        update, update8 = dense["state"][key] - init[key], t8["state"][key] - init[key]
+        if key in replicated:  # INT8 touched rows: within a few per cent of the update's size
+            assert update.abs().max() > 1e-5, key
+            assert (update8 - update).abs().max() <= 0.05 * update.abs().max(), key
+        else:  # everything else is exchanged exactly as in the dense run
+            torch.testing.assert_close(update8, update, atol=1e-6, rtol=0, msg=key)
     assert max(abs(a - b) for a, b in zip(all8["losses"], dense["losses"])) < 1e-2
     b_fp32, b_t, b_t8, b_all = dense["bytes"], runs["touched"]["bytes"], t8["bytes"], all8["bytes"]
     rows = "all_gather rows (DP tables)"

@@ -18,15 +18,15 @@ def test_component_passes_torchx_lint():
 @pytest.mark.parametrize("scheduler, expect", [
     ("local_cwd", ["torchrun", "--nproc_per_node 2", "-m pipeline.train", "--config default"]),
     ("kubernetes", ["image: ghcr.io/acme/dqrm:latest", "torchrun", "-m pipeline.train", "nproc_per_node 4",
-                    "nvidia.com/gpu"]),
-    ("slurm", ["#SBATCH", "torchrun", "-m pipeline.train", "--nnodes 2"]),
+                    "nvidia.com/gpu", "maxRetry: 3"]),
+    ("slurm", ["#SBATCH", "torchrun", "-m pipeline.train", "--nnodes 2", "--requeue", "TORCHX_MAX_RETRIES=3"]),
 ])
 def test_dryrun_on_each_scheduler(scheduler, expect):
     torchx = Path(sys.executable).with_name("torchx")
     args = {"local_cwd": ["--nproc_per_node", "2"],
             "kubernetes": ["--image", "ghcr.io/acme/dqrm:latest", "--nnodes", "2", "--nproc_per_node", "4",
-                           "--gpu", "4"],
-            "slurm": ["--nnodes", "2", "--nproc_per_node", "8", "--gpu", "8"]}[scheduler]
+                           "--gpu", "4", "--max_retries", "3"],
+            "slurm": ["--nnodes", "2", "--nproc_per_node", "8", "--gpu", "8", "--max_retries", "3"]}[scheduler]
     cfg = {"kubernetes": ["-cfg", "queue=default"], "slurm": ["-cfg", "partition=gpu"]}.get(scheduler, [])
     proc = subprocess.run([str(torchx), "run", "--dryrun", "--workspace", "", "-s", scheduler, *cfg, f"{COMPONENT}:train", *args, "--",
                            "--config", "default", "--epochs", "1"], cwd=ROOT, capture_output=True, text=True,
