@@ -2,8 +2,9 @@
 
 Reads raw TSV (Kaggle ``train.txt``/``test.txt``, Terabyte ``day_N``, gzip too) and the Kaggle competition CSV
 (``Id,Label,I1..I13,C1..C26`` header), streaming in blocks (bounded memory), and writes Parquet with row groups sized
-for streaming reads, plus ``_manifest.json`` listing every output with its row count. Parsing is Arrow's CSV reader;
-the validation and the hex -> uint32 conversion are vectorized numpy, so no Python runs per row. TorchRec's
+for streaming reads, plus ``_manifest.json`` listing every output with its row count. Clean 1 MiB blocks are
+parsed by one compiled loop (``datasets.tsv_blocks``); a block with any irregular line goes through Arrow's CSV reader
+and vectorized numpy checks, which name the bad line, so no Python runs per row either way. TorchRec's
 converters (``BinaryCriteoUtils``) write NumPy arrays from one process per file, not this layout, so this is ours.
 
 Parallelism: a plain (not gzip) input larger than ``--chunk-bytes`` is cut into byte ranges that start on line
@@ -429,23 +430,25 @@ def _merge_manifest(path: Path, manifest: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datasets.convert", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m datasets.convert", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", type=Path, nargs="*",
                    help="raw Criteo files (.txt, day_N, .csv, optionally .gz); none with --vocab-min-count builds "
                         "the vocabulary over what --out already holds")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--split", choices=("files", "kaggle", "terabyte"), default="files",
-                   help="how inputs map to train/val/test (see module help)")
+                   help="how inputs map to outputs (see above; default: files)")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows (counted and reported)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes converting files and byte ranges of files in parallel")
+                   help="processes converting files and byte ranges of files in parallel (default: the CPU count, "
+                        "%(default)s here)")
     p.add_argument("--chunk-bytes", type=int, default=ConvertOptions.chunk_bytes,
                    help="a plain input larger than this is converted in ranges of about this size, one part file "
-                        "each (gzip inputs are one stream)")
-    p.add_argument("--row-group-size", type=int, default=ConvertOptions.row_group_size, help="rows per row group")
+                        "each (gzip inputs are one stream; default: %(default)s)")
+    p.add_argument("--row-group-size", type=int, default=ConvertOptions.row_group_size, help="rows per Parquet row group (default: %(default)s)")
     p.add_argument("--block-bytes", type=int, default=ConvertOptions.block_size,
                    help="bytes of text parsed at a time (a block with an irregular line goes through the slower, "
-                        "checking parser alone)")
+                        "checking parser alone; default: %(default)s)")
     p.add_argument("--vocab-min-count", type=int, metavar="N",
                    help="also write vocab/C1.npy..C26.npy: the ids seen at least N times in --vocab-from")
     p.add_argument("--vocab-from", nargs="+", default=["train"], metavar="NAME",

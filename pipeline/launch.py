@@ -49,13 +49,26 @@ def merge_overrides(train_args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(prog="python -m pipeline.launch",
-                                description="Run a training job locally through torchx (local_cwd scheduler).")
+    p = argparse.ArgumentParser(prog="python -m pipeline.launch", usage="%(prog)s --run-dir DIR [options] -- "
+                                "[python -m pipeline.train flags]",
+                                description="Run a training job locally through torchx (local_cwd scheduler); "
+                                            "everything after -- goes to python -m pipeline.train.")
     p.add_argument("--run-dir", type=Path, required=True, help="run directory (logs, checkpoints, summary)")
-    p.add_argument("--nproc", type=int, default=2, help="worker processes (ranks)")
-    p.add_argument("--max-retries", type=int, default=0, help="restarts allowed after a worker fails")
+    p.add_argument("--nproc", type=int, default=2, help="worker processes (ranks; default: %(default)s)")
+    p.add_argument("--max-retries", type=int, default=0,
+                   help="restarts allowed after a worker fails, each resuming from the newest checkpoint "
+                        "(default: %(default)s)")
     args = p.parse_args(argv[:split])
+    if args.nproc < 1 or args.max_retries < 0:
+        p.error(f"--nproc must be at least 1 and --max-retries at least 0, got {args.nproc} and {args.max_retries}")
     train_args = merge_overrides(argv[split + 1:])
+    from pipeline.train import build_config, parse_args as parse_train_args  # torch, torchrec: after --help
+
+    try:  # the workers would each refuse a bad flag or field; say it once, before torchx makes anything
+        build_config(parse_train_args([*train_args, "--run-dir", str(args.run_dir)]))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
     # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.
