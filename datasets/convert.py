@@ -156,7 +156,11 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
 
     def raise_invalid(k: int) -> None:
         number, what, text = invalid[k]
-        raise BadInputError(f"{job.path}: line {line(number)}: {what}: {text!r} (pass --skip-bad-rows to skip)")
+        hint = ""
+        if not job.labeled and what.startswith("has 40 fields"):  # the format came from line 1, which had no label
+            hint = ("; line 1 has 39 fields, so the file was read as unlabeled test data: is line 1 missing its "
+                    "label?")
+        raise BadInputError(f"{job.path}: line {line(number)}: {what}: {text!r}{hint} (pass --skip-bad-rows to skip)")
 
     try:
         for o in job.outputs:
@@ -180,6 +184,9 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
                     raise_invalid(behind)
                 if row is not None:
                     name = next(name for bad, name in problems if bad[row])
+                    if all(batch.column(c)[row].as_py() in (None, "", b"") for c in batch.column_names):
+                        raise BadInputError(f"{job.path}: line {line(numbers[row])} is empty (pass --skip-bad-rows "
+                                            f"to skip such rows and count them)")
                     raise BadInputError(f"{job.path}: line {line(numbers[row])}: field {name} = "
                                         f"{batch.column(name)[row].as_py()!r} is not {describe_expected(name)}"
                                         f" (pass --skip-bad-rows to skip such rows and count them)")

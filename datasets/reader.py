@@ -193,7 +193,10 @@ class ParquetBatches(IterableDataset):
         for t, c in enumerate(layout.sparse):
             col = table.column(c).combine_chunks()
             valid[t] = col.is_valid().to_numpy(zero_copy_only=False)
-            raw = layout.hashes(col.fill_null(0).to_numpy())
+            try:
+                raw = layout.hashes(col.fill_null(0).to_numpy())
+            except ValueError as e:
+                raise ValueError(f"{path}: row group {group}, column {c!r}: {e}") from None
             if self._vocab is None:
                 ids[t] = (raw.astype(np.uint64) % self.num_embeddings[t]).astype(np.int64)
             else:

@@ -56,6 +56,9 @@ class Layout:
     def hashes(self, values: np.ndarray) -> np.ndarray:
         """The 32-bit categorical hashes (uint32) of a column's stored integer values."""
         raw = values.astype(np.int64)
+        if self.signed_hash and raw.size and (raw.min() < -(1 << 31) or raw.max() >= 1 << 32):
+            bad = raw[(raw < -(1 << 31)) | (raw >= 1 << 32)][0]
+            raise ValueError(f"value {int(bad)} is not a 32-bit hash (signed or unsigned); it would lose bits")
         return (raw & 0xFFFFFFFF if self.signed_hash else raw).astype(np.uint32)
 
 

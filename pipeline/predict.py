@@ -11,6 +11,7 @@ import torch
 
 from datasets.reader import ParquetBatches, ReaderConfig
 from pipeline.metrics import binary_metrics
+from pipeline.quiet import quiet_library_noise
 from quant.export import load_with_manifest
 
 
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.add_argument("--vocab-dir", help="vocabulary the model was trained with (default: the one its manifest names)")
     args = p.parse_args(argv)
+    quiet_library_noise()
     if args.batch_size < 1:
         p.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:

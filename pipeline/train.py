@@ -22,6 +22,7 @@ from datasets.vocab import vocab_num_embeddings
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
 from pipeline.configs import CONFIGS, get_config
+from pipeline.quiet import quiet_library_noise
 from pipeline.model import build_dlrm
 from pipeline.metrics import binary_metrics
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
@@ -279,6 +280,7 @@ def export_report(e: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    quiet_library_noise()
     try:
         cfg = build_config(args)
         if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):

@@ -64,3 +64,20 @@ def test_refused_before_anything_is_written(case, message, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not out.exists() and b.read_bytes() == _lines(20, seed=2)
+
+
+def test_an_empty_line_is_called_empty(tmp_path, capsys):
+    lines = _lines(10).split(b"\n")
+    src = tmp_path / "day_0"
+    src.write_bytes(b"\n".join(lines[:4] + [b""] + lines[4:]))
+    assert convert([str(src), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
+    assert f"error: {src}: line 5 is empty" in capsys.readouterr().err
+
+
+def test_a_first_line_without_its_label_is_suspected(tmp_path, capsys):
+    lines = _lines(10).split(b"\n")
+    src = tmp_path / "day_0"
+    src.write_bytes(b"\n".join([lines[0].split(b"\t", 1)[1]] + lines[1:]))
+    assert convert([str(src), "--out", str(tmp_path / "out"), "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {src}: line 2: has 40 fields, expected 39" in err and "is line 1 missing its label?" in err

@@ -103,6 +103,23 @@ def test_layouts_met_in_the_wild_read_the_same(layout, tmp_path):
         assert torch.equal(a.sparse_features.lengths(), b.sparse_features.lengths())
 
 
+def test_a_categorical_beyond_32_bits_is_an_error_not_masked(tmp_path):
+    _write(tmp_path / "d.parquet", rows=300)
+    table = pq.read_table(tmp_path / "d.parquet")
+    cols = {"label": table.column("label").cast(pa.int32())}
+    for i, c in enumerate(DENSE_COLUMNS):
+        cols[f"int_{i}"] = table.column(c)
+    for i, c in enumerate(SPARSE_COLUMNS):
+        cols[f"cat_{i}"] = table.column(c).cast(pa.int64())
+    wide = cols["cat_7"].to_pylist()
+    wide[3] = 1 << 40
+    cols["cat_7"] = pa.array(wide, pa.int64())
+    pq.write_table(pa.table(cols), tmp_path / "wide.parquet")
+    with pytest.raises(ValueError, match=r"wide\.parquet: row group 0, column 'cat_7': value 1099511627776 is not "
+                                         r"a 32-bit hash"):
+        list(ParquetBatches([tmp_path / "wide.parquet"], SIZES, ReaderConfig(batch_size=100, prefetch=0)))
+
+
 def test_background_prefetch_changes_nothing_and_reports_errors(tmp_path):
     _write(tmp_path / "d.parquet")
     cfg = dict(batch_size=64, shuffle=True, seed=5)
