@@ -46,7 +46,7 @@ import time
 import zlib
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -157,7 +157,7 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
     def raise_invalid(k: int) -> None:
         number, what, text = invalid[k]
         hint = ""
-        if not job.labeled and what.startswith("has 40 fields"):  # the format came from line 1, which had no label
+        if not job.labeled and what.startswith("has 40 fields") and line(number) == 2:  # format from line 1
             hint = ("; line 1 has 39 fields, so the file was read as unlabeled test data: is line 1 missing its "
                     "label?")
         raise BadInputError(f"{job.path}: line {line(number)}: {what}: {text!r}{hint} (pass --skip-bad-rows to skip)")
@@ -167,7 +167,8 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
             o.path.parent.mkdir(parents=True, exist_ok=True)
             # Plain encoding: dictionaries cost a third of the write time and the hashes overflow them anyway.
             writers.append(pq.ParquetWriter(_partial(o.path), SCHEMA, use_dictionary=False))
-        rows_in = parsed_batches(job.path, job.fmt, job.labeled, job.byte_range, header, opts.block_size, invalid)
+        rows_in = _reading(job.path, parsed_batches(job.path, job.fmt, job.labeled, job.byte_range, header,
+                                                    opts.block_size, invalid))
         for batch, table, problems in rows_in:
             n = table.num_rows
             numbers = _row_numbers(next_number, n, np.array([r[0] for r in invalid[behind:]], dtype=np.int64))
@@ -185,8 +186,8 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
                 if row is not None:
                     name = next(name for bad, name in problems if bad[row])
                     if all(batch.column(c)[row].as_py() in (None, "", b"") for c in batch.column_names):
-                        raise BadInputError(f"{job.path}: line {line(numbers[row])} is empty (pass --skip-bad-rows "
-                                            f"to skip such rows and count them)")
+                        raise BadInputError(f"{job.path}: line {line(numbers[row])} is empty (no value in any field; "
+                                            f"pass --skip-bad-rows to skip such rows and count them)")
                     raise BadInputError(f"{job.path}: line {line(numbers[row])}: field {name} = "
                                         f"{batch.column(name)[row].as_py()!r} is not {describe_expected(name)}"
                                         f" (pass --skip-bad-rows to skip such rows and count them)")
@@ -215,20 +216,12 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
         for k, w in enumerate(writers):
             flush(k)
             w.close()
-    except pa.ArrowInvalid as e:
-        raise BadInputError(f"{job.path}: {e}") from None
-    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise BadInputError(f"{job.path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress "
-                            f"it") from None
-    except OSError as e:
-        if job.path.suffix != ".gz":
-            raise
-        raise BadInputError(f"{job.path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress "
-                            f"it") from None
-    except BaseException:
+    except BaseException as e:
         for w, o in zip(writers, job.outputs):
             w.close()
             _partial(o.path).unlink(missing_ok=True)
+        if isinstance(e, pa.ArrowInvalid):
+            raise BadInputError(f"{job.path}: {e}") from None
         raise
     return ChunkResult({o.path: (o.target, r) for o, r in zip(job.outputs, rows)}, skipped)
 
@@ -261,6 +254,27 @@ def _targets(path: Path, out: Path, split: str, total_rows: int | None) -> list[
     return [(out / f"{stem}.parquet", 0, None)]
 
 
+def _damaged_gzip(path: Path, e: BaseException) -> BadInputError:
+    return BadInputError(f"{path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress it")
+
+
+def _reading(path: Path, batches: Iterator) -> Iterator:
+    """``batches``, with a damaged gzip input's decompression error turned into one naming the file (only errors
+    of reading the input: a failed write, like a full disk, keeps its own error)."""
+    while True:
+        try:
+            item = next(batches)
+        except StopIteration:
+            return
+        except (EOFError, zlib.error) as e:
+            raise _damaged_gzip(path, e) from None
+        except OSError as e:  # Arrow's decompressor: an OSError without an errno ("Truncated compressed stream")
+            if path.suffix != ".gz" or e.errno is not None:
+                raise
+            raise _damaged_gzip(path, e) from None
+        yield item
+
+
 def count_lines(path: Path) -> int:
     """Lines of a (possibly gzip) file, a last line without a newline included."""
     if path.suffix != ".gz":
@@ -271,9 +285,8 @@ def count_lines(path: Path) -> int:
             for block in iter(lambda: f.read(1 << 24), b""):
                 n += block.count(b"\n")
                 last = block[-1:]
-    except (EOFError, OSError, zlib.error) as e:
-        raise BadInputError(f"{path}: the gzip stream is damaged or ends early ({e}); re-download or re-compress "
-                            f"it") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise _damaged_gzip(path, e) from None
     return n + (last != b"\n")
 
 

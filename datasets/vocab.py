@@ -44,7 +44,10 @@ def count_ids(files: Sequence[Path], table: int, merge_at: int = _MERGE_AT) -> t
         name = layout.sparse[table]
         for g in range(f.num_row_groups):
             col = f.read_row_group(g, columns=[name]).column(0).combine_chunks().drop_null()
-            u, c = np.unique(layout.hashes(col.to_numpy()), return_counts=True)
+            try:
+                u, c = np.unique(layout.hashes(col.to_numpy()), return_counts=True)
+            except ValueError as e:
+                raise ValueError(f"{path}: row group {g}, column {name!r}: {e}") from None
             pending.append((u, c.astype(np.int64)))
             pending_size += len(u)
             if pending_size >= max(len(ids), merge_at):

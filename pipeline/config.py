@@ -248,7 +248,7 @@ def _parse_like(current: Any, raw: str, where: str, dict_value: tuple = ()) -> A
         if isinstance(current, dict):  # name:value,name:value (a value may itself hold ':' and ',')
             convert = dict_value[0] if dict_value and dict_value[0] in (int, float) else str
             out = {}
-            for item in _DICT_ITEM.split(raw):
+            for item in _DICT_ITEM.split(raw.rstrip(",")):
                 if item:
                     if ":" not in item:
                         raise ValueError(f"{item!r} is not name:value")

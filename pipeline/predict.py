@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(m))
+    if args.json:  # strict JSON: an undefined AUC is null, not NaN
+        print(json.dumps({k: None if v != v else v for k, v in m.items()}, allow_nan=False))
     else:
         auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "n/a"
         print(f"rows {m['rows']:,}  AUC {auc}  accuracy {100 * m['accuracy']:.2f}%  log loss {m['logloss']:.4f}")

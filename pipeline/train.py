@@ -76,6 +76,8 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     for item in args.set:
         apply_override(cfg, item, check=False)
     validate(cfg)  # once, after all overrides: fields that must agree can change together
+    if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):
+        raise ValueError(f"--run-dir {cfg.run_dir}: a file is in the way (a run dir must be a folder)")
     if cfg.data.vocab_dir:
         sizes = tuple(vocab_num_embeddings(cfg.data.vocab_dir))
         if tuple(cfg.model.num_embeddings) != sizes:
@@ -283,8 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_noise()
     try:
         cfg = build_config(args)
-        if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):
-            raise ValueError(f"--run-dir {cfg.run_dir}: a file is in the way (a run dir must be a folder)")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,7 +122,8 @@ class Trainer:
         return stats
 
     def _non_finite(self, loss: torch.Tensor, epoch: int) -> NonFiniteLossError:
-        last = self.checkpointer.latest_verified_here()
+        # rank 0's message is the one on the console: only it rereads checkpoints to name one that verifies
+        last = self.checkpointer.latest_verified_here() if self.rank == 0 else self.checkpointer.latest()
         return NonFiniteLossError(
             f"rank {self.rank}: training loss is {float(loss)} at step {self.step + 1} (epoch {epoch + 1}); "
             f"last good checkpoint: {last or 'none'}. Lower optim.lr / optim.embedding_lr or check the input data, "

@@ -30,6 +30,7 @@ def test_truncated_gzip_names_the_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"error: {bad}: the gzip stream is damaged or ends early" in err
     assert not (tmp_path / "out" / "day_1.parquet").exists()
+    assert not list((tmp_path / "out").rglob("*.partial")), "the half-written output was left behind"
 
 
 def test_truncated_gzip_is_named_when_counting_lines_for_the_kaggle_split(tmp_path, capsys):

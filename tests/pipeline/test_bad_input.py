@@ -220,6 +220,8 @@ def test_predict_on_unlabeled_data_says_auc_is_undefined(done_run, tmp_path, cap
     assert predict.main(["--model", str(done_run / "model_int4.pt"), "--data", str(zeros)]) == 0
     out = capsys.readouterr()
     assert "AUC n/a" in out.out and "every label is 0, so AUC is undefined" in out.err
+    assert predict.main(["--model", str(done_run / "model_int4.pt"), "--data", str(zeros), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["auc"] is None  # strict JSON: null, not NaN
 
 
 def test_predict_works_on_the_good_artifact(done_run, capsys):

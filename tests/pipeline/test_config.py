@@ -39,7 +39,7 @@ def test_dict_overrides_parse_by_the_fields_value_type():
     """Placements hold ':' and ',' themselves (``column_wise:0,1``); bit widths are ints."""
     cfg = build_config(parse_args(["--config", "tiny", "--set",
                                    "plan.overrides=t_cat_3:row_wise,t_cat_4:table_wise:1,t_cat_5:column_wise:0,1",
-                                   "quant.table_bits=t_cat_1:2,t_cat_2:8"]))
+                                   "quant.table_bits=t_cat_1:2,t_cat_2:8,"]))  # a trailing comma is fine
     assert cfg.plan.overrides == {"t_cat_3": "row_wise", "t_cat_4": "table_wise:1", "t_cat_5": "column_wise:0,1"}
     assert cfg.quant.table_bits == {"t_cat_1": 2, "t_cat_2": 8}
 
