@@ -62,6 +62,9 @@ SPECS = {
     "row4": QuantSpec(embedding_bits=4, granularity="row", mlp_bits=4),
     "table8": QuantSpec(embedding_bits=8, granularity="table", scale_update_every=4, mlp_bits=8),
     "row8": QuantSpec(embedding_bits=8, granularity="row", mlp_bits=8),
+    # per-table widths, INT2 included, in one model (FBGEMM groups tables of one width into one kernel)
+    "mixed": QuantSpec(embedding_bits=4, granularity="table", scale_update_every=4, mlp_bits=8,
+                       table_bits={"t_cat_7": 2, "t_cat_12": 2, "t_cat_9": 8, "t_cat_20": 8}),
 }
 
 
@@ -83,7 +86,7 @@ def test_sharded_qat_steps_equal_unsharded(name, data_dir):
         assert (sharded["alpha"] > 0).all()
 
 
-@pytest.mark.parametrize("name", ["table4", "row4", "table8", "row8"])
+@pytest.mark.parametrize("name", ["table4", "row4", "table8", "row8", "mixed"])
 def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
     """Prepare equals convert: the artifact, loaded in a fresh process with only torch and fbgemm_gpu, gives the
     QAT model's eval logits (within 1e-5) and the same predicted classes."""
@@ -108,12 +111,14 @@ def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
     # It stores integers: the tables as FBGEMM rows of dim * bits / 8 code bytes + 4 bytes of fp16 scale and bias
     # (padded to FBGEMM's row alignment), the MLP weights as int8 codes; no float copy of either.
     buffers = eval(proc.stdout.strip().splitlines()[-2])  # noqa: S307 - our own subprocess's repr of a list
-    bits, rows, dim = SPECS[name].embedding_bits, sum(CARDS), MODEL.embedding_dim
-    tables = [numel for _, dtype, numel in buffers if dtype == "torch.uint8" and numel >= rows]
-    assert len(tables) == 1 and dim * bits // 8 + 4 <= tables[0] / rows < dim * bits // 8 + 4 + 16, tables
+    spec, dim = SPECS[name], MODEL.embedding_dim
+    widths = [spec.bits_for(f"t_cat_{i}") for i in range(len(CARDS))]
+    least = sum(n * (dim * b // 8 + 4) for n, b in zip(CARDS, widths))  # codes + fp16 scale and bias per row
+    stored = sum(numel for _, dtype, numel in buffers if dtype == "torch.uint8" and numel >= 1024)  # the rows
+    assert least <= stored < least + 16 * sum(CARDS), (least, stored)
     codes = [(n, dtype) for n, dtype, _ in buffers if n.endswith(".codes")]
     assert len(codes) == len(MODEL.dense_arch) + len(MODEL.over_arch) and all(d == "torch.int8" for _, d in codes)
-    assert not [n for n, dtype, numel in buffers if dtype == "torch.float32" and numel >= min(rows, 32 * 13)
+    assert not [n for n, dtype, numel in buffers if dtype == "torch.float32" and numel >= min(sum(CARDS), 32 * 13)
                 and not n.endswith((".scale", ".bias"))], "a float copy of a table or an MLP weight was stored"
     served = torch.load(tmp_path / "out.pt")
     qat = result["logits"]
