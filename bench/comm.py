@@ -102,7 +102,8 @@ def _worker(rank, world_size, config_name, steps):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="default,kaggle", help="named configs giving the model shape and batch")
     p.add_argument("--steps", default="20,300",
                    help="timed steps per variant: one number, or one per model (default: 20 for the default model, "

@@ -23,7 +23,8 @@ VARIANTS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", type=Path, default=Path("runs/comm_auc"), help="where the two runs go")
     p.add_argument("--nproc", type=int, default=2, help="workers per run")
     args = p.parse_args()

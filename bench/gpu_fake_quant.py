@@ -1,7 +1,8 @@
 """The fake-quant math on CUDA tensors: bitwise equal to CPU, and the touched-rows correction's cost on a GPU.
 
-Needs only torch (runs where FBGEMM and TorchRec are absent): it drives ``EmbeddingFakeQuantizer``'s correction
-with a stand-in for a TBE (a flat weight buffer with FBGEMM's layout attributes).
+Needs torch, numpy and numba, not FBGEMM or TorchRec (the GPU machines have no FBGEMM): it drives
+``EmbeddingFakeQuantizer``'s correction with a stand-in for a TBE (a flat weight buffer with FBGEMM's layout
+attributes). Prints a JSON report; with ``$OUT`` set it also writes ``$OUT/gpu_fake_quant.json``.
 
     python -m bench.gpu_fake_quant
 """
@@ -105,6 +106,10 @@ def time_correction(device, rows_per_table, batch=2048, steps=50) -> dict:
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m bench.gpu_fake_quant", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "equality": check_equal(device) if device == "cuda" else "no CUDA device: nothing to compare",

@@ -145,7 +145,8 @@ def _breakdown(module, inputs) -> dict[str, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=20, help="batches of 2048 per repetition")
     p.add_argument("--reps", type=int, default=5, help="repetitions (medians reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")

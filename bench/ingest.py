@@ -74,7 +74,8 @@ def reader_rate(parquet: list[Path], batch_size: int = 4096) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=2.0, help="size of the generated TSV")
     p.add_argument("--ref-rows", type=int, default=1_000_000, help="rows TorchRec's converter is timed on")
     args = p.parse_args()

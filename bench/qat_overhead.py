@@ -119,7 +119,8 @@ def _measure(models, cards, batch, args, naive: bool) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="100000,1000000,10000000", help="rows of each of the 4 large tables")
     p.add_argument("--batch", default="128,2048",
                    help="batch sizes (the default and kaggle jobs' 128 first; the naive contrast runs at the first)")

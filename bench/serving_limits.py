@@ -165,7 +165,8 @@ def mlps(reps: int) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=7, help="timed passes over 10 batches (medians reported)")
     p.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows (memory)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")

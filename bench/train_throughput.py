@@ -91,7 +91,8 @@ def _worker(rank, world_size, steps, reps, warmup):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="timed training steps per repetition")
     p.add_argument("--reps", type=int, default=9, help="repetitions of each loop (medians are reported)")
     p.add_argument("--warmup", type=int, default=150, help="untimed steps first")

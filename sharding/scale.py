@@ -54,7 +54,8 @@ def plan_cluster(gpus: int, hbm_gb: float, dim: int = 128):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sharding.scale", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m sharding.scale", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="8,16,64", help="comma-separated cluster sizes")
     p.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")
     p.add_argument("--dim", type=int, default=128, help="embedding dimension (DLRMv2: 128)")
