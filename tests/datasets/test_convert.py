@@ -195,7 +195,7 @@ def test_errors_in_later_ranges_name_the_true_line(workers, block, tmp_path, cap
                            ({850: _bad_c7}, "line 850: field C7 = 'xyz12345'"),
                            ({300: _bad_c7, 850: _drop_field}, "line 300: field C7"),
                            ({301: _drop_field, 302: _bad_c7}, "line 301: has 39 fields"),
-                           ({300: lambda line: ""}, "line 300: field label = ''")]:  # an empty line is a row
+                           ({300: lambda line: ""}, "line 300 is empty")]:  # an empty line is a row
         bad = _corrupt_lines(tmp_path, fixes)
         assert convert([str(bad), *common]) == 1
         err = capsys.readouterr().err.strip().splitlines()
