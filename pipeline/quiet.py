@@ -1,5 +1,5 @@
-"""Silences two library messages that every run would print and that say nothing about the run (entry points
-call ``quiet_library_noise`` first)."""
+"""Silences library messages that every run would print and that say nothing about the run (entry points call
+``quiet_library_noise`` first)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,38 @@ def quiet_library_noise() -> None:
     - PyTorch warns that FBGEMM's CPU dense TBE (data-parallel tables) has no registered autograd kernel and that
       backprop through it "may" be wrong: its gradients are checked here against a plain TorchRec model, bit for bit
       across world sizes and to 1e-5 against the straight-through reference (``tests/quant/test_embedding_qat.py``,
-      ``tests/sharding/test_comm.py``)."""
+      ``tests/sharding/test_comm.py``).
+    - ShardedTensor's deprecation notice: TorchRec's sharded state dict is made of them; gathering it for export is
+      the only way to read a sharded table whole.
+    - Two TorchScript notes printed while the exported model is scripted (about annotations in FBGEMM's and
+      TorchRec's modules); the artifact is checked against the evaluated model after every export.
+    - TorchRec's planner on its dry-run memory estimate (a heuristic reservation it plans to replace; our tables
+      are far from the memory limits it guards) and, once per data-parallel table, that cache parameters do not
+      apply to it (we set none).
+    - DDP's deprecation of ``broadcast_buffers``, which TorchRec passes when it wraps the data-parallel parts."""
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
+    logging.getLogger("torchrec.distributed.planner.storage_reservations").addFilter(
+        _Without("dense tensor size calculation in dry run"))
+    logging.getLogger("torchrec.distributed.utils").addFilter(_Without("caching params will be ignored"))
+    warnings.filterwarnings("ignore", message=r"HeuristicalStorageReservation is known to cause issues",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel "
                                               r"was not registered")
+    warnings.filterwarnings("ignore", message=r"Please use DTensor instead and we are deprecating ShardedTensor",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The TorchScript type system doesn't support instance-level "
+                                              r"annotations on empty non-base types")
+    warnings.filterwarnings("ignore", message=r"TorchScript will treat type annotations of Tensor dtype-specific "
+                                              r"subtypes")
+
+
+class _Without(logging.Filter):
+    """Drops the records whose message contains ``text``; the logger's other records pass."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()

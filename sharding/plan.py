@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import (
     column_wise,
@@ -33,7 +34,8 @@ def plan_sharding(
     sharders: list | None = None,
 ) -> ShardingPlan:
     """Ask TorchRec's planner for a plan; with a process group every rank gets rank 0's plan."""
-    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=world_size)
+    topology = TopologyFactory.create_topology(TrainerConfig(world_size=world_size, local_world_size=world_size),
+                                               kernel_config=KernelConfig(compute_device=device.type))
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     sharders = sharders or get_default_sharders()
     if pg is not None:

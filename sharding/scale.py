@@ -14,7 +14,8 @@ import math
 import sys
 
 import torch
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingType
 
@@ -48,8 +49,9 @@ def plan_cluster(gpus: int, hbm_gb: float, dim: int = 128):
     model = build_dlrm(ModelConfig(embedding_dim=dim, num_embeddings=DLRMV2_CARDINALITIES,
                                    dense_arch=(512, 256, dim), over_arch=(1024, 1024, 512, 256, 1)),
                        torch.device("meta"))
-    topology = Topology(world_size=gpus, compute_device="cuda", local_world_size=min(8, gpus),
-                        hbm_cap=int(hbm_gb * 2**30))
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=gpus, local_world_size=min(8, gpus), hbm_cap_bytes=int(hbm_gb * 2**30)),
+        kernel_config=KernelConfig(compute_device="cuda"))
     return EmbeddingShardingPlanner(topology=topology).plan(model, get_default_sharders())
 
 
