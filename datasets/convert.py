@@ -465,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-bytes", type=int, default=ConvertOptions.chunk_bytes,
                    help="a plain input larger than this is converted in ranges of about this size, one part file "
                         "each (gzip inputs are one stream; default: %(default)s)")
-    p.add_argument("--row-group-size", type=int, default=ConvertOptions.row_group_size, help="rows per Parquet row group (default: %(default)s)")
+    p.add_argument("--row-group-size", type=int, default=ConvertOptions.row_group_size,
+                   help="rows per Parquet row group (default: %(default)s)")
     p.add_argument("--block-bytes", type=int, default=ConvertOptions.block_size,
                    help="bytes of text parsed at a time (a block with an irregular line goes through the slower, "
                         "checking parser alone; default: %(default)s)")

@@ -165,8 +165,8 @@ class ParquetBatches(IterableDataset):
             out = [out[i] for i in rng.permutation(len(out))]
         return out
 
-    def _decode(self, table: pa.Table, layout: Layout, where: tuple = ("", 0, 0)) -> tuple[np.ndarray, np.ndarray,
-                                                                                         np.ndarray, np.ndarray]:
+    def _decode(self, table: pa.Table, layout: Layout, where: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                             np.ndarray]:
         """Labels, log-transformed counts, ids and id presence of ``table``'s rows; a label that is not 0 or 1
         (or missing) is an error naming the file, row group and row (``where``: path, row group, its first row
         in ``table``)."""

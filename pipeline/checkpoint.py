@@ -68,10 +68,16 @@ class Checkpointer:
         done = self.complete()
         return done[-1] if done else None
 
-    def latest_verified_here(self) -> Path | None:
+    def latest_verified_here(self, *, report: bool = False) -> Path | None:
         """``latest_valid`` without the collective (for one rank's error message): the newest checkpoint whose
-        files match its manifest."""
-        return next((p for p in reversed(self.complete()) if verify(p) is None), None)
+        files match its manifest; with ``report``, each one skipped is logged with what is wrong with it."""
+        for path in reversed(self.complete()):
+            problem = verify(path)
+            if problem is None:
+                return path
+            if report:
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+        return None
 
     def latest_valid(self) -> Path | None:
         """The newest checkpoint whose files match its manifest; rank 0 decides and every rank gets its choice.
@@ -83,12 +89,8 @@ class Checkpointer:
             for path in unfinished:
                 log.warning("ignoring %s: a checkpoint write that did not finish (no %s); it is never resumed "
                             "from and can be deleted", path, MANIFEST)
-            for path in reversed(self.complete()):
-                problem = verify(path)
-                if problem is None:
-                    choice[0] = str(path)
-                    break
-                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+            found = self.latest_verified_here(report=True)
+            choice[0] = str(found) if found else None
         if dist.is_available() and dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
         return Path(choice[0]) if choice[0] else None

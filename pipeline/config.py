@@ -144,7 +144,7 @@ class JobConfig:
 
     def check_table_names(self) -> None:
         """Per-table settings must name this model's tables: a misspelt name would otherwise be ignored and the
-        table silently trained with the default (``--set`` overrides call this again)."""
+        table silently trained with the default (``validate`` runs this again after ``--set`` overrides)."""
         tables = [f"t_{feature}" for feature in FEATURE_NAMES]
         for field, named in (("quant.table_bits", self.quant.table_bits), ("plan.overrides", self.plan.overrides)):
             unknown = sorted(set(named) - set(tables))

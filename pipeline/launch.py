@@ -62,17 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1 or args.max_retries < 0:
         p.error(f"--nproc must be at least 1 and --max-retries at least 0, got {args.nproc} and {args.max_retries}")
     train_args = merge_overrides(argv[split + 1:])
-    from pipeline.train import build_config, fields_table, parse_args as parse_train_args  # torch: after --help
+    from pipeline.train import config_or_exit, parse_args as parse_train_args  # torch: after --help
 
-    try:  # the workers would each refuse a bad flag or field; say it once, before torchx makes anything
-        train_cli = parse_train_args([*train_args, "--run-dir", str(args.run_dir)])
-        cfg = build_config(train_cli)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if train_cli.fields:
-        print(fields_table(cfg))
-        return 0
+    # the workers would each refuse a bad flag or field: say it once, before torchx makes anything
+    checked = config_or_exit(parse_train_args([*train_args, "--run-dir", str(args.run_dir)]))
+    if isinstance(checked, int):
+        return checked
     args.run_dir.mkdir(parents=True, exist_ok=True)
     cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
     # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.

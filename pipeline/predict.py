@@ -12,6 +12,7 @@ import torch
 from datasets.reader import ParquetBatches, ReaderConfig
 from pipeline.metrics import binary_metrics
 from pipeline.quiet import quiet_library_noise
+from pipeline.report import strict_json
 from quant.export import load_with_manifest
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:  # strict JSON: an undefined AUC is null, not NaN
-        print(json.dumps({k: None if v != v else v for k, v in m.items()}, allow_nan=False))
+        print(json.dumps(strict_json(m), allow_nan=False))
     else:
         auc = f"{m['auc']:.4f}" if m["auc"] == m["auc"] else "n/a"
         print(f"rows {m['rows']:,}  AUC {auc}  accuracy {100 * m['accuracy']:.2f}%  log loss {m['logloss']:.4f}")

@@ -23,9 +23,8 @@ def quiet_library_noise() -> None:
       apply to it (we set none).
     - DDP's deprecation of ``broadcast_buffers``, which TorchRec passes when it wraps the data-parallel parts."""
     logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)
-    logging.getLogger("torchrec.distributed.planner.storage_reservations").addFilter(
-        _Without("dense tensor size calculation in dry run"))
-    logging.getLogger("torchrec.distributed.utils").addFilter(_Without("caching params will be ignored"))
+    for name, record_filter in _LOG_FILTERS.items():  # the same objects each call: a logger keeps one of each
+        logging.getLogger(name).addFilter(record_filter)
     warnings.filterwarnings("ignore", message=r"HeuristicalStorageReservation is known to cause issues",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning)
@@ -48,3 +47,9 @@ class _Without(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return self.text not in record.getMessage()
+
+
+_LOG_FILTERS = {
+    "torchrec.distributed.planner.storage_reservations": _Without("dense tensor size calculation in dry run"),
+    "torchrec.distributed.utils": _Without("caching params will be ignored"),
+}

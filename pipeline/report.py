@@ -53,18 +53,18 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: d
     plt.close(fig)
 
 
-def _strict(value: Any) -> Any:
-    """NaN (an AUC over a single-class split) as null: ``summary.json`` stays strict JSON for any parser."""
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN (an AUC over a single-class split) as None, so that it dumps as strict JSON."""
     if isinstance(value, float) and value != value:
         return None
     if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
-    path.write_text(json.dumps(_strict(summary), indent=2, allow_nan=False))
+    path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return path

@@ -90,6 +90,20 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     return cfg
 
 
+def config_or_exit(args: argparse.Namespace) -> JobConfig | int:
+    """The job's config, or the exit code after saying why there is none to run: 2 after a bad flag or field
+    (printed as ``error: ...``), 0 after ``--fields`` printed the listing. ``main`` and the launcher share it."""
+    try:
+        cfg = build_config(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.fields:
+        print(fields_table(cfg))
+        return 0
+    return cfg
+
+
 def fields_table(cfg: JobConfig) -> str:
     """The ``--fields`` listing: one block per field (path = value, then its docstring, wrapped)."""
     import textwrap
@@ -283,14 +297,9 @@ def export_report(e: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_library_noise()
-    try:
-        cfg = build_config(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.fields:
-        print(fields_table(cfg))
-        return 0
+    cfg = config_or_exit(args)
+    if isinstance(cfg, int):
+        return cfg
     try:
         run(cfg)
     except (FileNotFoundError, ValueError, NotImplementedError, NonFiniteLossError) as e:
