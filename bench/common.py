@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
 
 
 def random_batches(cards, batch: int, n: int, seed: int = 0) -> list:
@@ -45,6 +49,21 @@ def paired_ratio(xs: list[float], base: list[float], draws: int = 2000) -> dict:
 
 def machine() -> dict:
     return {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+
+
+def provenance() -> dict:
+    """The code and command behind a result: ``git rev-parse HEAD``, whether the work tree had changes (and which
+    paths; other work in the tree shows here too), and the command line as typed from the repository root."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    exe = Path(sys.executable)
+    exe = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
+    module = sys.modules["__main__"].__spec__
+    argv = [str(exe), "-m", module.name] if module is not None else [str(exe), sys.argv[0]]
+    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "dirty_paths": changed,
+            "command": shlex.join(argv + sys.argv[1:])}
 
 
 def save(name: str, payload: dict) -> Path:
