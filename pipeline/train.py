@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -26,13 +27,12 @@ from pipeline.quiet import quiet_library_noise
 from pipeline.model import build_dlrm
 from pipeline.metrics import binary_metrics
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.phases import PhaseLog
 from pipeline.predict import score
 from pipeline.report import epoch_table, plot_curves, write_summary
 from pipeline.trainer import NonFiniteLossError, Splits, Trainer, post_training_quantized
 from quant.api import QATConfig, quantize_, set_fake_quant
-from quant.convert import model_sizes
-from quant.export import export, load_with_manifest
-from quant.tbe import table_configs
+from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
 from sharding.comm import ByteCounter, check_qcomms, compress_gradients, sharders_for
 from sharding.plan import describe_plan, plan_table, save_plan, shard_model
 from sharding.policy import placements_from_plan, plan_by_policy, save_placements
@@ -186,18 +186,59 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir} exists and is not a directory")
     setup_logging(run_dir, rank)
+    phases = PhaseLog(run_dir / "logs" / f"phases_rank{rank}.json")
     log.info("job %s: world size %d on %s, run dir %s", cfg.name, world_size, device, run_dir)
-    paths, bayes = resolve_data(cfg, rank)
-    splits = Splits(**{
-        s: ParquetBatches(paths[s], cfg.model.num_embeddings, cfg.data.reader(train=s == "train", seed=cfg.seed),
-                          rank=rank, world_size=world_size)
-        for s in ("train", "val", "test")})
+    with phases("data"):
+        paths, bayes = resolve_data(cfg, rank)
+        splits = Splits(**{
+            s: ParquetBatches(paths[s], cfg.model.num_embeddings, cfg.data.reader(train=s == "train", seed=cfg.seed),
+                              rank=rank, world_size=world_size)
+            for s in ("train", "val", "test")})
     for s in ("train", "val", "test"):
         d = getattr(splits, s)
         if d.rows_unused:
             log.warning("%s: %d of %d rows unused so that all %d ranks run the same number of batches",
                         s, d.rows_unused, d.total_rows, world_size)
 
+    with phases("build_shard"):
+        model, optimizer, counter = build_sharded_model(cfg, rank, world_size, device)
+    trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank,
+                      comm_counter=counter)
+    with phases("resume_load"):
+        if trainer.resume():
+            log.info("resuming at epoch %d (step %d)", trainer.start_epoch + 1, trainer.step)
+    t0 = time.perf_counter()
+    with phases("train"):
+        history = trainer.train()
+    eval_history, exported = trainer.eval_history, None
+    if cfg.quant_mode != "fp32":
+        with phases("export_rows"):
+            ref_logits, parts = write_integer_rows(cfg, trainer, model)
+        del trainer, model, optimizer, splits  # the float model is not needed any more: free it before serving
+        gc.collect()
+        dist.barrier()
+        if rank == 0:
+            exported = finish_export(cfg, parts, ref_logits, paths["test"], phases)
+    summary = {"config": cfg.name, "quant_mode": cfg.quant_mode, "world_size": world_size, "device": str(device),
+               "epochs": history, "eval_history": eval_history, "bayes_test": bayes, "export": exported,
+               "wall_seconds_this_attempt": time.perf_counter() - t0}
+    if rank == 0:
+        write_summary(run_dir, summary)
+        plot_curves({cfg.name: history}, run_dir / "metrics.png", bayes=bayes, title=f"{cfg.name}: test metrics")
+        print("\n" + epoch_table(history, bayes), flush=True)
+        if bayes:
+            best = max(history, key=lambda s: s["test"]["auc"])
+            print(f"best test AUC {best['test']['auc']:.4f} (epoch {best['epoch']}) is "
+                  f"{bayes['auc'] - best['test']['auc']:.4f} below the best achievable {bayes['auc']:.4f}")
+        if exported:
+            print(export_report(exported), flush=True)
+        print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
+    return summary
+
+
+def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torch.device):
+    """The DLRM, planned, sharded (DMP), prepared for QAT, with gradient compression and its optimizer; rank 0
+    writes the plan and config into the run dir. Returns (model, optimizer, byte counter or None)."""
     torch.manual_seed(cfg.seed)
     model = build_dlrm(cfg.model, device)
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
@@ -214,6 +255,7 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
     compress_gradients(model, cfg.comm, counter)
     optimizer = build_optimizer(model, cfg.optim)
     if rank == 0:
+        run_dir = cfg.run_path
         log.info("sharding plan:\n%s", plan_table(rows))
         replicated = [r["table"] for r in rows if r["sharding"] == "data_parallel"]
         log.info("learning rates: sharded tables %g (optim.embedding_lr, fused); MLPs%s %g (optim.lr)",
@@ -225,73 +267,61 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
         except ValueError as e:  # e.g. the planner chose table_column_wise, which placements cannot express
             log.warning("placements.json not written (%s); plan.json holds the full plan", e)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-
-    trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank,
-                      comm_counter=counter)
-    if trainer.resume():
-        log.info("resuming at epoch %d (step %d)", trainer.start_epoch + 1, trainer.step)
-    t0 = time.perf_counter()
-    history = trainer.train()
-    exported = export_integer_model(cfg, trainer, model, paths["test"], rank) if cfg.quant_mode != "fp32" else None
-    summary = {"config": cfg.name, "quant_mode": cfg.quant_mode, "world_size": world_size, "device": str(device),
-               "epochs": history, "eval_history": trainer.eval_history, "bayes_test": bayes, "export": exported,
-               "wall_seconds_this_attempt": time.perf_counter() - t0}
-    if rank == 0:
-        write_summary(run_dir, summary)
-        plot_curves({cfg.name: history}, run_dir / "metrics.png", bayes=bayes, title=f"{cfg.name}: test metrics")
-        print("\n" + epoch_table(history, bayes), flush=True)
-        if bayes:
-            best = max(history, key=lambda s: s["test"]["auc"])
-            print(f"best test AUC {best['test']['auc']:.4f} (epoch {best['epoch']}) is "
-                  f"{bayes['auc'] - best['test']['auc']:.4f} below the best achievable {bayes['auc']:.4f}")
-        if exported:
-            print(export_report(exported), flush=True)
-        print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
-    return summary
+    return model, optimizer, counter
 
 
-def export_integer_model(cfg: JobConfig, trainer: Trainer, model, test_paths: list[Path], rank: int) -> dict | None:
-    """Convert to FBGEMM integer modules, export, reload the artifact and score the test split with it (rank 0),
-    checking its logits against the fake-quantized model's. Collective: every rank calls it."""
+def artifact_path(cfg: JobConfig) -> Path:
+    return cfg.run_path / f"model_int{cfg.quant.embedding_bits}.pt"
+
+
+def write_integer_rows(cfg: JobConfig, trainer: Trainer, model):
+    """The fake-quantized model's test logits (the reference the artifact must reproduce), then every rank's
+    integer rows streamed into the artifact's rows file (shard-local: no rank holds another's float rows).
+    Collective; returns (logits, integer MLPs and layout) on rank 0, (logits, None) elsewhere."""
     ptq = post_training_quantized(model) if cfg.quant_mode == "ptq" else contextlib.nullcontext()
     with ptq:
         ref_logits, _ = trainer.predict("test")
-        int_model = quantize_(model, QATConfig(spec=cfg.quant, step="convert"))
-    if rank != 0:
-        return None
-    bits = cfg.quant.embedding_bits
-    path = cfg.run_path / f"model_int{bits}.pt"
+        parts = write_rows(model, cfg.quant, artifact_path(cfg))
+    return ref_logits, parts
+
+
+def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: list[Path], phases: PhaseLog) -> dict:
+    """Rank 0, after the float model is freed: the serving module beside the rows, reloaded as a server would and
+    scored on the test split, its logits checked against the fake-quantized model's."""
+    path = artifact_path(cfg)
     manifest = {"config": cfg.name, "quant_mode": cfg.quant_mode, "quant": dataclasses.asdict(cfg.quant),
                 "num_embeddings": list(cfg.model.num_embeddings), "embedding_dim": cfg.model.embedding_dim,
                 "dense_features": NUM_DENSE, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
                 "id_mapping": (f"vocabulary {Path(cfg.data.vocab_dir).resolve()} (index + 1; rare or missing -> 0)"
                                if cfg.data.vocab_dir else "hash % num_embeddings, missing -> empty bag"),
                 "vocab_dir": str(Path(cfg.data.vocab_dir).resolve()) if cfg.data.vocab_dir else None}
-    export(int_model, FEATURE_NAMES, path, manifest)
-    module, manifest = load_with_manifest(path)
-    logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel(),
-                           vocab_dir=manifest.get("vocab_dir"))
-    sizes = model_sizes(int_model, table_configs(model), _float_mlp_params(model))
-    sizes["artifact_bytes"] = path.stat().st_size
-    log.info("exported %s (%.1f MB)", path, sizes["artifact_bytes"] / 1e6)
-    return {"path": str(path), "test": binary_metrics(logits, labels), "bits": bits,
+    with phases("export_module"):
+        export(parts, FEATURE_NAMES, path, manifest)
+    sizes = artifact_sizes(parts, path)
+    del parts
+    with phases("artifact_load"):
+        module, manifest = load_with_manifest(path)
+    with phases("predict"):
+        logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel(),
+                               vocab_dir=manifest.get("vocab_dir"))
+    sizes["loaded_bytes"] = loaded_bytes(module)
+    log.info("exported %s + %s (%.1f MB on disk)", path, rows_path(path).name, sizes["artifact_bytes"] / 1e6)
+    return {"path": str(path), "test": binary_metrics(logits, labels), "bits": cfg.quant.embedding_bits,
             "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits, "sizes": sizes,
             "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max())}
 
 
-def _float_mlp_params(model) -> int:
-    inner = model.module if hasattr(model, "module") else model
-    return sum(p.numel() for arch in (inner.model.dense_arch, inner.model.over_arch) for p in arch.parameters())
-
-
 def export_report(e: dict) -> str:
     t, z = e["test"], e["sizes"]
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
     return (f"exported INT{e['bits']} model ({e['granularity']} grid, INT{e['mlp_bits'] or 32} MLPs): "
             f"test AUC {t['auc']:.4f} acc {100 * t['accuracy']:.2f}% logloss {t['logloss']:.4f} | "
             f"max |artifact - fake-quant logits| {e['max_abs_logit_diff_vs_fake_quant']:.2e}\n"
-            f"sizes: FP32 {z['fp32_bytes'] / 1e6:.1f} MB, INT{e['bits']} FBGEMM layout {z['int_fbgemm_bytes'] / 1e6:.1f} MB "
-            f"({z['fp32_bytes'] / z['int_fbgemm_bytes']:.1f}x smaller), codes only {z['int_codes_only_bytes'] / 1e6:.1f} MB, "
-            f"artifact on disk {z['artifact_bytes'] / 1e6:.1f} MB  ->  {e['path']}")
+            f"sizes: FP32 {mb(z['fp32_bytes'])}; artifact {mb(z['artifact_bytes'])} on disk "
+            f"({z['fp32_bytes'] / z['artifact_bytes']:.1f}x smaller), {mb(z['loaded_bytes'])} in memory once "
+            f"loaded; tables {mb(z['table_bytes'])} = codes {mb(z['table_codes_bytes'])} + fp16 scale/bias "
+            f"{mb(z['table_scale_bias_bytes'])} + padding {mb(z['table_padding_bytes'])} (rows aligned to "
+            f"{z['row_alignment']} B); MLPs {mb(z['mlp_bytes'])}  ->  {e['path']}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,9 @@
-"""Export an integer DLRM as one TorchScript file that serves plain tensors, loadable with torch + fbgemm_gpu only.
+"""Export an integer DLRM as a TorchScript file that serves plain tensors plus its table rows in a second file,
+loadable with torch + fbgemm_gpu only (``STANDALONE_LOAD``).
+
+``model_int4.pt`` holds the MLPs (integer codes), FBGEMM's table metadata and the manifest; ``model_int4.rows``
+holds FBGEMM's flat row buffer byte for byte (``quant.convert``), written shard by shard during a sharded export so
+that no process assembles the integer model in memory.
 
 The artifact takes ``(dense [B, 13] float, values [N] int64, lengths [26 * B] int32)`` in the reader's KJT layout
 (key-major lengths, see ``datasets.reader``) and returns logits ``[B]``.
@@ -10,14 +15,19 @@ import hashlib
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchrec.models.dlrm import DLRM, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from quant.api import QuantSpec
+from quant.convert import (CHUNK_ROWS, FileSink, IntegerParts, RowLayout, integer_dlrm, integer_parts, stored_mlp_bytes,
+                           stream_integer_rows, the_tbe)
 from quant.mlp_qat import QuantizedLinear
+from quant.tbe import table_configs
 
 
 class ServingDLRM(nn.Module):
@@ -47,28 +57,86 @@ class ServingDLRM(nn.Module):
         return self.dlrm.over_arch(torch.cat([embedded, dots], dim=1)).squeeze(-1)
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST_NAME = "dqrm_manifest.json"
 
 
-def export(dlrm: DLRM, feature_names: List[str], path: Path, manifest: Dict[str, Any]) -> Path:
-    """FX-trace (TorchRec's tracer), TorchScript and save the serving wrapper, with ``manifest`` inside the file
-    and, beside it, ``<path>.json``: the same manifest plus the file's SHA-256."""
+def rows_path(path: Path) -> Path:
+    """The file beside an artifact that holds its table rows (FBGEMM's flat row buffer, byte for byte)."""
+    return Path(path).with_suffix(".rows")
+
+
+def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *, chunk_rows: int = CHUNK_ROWS) -> Optional[IntegerParts]:
+    """Shard-local conversion of a prepared, sharded DLRM's tables into the artifact's rows file (see
+    ``quant.convert.stream_integer_rows``); returns the integer MLPs and the row layout on rank 0, ``None``
+    elsewhere. Collective. Free the training model before ``export``: that builds the serving module."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    parts = integer_parts(model, spec) if rank == 0 else None
+    layout = RowLayout.of(table_configs(model), spec)
+    sink = None
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sink = FileSink(_tmp(rows_path(path)), layout.total_bytes)
+    try:
+        stream_integer_rows(model, spec, layout, sink, chunk_rows=chunk_rows)
+    finally:
+        if sink is not None:
+            sink.close()
+    if rank == 0:
+        _tmp(rows_path(path)).replace(rows_path(path))
+    return parts
+
+
+def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[str, Any]) -> Path:
+    """FX-trace (TorchRec's tracer), TorchScript and save the serving module of ``parts`` (whose rows
+    ``write_rows`` put beside ``path``) or of an in-memory integer ``DLRM`` (whose rows are written out here).
+    The TorchScript file holds the MLPs and FBGEMM's table metadata, its row buffer left empty; the loader puts
+    the rows file in its place. ``manifest`` goes inside the file and, with both files' SHA-256, beside it
+    (``<path>.json``)."""
     from torchrec.fx import symbolic_trace
 
-    for m in dlrm.modules():  # the artifact stores codes; a dequantized copy cached by an earlier forward stays out
-        if isinstance(m, QuantizedLinear):
-            m.dequantized = None
-    traced = symbolic_trace(ServingDLRM(dlrm.eval(), feature_names), leaf_modules=["QuantizedLinear"])
-    scripted = torch.jit.script(traced)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    full = {"format_version": FORMAT_VERSION, "feature_names": list(feature_names), **manifest}
-    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(parts_or_dlrm, IntegerParts):
+        dlrm = integer_dlrm(parts_or_dlrm, with_rows=False)
+    else:
+        dlrm = parts_or_dlrm
+        rows = the_tbe(dlrm.sparse_arch.embedding_bag_collection).weights_host
+        sink = FileSink(_tmp(rows_path(path)), rows.numel())
+        sink.write(0, rows)
+        sink.close()
+        _tmp(rows_path(path)).replace(rows_path(path))
+    tbe = the_tbe(dlrm.sparse_arch.embedding_bag_collection)
+    host_size = int(tbe.host_size)
+    saved_rows = tbe.weights_host
+    placeholder = torch.empty(0, dtype=torch.uint8)
+    tbe.weights_host = placeholder  # traced as a constant of the serving module; the file's rows replace it
+    try:
+        for m in dlrm.modules():  # the artifact stores codes; a dequantized copy cached by an earlier forward stays out
+            if isinstance(m, QuantizedLinear):
+                m.dequantized = None
+        traced = symbolic_trace(ServingDLRM(dlrm.eval(), feature_names), leaf_modules=["QuantizedLinear"])
+    finally:
+        tbe.weights_host = saved_rows
+    buffer = [name for name, value in traced.named_buffers() if value is placeholder]
+    if len(buffer) != 1:
+        raise RuntimeError(f"the traced serving module holds the row buffer {len(buffer)} times, expected once")
+    scripted = torch.jit.script(traced)
+    rows_file = rows_path(path)
+    if rows_file.stat().st_size != host_size:
+        raise RuntimeError(f"{rows_file} has {rows_file.stat().st_size} bytes, FBGEMM expects {host_size}")
+    full = {"format_version": FORMAT_VERSION, "feature_names": list(feature_names), **manifest,
+            "rows": {"file": rows_file.name, "buffer": buffer[0], "bytes": host_size, "sha256": _sha256(rows_file)}}
+    tmp = _tmp(path)
     torch.jit.save(scripted, str(tmp), _extra_files={MANIFEST_NAME: json.dumps(full)})
     tmp.replace(path)
     sidecar = dict(full, sha256=_sha256(path), bytes=path.stat().st_size)
     Path(str(path) + ".json").write_text(json.dumps(sidecar, indent=2))
     return path
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
 
 
 def _sha256(path: Path) -> str:
@@ -77,7 +145,8 @@ def _sha256(path: Path) -> str:
 
 
 def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load an artifact, checking it against its manifest; errors name the file and what is wrong."""
+    """Load an artifact and its rows file, checking both against the manifest; errors name the file and what is
+    wrong. (Without these checks, loading needs only torch and fbgemm_gpu: see ``STANDALONE_LOAD``.)"""
     import fbgemm_gpu  # noqa: F401 - registers the FBGEMM operators the artifact calls
 
     path = Path(path)
@@ -106,5 +175,65 @@ def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, An
         raise ValueError(f"{path}: has no {MANIFEST_NAME}; it was not written by dqrm's export")
     manifest = json.loads(extra[MANIFEST_NAME])
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION}")
+        raise ValueError(f"{path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION} "
+                         f"(re-export it with this version of dqrm)")
+    rows = manifest["rows"]
+    rows_file = path.parent / rows["file"]
+    if not rows_file.is_file():
+        raise FileNotFoundError(f"{rows_file}: the table rows of {path.name} are missing (an artifact is the .pt "
+                                f"file and its .rows file; copy both)")
+    if rows_file.stat().st_size != rows["bytes"]:
+        raise ValueError(f"{rows_file}: {rows_file.stat().st_size} bytes, the manifest says {rows['bytes']} "
+                         f"(truncated or from another export)")
+    if _sha256(rows_file) != rows["sha256"]:
+        raise ValueError(f"{rows_file}: checksum does not match {path.name}'s manifest (modified or from another "
+                         f"export)")
+    attach_rows(module, manifest, path.parent)
     return module, manifest
+
+
+def attach_rows(module: torch.jit.ScriptModule, manifest: Dict[str, Any], folder: Path) -> None:
+    """Put the rows file in the serving module's empty row buffer (mapped, so pages load as rows are used)."""
+    rows = manifest["rows"]
+    setattr(module, rows["buffer"], torch.from_file(str(Path(folder) / rows["file"]), shared=False,
+                                                     size=rows["bytes"], dtype=torch.uint8))
+
+
+# The whole of loading, with nothing but torch and fbgemm_gpu (what a serving box needs; tests run it as is).
+STANDALONE_LOAD = """
+import json, sys, torch, fbgemm_gpu
+from pathlib import Path
+extra = {"dqrm_manifest.json": ""}
+model = torch.jit.load(sys.argv[1], map_location="cpu", _extra_files=extra)
+rows = json.loads(extra["dqrm_manifest.json"])["rows"]
+setattr(model, rows["buffer"], torch.from_file(str(Path(sys.argv[1]).parent / rows["file"]), shared=False,
+                                               size=rows["bytes"], dtype=torch.uint8))
+"""
+
+
+def artifact_sizes(parts: IntegerParts, path: Path) -> Dict[str, Any]:
+    """What the artifact holds, in bytes: the tables split into codes, fp16 scales and biases, and padding (row
+    alignment and FBGEMM's 128-byte table starts); the stored MLPs; each file on disk; and the float model."""
+    layout = parts.layout
+    files = {p.name: p.stat().st_size for p in (Path(path), rows_path(path))}
+    return {"fp32_bytes": parts.fp32_bytes,
+            "table_bytes": layout.total_bytes,
+            "table_codes_bytes": sum(t.rows * t.code_bytes for t in layout.tables),
+            "table_scale_bias_bytes": sum(t.rows * 4 for t in layout.tables),
+            "table_padding_bytes": layout.padding_bytes(),
+            "row_alignment": layout.row_alignment,
+            "mlp_bytes": stored_mlp_bytes(parts.dense_arch) + stored_mlp_bytes(parts.over_arch),
+            "files": files, "artifact_bytes": sum(files.values())}
+
+
+def loaded_bytes(module: torch.jit.ScriptModule) -> int:
+    """Bytes of every tensor a loaded (and used) artifact holds: its buffers, the rows included, and the MLP
+    weights each ``QuantizedLinear`` dequantizes on first use."""
+    seen: Dict[int, int] = {}
+    for _, tensor in module.named_buffers():
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    for _, m in module.named_modules():
+        w = getattr(m, "dequantized", None) if hasattr(m, "dequantized") else None
+        if isinstance(w, torch.Tensor):
+            seen[w.data_ptr()] = w.numel() * w.element_size()
+    return sum(seen.values())

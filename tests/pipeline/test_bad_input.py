@@ -160,6 +160,7 @@ def _artifact_copy(done_run, tmp_path):
     dst = tmp_path / "model.pt"
     shutil.copy(src, dst)
     shutil.copy(str(src) + ".json", str(dst) + ".json")
+    shutil.copy(done_run / "model_int4.rows", tmp_path / "model_int4.rows")  # the name its manifest gives
     return dst
 
 
@@ -171,6 +172,9 @@ def _artifact_copy(done_run, tmp_path):
     ("foreign-torchscript", ["has no dqrm_manifest.json"]),
     ("bad-sidecar", ["model.pt.json: not the JSON export writes"]),
     ("folder", ["is a folder, not a model file"]),
+    ("rows-missing", ["model_int4.rows: the table rows of model.pt are missing"]),
+    ("rows-truncated", ["model_int4.rows:", "bytes, the manifest says", "truncated"]),
+    ("rows-tampered", ["model_int4.rows: checksum does not match model.pt's manifest"]),
 ])
 def test_bad_artifact(damage, needles, done_run, tmp_path, capsys):
     path = _artifact_copy(done_run, tmp_path)
@@ -188,6 +192,16 @@ def test_bad_artifact(damage, needles, done_run, tmp_path, capsys):
     elif damage == "folder":
         path.unlink()
         path.mkdir()
+    elif damage.startswith("rows-"):
+        rows = path.parent / "model_int4.rows"
+        raw = bytearray(rows.read_bytes())
+        if damage == "rows-missing":
+            rows.unlink()
+        elif damage == "rows-truncated":
+            rows.write_bytes(bytes(raw[:-7]))
+        else:
+            raw[len(raw) // 2] ^= 0x10
+            rows.write_bytes(bytes(raw))
     elif damage == "garbage-no-sidecar":
         sidecar.unlink()
         path.write_bytes(b"\x00" * 100)

@@ -14,7 +14,7 @@ from pipeline.config import OptimConfig
 from pipeline.optimizer import build_optimizer
 from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.convert import gather_full_state
-from quant.export import export
+from quant.export import STANDALONE_LOAD, export
 from tests.dist_utils import run_distributed
 from tests.helpers import CARDS, MODEL, batches, concat_batches, mixed_placements, sharded_model, tiny_data
 
@@ -94,9 +94,8 @@ def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
     eval_batches = batches(data_dir / "val.parquet", 256, world_size=1)
     inputs = [(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths()) for b in eval_batches]
     torch.save(inputs, tmp_path / "inputs.pt")
-    script = (
-        "import sys, torch, fbgemm_gpu\n"
-        "m = torch.jit.load(sys.argv[1])\n"
+    script = STANDALONE_LOAD + (  # the documented load: torch and fbgemm_gpu, nothing else
+        "m = model\n"
         "inputs = torch.load(sys.argv[2])\n"
         "with torch.no_grad():\n"
         "    out = torch.cat([m(*x) for x in inputs])\n"

@@ -1,0 +1,78 @@
+"""Wall time and peak memory of each phase of a job, per rank (``logs/phases_rank{R}.json``), for ``bench.scale_run``.
+
+A phase's peak is the kernel's resident-set high-water mark (``VmHWM``), reset at the phase's start by writing 5 to
+``/proc/self/clear_refs``; where that is not possible (not Linux) the peak is the lifetime one and says so. Phases
+may nest (a checkpoint save inside training): the high-water mark is folded into every open phase before each reset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhaseLog:
+    """``with phases("export"): ...`` records seconds, peak and end RSS of the block; ``save()`` writes them."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.phases: list[dict] = []
+        self._open: list[list[int]] = []  # running peak (kB) of each open phase, outermost first
+
+    def _fold_peak(self) -> None:
+        hwm = _status_kb("VmHWM") or 0
+        for running in self._open:
+            running[0] = max(running[0], hwm)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._fold_peak()
+        reset = _reset_peak()
+        start_rss, t0 = _status_kb("VmRSS"), time.perf_counter()
+        running = [0]
+        self._open.append(running)
+        try:
+            yield
+        finally:
+            self._fold_peak()
+            self._open.pop()
+            entry = {"phase": name, "seconds": time.perf_counter() - t0,
+                     "peak_rss_bytes": _kb(running[0]) if running[0] else None,
+                     "start_rss_bytes": _kb(start_rss), "end_rss_bytes": _kb(_status_kb("VmRSS")),
+                     "peak_is_per_phase": reset}
+            self.phases.append(entry)
+            if entry["peak_rss_bytes"] is not None:
+                log.info("phase %s: %.1f s, peak RSS %.2f GB", name, entry["seconds"], entry["peak_rss_bytes"] / 1e9)
+            self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.phases, indent=2))
+
+
+def _kb(value: int | None) -> int | None:
+    return None if value is None else value * 1024
