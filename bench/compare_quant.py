@@ -62,7 +62,8 @@ def main() -> None:
             z = e["sizes"]
             print(f"{lbl}: exported INT{e['bits']} artifact test AUC {e['test']['auc']:.4f} acc "
                   f"{100 * e['test']['accuracy']:.2f}%, max |artifact - eval| {e['max_abs_logit_diff_vs_fake_quant']:.1e},"
-                  f" FBGEMM size {z['int_fbgemm_bytes'] / 1e6:.1f} MB vs FP32 {z['fp32_bytes'] / 1e6:.1f} MB")
+                  f" artifact {z['artifact_bytes'] / 1e6:.1f} MB on disk (padding {z['table_padding_bytes'] / 1e6:.1f} MB)"
+                  f" vs FP32 {z['fp32_bytes'] / 1e6:.1f} MB")
     RESULTS.mkdir(exist_ok=True)
     plot_curves(series, RESULTS / "compare_quant.png", bayes=bayes,
                 title="Synthetic default data: test metrics per epoch (2 workers)")

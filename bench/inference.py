@@ -30,7 +30,7 @@ from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import fuse_embedding_optimizer
 from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
-from quant.export import export, load_with_manifest
+from quant.export import export, load_with_manifest, rows_path
 from sharding.plan import plan_sharding, shard_model
 
 BATCH = 2048
@@ -158,7 +158,7 @@ def main() -> None:
         paths, model = _artifacts(cfg, Path(tmp))
         fp32_dlrm, paths["fp32"] = _fp32_artifact(cfg, model, Path(tmp))
         modules = {name: load_with_manifest(path)[0] for name, path in paths.items()}
-        sizes = {name: path.stat().st_size for name, path in paths.items()}
+        sizes = {name: path.stat().st_size + rows_path(path).stat().st_size for name, path in paths.items()}
         modules[TORCHREC] = _torchrec_forward(fp32_dlrm)
         sizes[TORCHREC] = sizes["fp32"]
         inputs = _inputs(cfg, args.batches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -38,8 +39,15 @@ class PhaseLog:
     """``with phases("export"): ...`` records seconds, peak and end RSS of the block; ``save()`` writes them."""
 
     def __init__(self, path: Path | None) -> None:
+        """Entries of earlier attempts of the job (restarts after a failure) already in ``path`` are kept."""
         self.path = path
+        self.attempt = int(os.environ.get("DQRM_ATTEMPT", 0)) + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         self.phases: list[dict] = []
+        if path is not None and path.is_file():
+            try:
+                self.phases = [e for e in json.loads(path.read_text()) if e.get("attempt", 0) < self.attempt]
+            except (ValueError, AttributeError):
+                log.warning("%s unreadable; starting it anew", path)
         self._open: list[list[int]] = []  # running peak (kB) of each open phase, outermost first
 
     def _fold_peak(self) -> None:
@@ -59,7 +67,7 @@ class PhaseLog:
         finally:
             self._fold_peak()
             self._open.pop()
-            entry = {"phase": name, "seconds": time.perf_counter() - t0,
+            entry = {"phase": name, "attempt": self.attempt, "seconds": time.perf_counter() - t0,
                      "peak_rss_bytes": _kb(running[0]) if running[0] else None,
                      "start_rss_bytes": _kb(start_rss), "end_rss_bytes": _kb(_status_kb("VmRSS")),
                      "peak_is_per_phase": reset}

@@ -221,6 +221,7 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
             exported = finish_export(cfg, parts, ref_logits, paths["test"], phases)
     summary = {"config": cfg.name, "quant_mode": cfg.quant_mode, "world_size": world_size, "device": str(device),
                "epochs": history, "eval_history": eval_history, "bayes_test": bayes, "export": exported,
+               "test_files": [str(p) for p in paths["test"]],
                "wall_seconds_this_attempt": time.perf_counter() - t0}
     if rank == 0:
         write_summary(run_dir, summary)
@@ -305,6 +306,8 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
         logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel(),
                                vocab_dir=manifest.get("vocab_dir"))
     sizes["loaded_bytes"] = loaded_bytes(module)
+    # the reference a server can check itself against in a fresh process (bench.scale_run does)
+    torch.save({"logits": ref_logits, "rows": ref_logits.numel()}, cfg.run_path / "export_check.pt")
     log.info("exported %s + %s (%.1f MB on disk)", path, rows_path(path).name, sizes["artifact_bytes"] / 1e6)
     return {"path": str(path), "test": binary_metrics(logits, labels), "bits": cfg.quant.embedding_bits,
             "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits, "sizes": sizes,

@@ -34,6 +34,7 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
+from quant import qat_kernels
 from quant.api import QuantSpec, embedding_quantizer
 from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
 from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
@@ -165,13 +166,28 @@ def _piece_bytes(w: torch.Tensor, table: TableRows, granularity: str, alpha: tor
     table grid only the codes (scale and bias are the table's, written by rank 0)."""
     w = w.detach().float()
     if granularity == "table":
-        scale, bias = symmetric_qparams(alpha.reshape(1, 1).float(), table.bits)
-        codes, _ = pack_rows(quantize_codes(w, scale, bias, table.bits), scale.expand(len(w), 1),
-                             bias.expand(len(w), 1), table.bits)
+        scale, bias = symmetric_qparams(alpha.reshape(1, 1).float().cpu(), table.bits)
+    else:
+        scale, bias = rowwise_qparams(w, table.bits)
+    codes = _codes(w, scale, bias, table.bits)
+    if granularity == "table":
         return codes
-    scale, bias = rowwise_qparams(w, table.bits)
-    codes, sb = pack_rows(quantize_codes(w, scale, bias, table.bits), scale, bias, table.bits)
-    return torch.cat([sb, codes], dim=1)
+    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).view(torch.uint8)
+    return torch.cat([sb.reshape(len(w), SCALE_BIAS_BYTES), codes], dim=1)
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes of ``w``: one compiled pass on CPU (``qat_kernels.quantize_pack_rows``), the torch ops
+    elsewhere (the same bits; ``tests/quant/test_qat_kernels.py``)."""
+    if w.device.type == "cpu" and w.is_contiguous():
+        out = torch.empty(len(w), w.shape[1] * bits // 8, dtype=torch.uint8)
+        qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).contiguous().numpy(),
+                                       bias.reshape(-1).contiguous().numpy(), bits, out.numpy())
+        return out
+    codes, _ = pack_rows(quantize_codes(w, scale.reshape(-1, 1), bias.reshape(-1, 1), bits).cpu(),
+                         scale.reshape(-1, 1).expand(len(w), 1).cpu(), bias.reshape(-1, 1).expand(len(w), 1).cpu(),
+                         bits)
+    return codes
 
 
 def stream_integer_rows(model: nn.Module, spec: QuantSpec, layout: RowLayout, sink: RowSink | None, *,

@@ -170,3 +170,29 @@ def table_maxima(known, blocks, starts, counts, out):  # pragma: no cover - comp
         c = _abs_max_pattern(maxima[last * BLOCK:hi])
         m = a if a > m else m
         result[t] = c if c > m else m
+
+
+@njit(cache=True, nogil=True)
+def quantize_pack_rows(w, scale, bias, bits, out):  # pragma: no cover - compiled
+    """FBGEMM codes of the rows ``w`` packed into ``out`` (uint8, ``dim * bits / 8`` bytes a row, element 2k in the
+    low bits): ``clamp(rint((w - bias) * (1 / scale)), 0, 2^bits - 1)`` per element, with ``scale``/``bias`` per
+    row (length ``rows``) or per table (length 1), as ``quant.fake_quant.quantize_codes`` + ``pack_rows`` compute
+    them in float32. Export converts whole tables with it: one pass over the rows, where the torch ops make five."""
+    rows, dim = w.shape
+    per = 8 // bits
+    qmax = np.float32((1 << bits) - 1)
+    zero = np.float32(0)
+    for r in range(rows):
+        i = r if scale.shape[0] > 1 else 0
+        inv = np.float32(1) / scale[i]
+        b = bias[i]
+        for k in range(out.shape[1]):
+            byte = 0
+            for j in range(per):
+                c = k * per + j
+                if c < dim:
+                    q = np.rint((w[r, c] - b) * inv)
+                    q = zero if q < zero else q
+                    q = qmax if q > qmax else q
+                    byte |= int(q) << (j * bits)
+            out[r, k] = byte

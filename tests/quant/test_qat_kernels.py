@@ -178,3 +178,27 @@ def test_grouped_mlp_fake_quant_is_per_layer_fake_quant_and_follows_weight_updat
         assert torch.equal(layers[1]._group.weight(1), fake_quant_weight(layers[1].weight, bits))
     clone = copy.deepcopy(mlp)  # the cached graph outputs are not copied (a non-leaf tensor cannot be)
     assert torch.equal(clone(x), mlp(x))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("grid", ["table", "row"])
+def test_compiled_row_packing_is_the_torch_arithmetic(bits, grid):
+    """Export's one-pass quantize-and-pack gives the bytes of quantize_codes + pack_rows, ties and clamping included."""
+    from quant import qat_kernels
+    from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(3000, 16, generator=g) * 0.3
+    w[:50] = torch.round(w[:50] * 8) / 8  # values on half steps of the grid: round-half-even decides
+    w[50, 3] = 40.0  # beyond the table's range: clamped (alpha below is smaller than it)
+    if grid == "table":
+        scale, bias = symmetric_qparams(torch.tensor([[1.5]]), bits)
+        expand = (scale.expand(len(w), 1), bias.expand(len(w), 1))
+    else:
+        scale, bias = rowwise_qparams(w, bits)
+        expand = (scale, bias)
+    expected, _ = pack_rows(quantize_codes(w, *expand, bits), *expand, bits)
+    out = torch.empty_like(expected)
+    qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).numpy(), bias.reshape(-1).numpy(), bits, out.numpy())
+    assert torch.equal(out, expected)
+    assert len(out.unique()) > 4  # the codes are not degenerate
