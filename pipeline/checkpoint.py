@@ -1,7 +1,12 @@
-"""Distributed checkpoints (``torch.distributed.checkpoint``) of model, optimizer and progress, written atomically.
+"""Distributed checkpoints (``torch.distributed.checkpoint``) of model, optimizer and progress: written without a
+copy of the tables, after a disk-space check, verified by checksums, never overwritten, pruned to the newest K.
 
-A checkpoint is written under a temporary name and renamed once every rank has finished and rank 0 has written
-its ``manifest.json``; a folder without a manifest is never loaded, so a crash mid-write cannot be resumed from.
+A checkpoint is the folder ``step_XXXXXXXX`` (``step_XXXXXXXX-N`` when that step is written again, e.g. after a
+resume from an older checkpoint because this one was damaged): DCP's files (``__R_0.distcp`` from each rank R,
+``.metadata`` from rank 0) and ``manifest.json`` (each file's size and SHA-256, and the progress). It is written as
+``.tmp_<name>`` and renamed once every rank has written and hashed its files and rank 0 has written the manifest.
+A folder without a manifest is never loaded, a final name is never reused and older checkpoints are deleted only
+after the new one is in place, so a crash at any moment leaves the newest whole checkpoint under its final name.
 """
 
 from __future__ import annotations
@@ -9,26 +14,63 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+DCP_METADATA = ".metadata"
+_NAME = re.compile(r"step_(\d+)(?:-(\d+))?")
+# A checkpoint is a little larger than its tensors (file headers, DCP's metadata); keep this much spare besides.
+_HEADROOM = 1.05
+
+
+class NotEnoughDiskSpace(OSError):
+    """The checkpoint would not fit in the free space where it is written."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    if _distributed():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _sha256(path: Path) -> str:
@@ -36,14 +78,25 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def verify(path: Path) -> str | None:
-    """``None`` if every file listed in the manifest is present with its size and checksum, else what is wrong."""
+def _describe(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": _sha256(folder / n)} for n in names}
+
+
+def _order(path: Path) -> tuple[int, int] | None:
+    """Sort key of a checkpoint folder name: (step, how many times that step was written), or None if not one."""
+    m = _NAME.fullmatch(path.name)
+    return (int(m.group(1)), int(m.group(2) or 1)) if m else None
+
+
+def verify(path: Path, names: list[str] | None = None) -> str | None:
+    """``None`` if the files ``names`` (default: all) listed in the manifest are present with their size and
+    checksum, else what is wrong."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as e:
-        return f"{MANIFEST} unreadable: {e}"
-    for name, info in manifest.get("files", {}).items():
-        f = path / name
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} unreadable: {e!r}"
+    for name in files if names is None else names:
+        f, info = path / name, files[name]
         if not f.is_file():
             return f"file {name} missing"
         if f.stat().st_size != info["bytes"]:
@@ -53,16 +106,110 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def share(files: dict[str, dict[str, Any]], rank: int, world_size: int) -> list[str]:
+    """The files ``rank`` checks: each file goes, largest first, to the rank with the fewest bytes so far, so the
+    ranks read about equal amounts (the same split on every rank, as every rank reads the same manifest)."""
+    load = [0] * world_size
+    mine = []
+    for name in sorted(files, key=lambda n: (-files[n]["bytes"], n)):
+        r = load.index(min(load))
+        load[r] += files[name]["bytes"]
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor whose storage is exactly its bytes, sharing its memory (no copy).
+
+    A fused TBE's per-table weights (what a sharded EmbeddingBagCollection's state dict holds) are views into one
+    flat buffer. DCP's file writer (``filesystem._SerialCpuLoader``) clones every tensor whose storage is larger than
+    the tensor, so that ``torch.save`` does not write the whole buffer, and keeps each clone until the rank's file
+    is complete: a save would double the memory of the tables. A tensor over the same memory with a storage of its
+    own size is written as it is."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.untyped_storage().nbytes() == t.nbytes or not t.numel():
+        return t  # no larger buffer behind it, empty, or a copy is needed anyway (not contiguous, not on the CPU)
+    raw = t.detach().reshape(-1).view(torch.uint8).numpy()  # numpy's view of the same memory
+    return torch.from_numpy(raw).view(t.dtype).view(t.shape)
+
+
+class InPlaceSavePlanner(DefaultSavePlanner):
+    """DCP's default save plan, with every CPU tensor handed to the writer as ``_own_storage`` of itself: a save
+    then writes the tables from where they are and adds no copy of them to the rank's memory."""
+
+    def resolve_data(self, write_item):
+        data = super().resolve_data(write_item)
+        return _own_storage(data) if isinstance(data, torch.Tensor) else data
+
+
+def tensor_bytes(state: Any) -> tuple[int, int]:
+    """Bytes of the tensors in a (nested) state dict on this rank: (sharded, replicated). DCP writes each rank's
+    shards (ShardedTensor, DTensor) and one copy of the plain tensors, which every rank holds."""
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, (list, tuple)):
+        parts = [tensor_bytes(v) for v in state]
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(state, DTensor):
+        return state.to_local().nbytes, 0
+    if hasattr(state, "local_shards"):  # ShardedTensor
+        return sum(s.tensor.nbytes for s in state.local_shards()), 0
+    if isinstance(state, torch.Tensor):
+        return 0, state.nbytes
+    return 0, 0
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_disk_space(root: Path, state: dict[str, Any], *, keep: int) -> int:
+    """Raise ``NotEnoughDiskSpace`` on every rank unless the checkpoint of ``state`` fits in the free space of
+    ``root`` as each rank sees it; returns the bytes it needs. Collective."""
+    sharded, replicated = tensor_bytes(state)
+    total = replicated + sum(_all_gather(sharded))
+    needed = int(total * _HEADROOM)
+    where = _existing(root)
+    free = shutil.disk_usage(where).free
+    short = [(r, f, w) for r, (f, w) in enumerate(_all_gather((free, str(where)))) if f < needed]
+    if short:
+        rank, free, where = short[0]
+        on = f" (as rank {rank} sees it)" if _world_size() > 1 else ""
+        raise NotEnoughDiskSpace(
+            f"not enough disk space for a checkpoint in {root}: it needs about {_size(needed)} (the model's and "
+            f"optimizer's tensors on all ranks, {_size(total)}, plus {_HEADROOM - 1:.0%}) but {where} has "
+            f"{_size(free)} free{on}. Free space there (of the checkpoints in {root}, the newest is all a resume "
+            f"needs), point --run-dir at a bigger disk, or lower checkpoint_keep (now {keep}): a run needs room for "
+            f"checkpoint_keep + 1 = {keep + 1} checkpoints, as a new one is written before the oldest is deleted")
+    return needed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Checkpointer:
-    """Saves ``step_XXXXXXXX`` folders under ``root`` and finds the newest complete one."""
+    """Saves ``step_XXXXXXXX`` folders under ``root``, keeps the newest K and finds the newest complete one."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
     def complete(self) -> list[Path]:
+        """Checkpoints with a manifest, oldest first."""
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.glob("step_*") if (p / MANIFEST).is_file())
+        done = [p for p in self.root.glob("step_*") if _order(p) and (p / MANIFEST).is_file()]
+        return sorted(done, key=_order)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -80,38 +227,101 @@ class Checkpointer:
         return None
 
     def latest_valid(self) -> Path | None:
-        """The newest checkpoint whose files match its manifest; rank 0 decides and every rank gets its choice.
-        Each one skipped is reported with what is wrong with it."""
-        choice: list[str | None] = [None]
+        """The newest checkpoint whose files match its manifest, the same on every rank; each rank checks a share
+        of the files and every rank combines the verdicts. Each one skipped is reported with what is wrong."""
+        candidates = None
         if _rank() == 0:
-            unfinished = sorted(self.root.glob(".tmp_step_*")) if self.root.is_dir() else []
+            unfinished = sorted(self.root.glob(".tmp_*")) if self.root.is_dir() else []
             unfinished += [p for p in sorted(self.root.glob("step_*")) if not (p / MANIFEST).is_file()]
             for path in unfinished:
                 log.warning("ignoring %s: a checkpoint write that did not finish (no %s); it is never resumed "
                             "from and can be deleted", path, MANIFEST)
-            found = self.latest_verified_here(report=True)
-            choice[0] = str(found) if found else None
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast_object_list(choice, src=0)
-        return Path(choice[0]) if choice[0] else None
+            candidates = [str(p) for p in reversed(self.complete())]
+        for path in map(Path, _broadcast(candidates)):
+            problem = self._verify_together(path)
+            if problem is None:
+                return path
+            if _rank() == 0:
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+        return None
 
-    def save(self, step: int, model: nn.Module, optimizer: Optimizer, progress: dict[str, Any]) -> Path:
-        final = self.root / f"step_{step:08d}"
-        tmp = self.root / f".tmp_step_{step:08d}"
+    def _verify_together(self, path: Path) -> str | None:
+        """``verify`` with the files split among the ranks; the first problem found, the same on every rank."""
+        try:
+            files = json.loads((path / MANIFEST).read_text())["files"]
+            problem = verify(path, share(files, _rank(), _world_size()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{MANIFEST} unreadable: {e!r}"
+        for rank, found in enumerate(_all_gather(problem)):
+            if found is not None:
+                if _world_size() == 1:
+                    return found
+                hint = "; every rank must see the same checkpoint folder" if "missing" in found else ""
+                return f"{found}, checked on rank {rank}{hint}"
+        return None
+
+    def save(self, step: int, model: nn.Module, optimizer: Optimizer, progress: dict[str, Any], *,
+             keep: int = 2) -> Path:
+        """Write a checkpoint of ``step``, then delete all but the newest ``keep`` complete ones up to it.
+        Collective."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
+        state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        check_disk_space(self.root, state, keep=keep)
+        final = self.root / _broadcast(self._unused_name(step) if _rank() == 0 else None)
+        tmp = final.with_name(f".tmp_{final.name}")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
-        _barrier()
+        try:
+            dcp.save(state, checkpoint_id=str(tmp), planner=InPlaceSavePlanner())
+        except BaseException:
+            if _rank() == 0:  # every rank has stopped writing: DCP gathers the ranks' outcomes before raising
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # Each rank hashes the files it wrote (DCP names them __RANK_N.distcp); rank 0 also DCP's metadata.
+        mine = sorted(p.name for p in tmp.glob(f"__{_rank()}_*.distcp"))
         if _rank() == 0:
-            files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files, "progress": progress}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
+            mine.append(DCP_METADATA)
+        hashed = _all_gather(_describe(tmp, mine))
+        if _rank() == 0:
+            files = {name: info for part in hashed for name, info in part.items()}
+            unclaimed = sorted(p.name for p in tmp.iterdir() if p.name not in files)  # should DCP's naming change
+            files.update(_describe(tmp, unclaimed))
+            self._write_manifest(tmp, {"step": step, "files": dict(sorted(files.items())), "progress": progress})
             tmp.rename(final)
+            _fsync_dir(self.root)
             log.info("checkpoint saved: %s", final)
+            self.prune(keep, final)
         _barrier()
         return final
+
+    def _unused_name(self, step: int) -> str:
+        name, n = f"step_{step:08d}", 1
+        while (self.root / name).exists():
+            n += 1
+            name = f"step_{step:08d}-{n}"
+        return name
+
+    @staticmethod
+    def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+        with open(folder / MANIFEST, "w") as f:
+            f.write(json.dumps(manifest, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def prune(self, keep: int, newest: Path) -> None:
+        """Delete complete checkpoints older than ``newest`` but the ``keep - 1`` newest of them. Newer ones (a run
+        resumed from before them, as they did not verify) are left for the operator."""
+        older = [p for p in self.complete() if _order(p) < _order(newest)]
+        for path in older[:max(len(older) - (keep - 1), 0)]:
+            doomed = path.with_name(f".deleting_{path.name}")  # renamed first: a half-deleted one is never loaded
+            path.rename(doomed)
+            shutil.rmtree(doomed)
+            log.info("deleted checkpoint %s (checkpoint_keep=%d)", path, keep)
+        for leftover in self.root.glob(".deleting_*"):  # a deletion interrupted before
+            shutil.rmtree(leftover, ignore_errors=True)
 
     def load(self, path: Path, model: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
         """Load weights and optimizer state in place (resharding as needed); returns the saved progress."""

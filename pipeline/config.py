@@ -127,6 +127,8 @@ class JobConfig:
     """Also evaluate on the validation split every N training steps (0 = only at epoch end)."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every N training steps, mid-epoch (0 = only at epoch end)."""
+    checkpoint_keep: int = 2
+    """Keep the newest N complete checkpoints; older ones are deleted once a newer one is complete (at least 1)."""
     seed: int = 0
     """Seed of model initialization and shuffling."""
     run_dir: str = "runs/default"
@@ -140,6 +142,9 @@ class JobConfig:
         for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps", "checkpoint_every_steps"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
+        if self.checkpoint_keep < 1:
+            raise ValueError(f"checkpoint_keep must be at least 1 (the newest checkpoint is always kept), got "
+                             f"{self.checkpoint_keep}")
         self.check_table_names()
 
     def check_table_names(self) -> None:

@@ -75,7 +75,8 @@ class Trainer:
             self.history.append(stats)
             self._log_epoch(stats)
             self.in_epoch = {"batches_done": 0, "loss_sum": 0.0}
-            self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1))
+            self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1),
+                                   keep=self.cfg.checkpoint_keep)
         return self.history
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -108,7 +109,8 @@ class Trainer:
                 every = self.cfg.checkpoint_every_steps
                 if every and self.step % every == 0 and steps < total:
                     self.in_epoch = {"batches_done": steps, "loss_sum": float(loss_sum)}
-                    self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch))
+                    self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch),
+                                           keep=self.cfg.checkpoint_keep)
                 if self.cfg.eval_every_steps and self.step % self.cfg.eval_every_steps == 0:
                     self.eval_history.append({"step": self.step, "epoch": epoch, "val": self.evaluate("val")})
                     log.info("step %d: val AUC %.4f", self.step, self.eval_history[-1]["val"]["auc"])

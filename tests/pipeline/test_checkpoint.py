@@ -1,19 +1,35 @@
-"""A checkpoint written at one world size loads at another (DCP reshards): every weight comes back bit for bit,
-whatever the two plans."""
+"""Checkpoints: a checkpoint written at one world size loads at another (DCP reshards) bit for bit, whatever the two
+plans; a save adds no copy of the tables to a rank's memory; each rank hashes the files it wrote and verifies a share
+on resume; a save that would not fit stops first; old checkpoints are pruned and a new one never replaces one in
+place."""
 
 from __future__ import annotations
 
+import dataclasses
+import gc
+import json
+import logging
+import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
 
-from pipeline.checkpoint import Checkpointer
-from pipeline.config import OptimConfig
-from pipeline.optimizer import build_optimizer
+import pipeline.checkpoint as checkpoint_module
+from pipeline.checkpoint import (MANIFEST, Checkpointer, InPlaceSavePlanner, NotEnoughDiskSpace, share, tensor_bytes,
+                                 verify)
+from pipeline.config import JobConfig, OptimConfig
+from pipeline.model import build_dlrm
+from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from quant.convert import gather_full_state
+from sharding.plan import manual_plan, shard_model
 from tests.dist_utils import run_distributed
-from tests.helpers import batches, mixed_placements, sharded_model, tiny_data
+from tests.helpers import CARDS, MODEL, batches, mixed_placements, sharded_model, tiny_data
 
 
 def _save_after_training(rank, world_size, data_dir, root):
@@ -50,3 +66,247 @@ def test_weights_come_back_bit_for_bit_at_another_world_size(saved_at, loaded_at
         assert torch.equal(out["loaded"][key], value), key
         changed += not torch.equal(out["fresh"][key], value)
     assert changed >= len(saved) - 2  # training moved (nearly) every weight, so equality means it was loaded
+
+
+# ---- memory: a save writes the tables from where they are -------------------------------------------------------
+PROC_STATUS = Path("/proc/self/status")
+# DCP without a process group says it saves in one process, which is the point here.
+one_process = pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
+needs_peak_rss = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
+                                    reason="peak RSS is read and reset through Linux's /proc/self")
+
+
+def _reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+
+
+def _peak_rss() -> int:
+    return 1024 * int(re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text()).group(1))
+
+
+def _save_peak(state: dict, path: Path, planner) -> int:
+    """How far a DCP save of ``state`` raised this process's peak RSS, in bytes."""
+    gc.collect()
+    _reset_peak_rss()
+    before = _peak_rss()
+    dcp.save(state, checkpoint_id=str(path), planner=planner)
+    return _peak_rss() - before
+
+
+@needs_peak_rss
+@one_process
+def test_views_of_one_buffer_are_saved_without_a_copy(tmp_path):
+    # What a fused TBE's state dict holds: per-table views into one flat buffer (here 4 x 32 MiB of 128 MiB).
+    flat = torch.randn(2 ** 25)
+    state = {f"t{i}": flat[i * 2 ** 23:(i + 1) * 2 ** 23].view(-1, 64) for i in range(4)}
+    dcp_alone = _save_peak(state, tmp_path / "default", None)
+    ours = _save_peak(state, tmp_path / "ours", InPlaceSavePlanner())
+    assert dcp_alone > 0.75 * flat.nbytes  # the control: DCP by itself copies every view
+    assert ours < 0.1 * flat.nbytes, f"the save added {ours / 2 ** 20:.0f} MiB to {flat.nbytes / 2 ** 20:.0f} MiB"
+    loaded = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "ours"))
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+# ---- world size 2: bounded memory, per-rank checksums, shared verification, one verdict -------------------------
+BIG = (7, 10)  # table-wise on rank 1 and rank 0 in mixed_placements: 2^20 rows x 16 each, 64 MiB per rank
+
+
+def _big_model(world_size):
+    cards = tuple(2 ** 20 if i in BIG else c for i, c in enumerate(CARDS))
+    model = build_dlrm(dataclasses.replace(MODEL, num_embeddings=cards), torch.device("cpu"))
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), OptimConfig())
+    plan = manual_plan(model, mixed_placements(world_size, with_column_wise=True), world_size=world_size,
+                       device=torch.device("cpu"))
+    model = shard_model(model, plan, torch.device("cpu"))
+    return model, build_optimizer(model, OptimConfig())
+
+
+def _save_verify_and_refuse(rank, world_size, root):
+    root = Path(root)
+    model, optimizer = _big_model(world_size)
+    checkpointer = Checkpointer(root)
+    hashed: list[str] = []
+    real_sha256 = checkpoint_module._sha256
+
+    def recording_sha256(path):
+        hashed.append(Path(path).name)
+        return real_sha256(path)
+
+    checkpoint_module._sha256 = recording_sha256
+    out = {}
+    checkpointer.save(1, model, optimizer, {"epoch": 0})  # warms up every code path of a save
+    local_table_bytes = tensor_bytes(model.state_dict())[0]
+    gc.collect()
+    dist.barrier()
+    _reset_peak_rss()
+    before = _peak_rss()
+    hashed.clear()
+    second = checkpointer.save(2, model, optimizer, {"epoch": 1})
+    out["save_added"], out["local_table_bytes"] = _peak_rss() - before, local_table_bytes
+    out["hashed_on_save"] = sorted(hashed)
+    hashed.clear()
+    out["latest"] = str(checkpointer.latest_valid())
+    out["hashed_on_verify"] = sorted(hashed)
+
+    # A file that rank 1 checks is damaged: every rank falls back to step 1, rank 0 names the file and the rank.
+    files = json.loads((second / MANIFEST).read_text())["files"]
+    victim = share(files, 1, world_size)[0]
+    if rank == 0:
+        raw = bytearray((second / victim).read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        (second / victim).write_bytes(bytes(raw))
+    dist.barrier()
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("pipeline.checkpoint").addHandler(handler)
+    out["after_damage"] = str(checkpointer.latest_valid())
+    out["victim"], out["messages"] = victim, messages
+
+    # Only rank 1 lacks space: both ranks refuse (none is left waiting in the save's collectives).
+    if rank == 1:
+        shutil.disk_usage = lambda path: SimpleNamespace(total=10 ** 12, used=10 ** 12 - 10 ** 6, free=10 ** 6)
+    try:
+        checkpointer.save(3, model, optimizer, {"epoch": 2})
+    except NotEnoughDiskSpace as e:
+        out["refused"] = str(e)
+    dist.barrier()
+    out["folders"] = sorted(p.name for p in root.iterdir())
+    return out
+
+
+@needs_peak_rss
+def test_save_at_world_size_2_adds_no_copy_and_ranks_share_the_checksums(tmp_path):
+    root = tmp_path / "ckpt"
+    out = run_distributed(_save_verify_and_refuse, str(root), world_size=2)
+    files = json.loads((root / "step_00000002" / MANIFEST).read_text())["files"]
+    assert set(files) == {p.name for p in (root / "step_00000002").iterdir()} - {MANIFEST}
+    for rank, o in enumerate(out):
+        # memory: each rank holds 64 MiB of one big table (plus small ones); a save that copied them adds as much
+        assert o["local_table_bytes"] > 64 * 2 ** 20
+        assert o["save_added"] < o["local_table_bytes"] / 8, (rank, o["save_added"] / 2 ** 20)
+        # on save, each rank hashed exactly the files it wrote (rank 0 also DCP's metadata)
+        assert o["hashed_on_save"] == sorted([f"__{rank}_0.distcp"] + ([".metadata"] if rank == 0 else []))
+        assert o["latest"] == str(root / "step_00000002")
+        # the one-rank message of test_bad_input, here with the rank that found it
+        assert o["after_damage"] == str(root / "step_00000001")
+        assert "not enough disk space" in o["refused"] and "as rank 1 sees it" in o["refused"]
+        assert o["folders"] == ["step_00000001", "step_00000002"]  # refused before anything was written
+    # on resume, the ranks verified disjoint shares that together cover every file
+    shares = [set(o["hashed_on_verify"]) for o in out]
+    assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(files)
+    assert any(f"step_00000002 is unusable (file {out[1]['victim']} checksum mismatch" in m and "rank 1" in m
+               for m in out[0]["messages"]), out[0]["messages"]
+
+
+# ---- one process: pruning, no replacement in place, the disk-space check ---------------------------------------
+def _small():
+    """A model and an optimizer with state (momentum), both in the checkpoint."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 64)).square().sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def _die_at_the_final_rename(monkeypatch) -> None:
+    """The process is killed when a written checkpoint is about to be renamed to its final name."""
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name.startswith(".tmp_"):
+            raise KeyboardInterrupt("killed")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+
+
+@one_process
+def test_only_the_newest_k_complete_checkpoints_are_kept(tmp_path):
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path)
+    for step in range(1, 5):
+        checkpointer.save(step, model, optimizer, {"step": step}, keep=2)
+    assert _names(tmp_path) == ["step_00000003", "step_00000004"]
+    checkpointer.save(5, model, optimizer, {"step": 5}, keep=1)
+    assert _names(tmp_path) == ["step_00000005"]
+    assert verify(tmp_path / "step_00000005") is None
+    with pytest.raises(ValueError, match="checkpoint_keep must be at least 1"):
+        JobConfig(checkpoint_keep=0)
+
+
+@one_process
+def test_resumed_checkpoint_survives_until_a_newer_one_is_complete(tmp_path, monkeypatch):
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(10, model, optimizer, {"step": 10}, keep=1)
+    # A newer checkpoint that does not verify: resume falls back to step 10 and never deletes the damaged one.
+    damaged = tmp_path / "step_00000020"
+    shutil.copytree(tmp_path / "step_00000010", damaged)
+    victim = next(damaged.glob("*.distcp"))
+    victim.write_bytes(victim.read_bytes()[:10])
+    resumed = checkpointer.latest_valid()
+    assert resumed == tmp_path / "step_00000010"
+    # The next save dies at its last moment -> the checkpoint resumed from is still there, whatever checkpoint_keep.
+    _die_at_the_final_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(15, model, optimizer, {"step": 15}, keep=1)
+    monkeypatch.undo()
+    assert _names(tmp_path) == [".tmp_step_00000015", "step_00000010", "step_00000020"]
+    assert verify(resumed) is None
+    # Once step 15 is complete, keep=1 deletes step 10; the damaged newer one is left for the operator.
+    checkpointer.save(15, model, optimizer, {"step": 15}, keep=1)
+    assert _names(tmp_path) == ["step_00000015", "step_00000020"]
+    assert checkpointer.latest_valid() == tmp_path / "step_00000015"
+
+
+@one_process
+def test_writing_a_step_again_never_removes_the_old_checkpoint_first(tmp_path, monkeypatch):
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path)
+    first = checkpointer.save(7, model, optimizer, {"version": 1}, keep=2)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    # The machine dies just as the new checkpoint is renamed into place: the old one must still be whole.
+    _die_at_the_final_rename(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(7, model, optimizer, {"version": 2}, keep=2)
+    monkeypatch.undo()
+    assert checkpointer.latest_valid() == first
+    # Written again, the step gets a new name; the newest is the one loaded.
+    second = checkpointer.save(7, model, optimizer, {"version": 2}, keep=2)
+    assert second.name == "step_00000007-2" and checkpointer.latest_valid() == second
+    fresh, fresh_optimizer = _small()
+    assert checkpointer.load(second, fresh, fresh_optimizer) == {"version": 2}
+    assert torch.equal(fresh.weight, model.weight)
+    checkpointer.save(8, model, optimizer, {"version": 3}, keep=2)
+    assert _names(tmp_path) == ["step_00000007-2", "step_00000008"]
+
+
+@one_process
+def test_a_save_that_would_not_fit_stops_first_and_says_what_to_do(tmp_path, monkeypatch):
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path / "run" / "checkpoints")  # not created yet: the check looks at its disk
+    needed = 1.05 * 2 * sum(t.nbytes for t in model.state_dict().values())  # weights and their momentum
+    seen = []
+
+    def small_disk(path):
+        seen.append(Path(path))
+        return SimpleNamespace(total=10 ** 9, used=10 ** 9 - int(needed * 0.9), free=int(needed * 0.9))
+
+    monkeypatch.setattr(shutil, "disk_usage", small_disk)
+    with pytest.raises(NotEnoughDiskSpace) as e:
+        checkpointer.save(1, model, optimizer, {}, keep=3)
+    message = str(e.value)
+    assert seen == [tmp_path] and not (tmp_path / "run").exists()
+    assert f"needs about {needed / 1e6:.3g} MB" in message and f"{str(tmp_path)} has" in message
+    assert "--run-dir" in message and "checkpoint_keep (now 3)" in message and "4 checkpoints" in message
+    # With room for the estimate it saves.
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=0, free=int(needed)))
+    checkpointer.save(1, model, optimizer, {}, keep=3)
