@@ -1,6 +1,9 @@
 """Parquet -> Batch: every value lands where a plain per-row decode says, ranks split the rows exactly."""
 
+import itertools
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -133,6 +136,27 @@ def test_background_prefetch_changes_nothing_and_reports_errors(tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"gone")  # the file changes under the reader
     with pytest.raises(ValueError, match=r"d\.parquet: row group 0 cannot be read .* changed or removed"):
         list(data)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux's /proc/self/fd")
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_files_are_not_kept_open(tmp_path, shuffle):
+    # An open Parquet reader keeps ~13 MB of buffers after a read: kept open, 20 part files of a 10 GiB day cost the
+    # reader ~260 MB more than 3 files (bench.ingest), and a Terabyte folder has thousands.
+    paths = [tmp_path / f"part-{i}.parquet" for i in range(6)]
+    for i, path in enumerate(paths):
+        _write(path, rows=200, seed=i)
+    data = ParquetBatches(paths, SIZES, ReaderConfig(batch_size=50, shuffle=shuffle, prefetch=0))
+    it = iter(data)
+    next(itertools.islice(it, len(data) - 2, None))  # suspended inside the last file
+
+    def open_parquet() -> list[str]:
+        fds = Path("/proc/self/fd")
+        return [t for t in (os.readlink(fds / fd) for fd in os.listdir(fds) if (fds / fd).is_symlink())
+                if t.startswith(str(tmp_path))]
+
+    assert open_parquet() == []
+    assert sum(1 for _ in it) == 1 and open_parquet() == []
 
 
 def _rows(batches) -> list[tuple]:
