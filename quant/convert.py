@@ -172,7 +172,7 @@ def _piece_bytes(w: torch.Tensor, table: TableRows, granularity: str, alpha: tor
     codes = _codes(w, scale, bias, table.bits)
     if granularity == "table":
         return codes
-    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).view(torch.uint8)
+    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).view(torch.uint8).cpu()
     return torch.cat([sb.reshape(len(w), SCALE_BIAS_BYTES), codes], dim=1)
 
 
@@ -184,10 +184,10 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) 
         qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).contiguous().numpy(),
                                        bias.reshape(-1).contiguous().numpy(), bits, out.numpy())
         return out
-    codes, _ = pack_rows(quantize_codes(w, scale.reshape(-1, 1), bias.reshape(-1, 1), bits).cpu(),
-                         scale.reshape(-1, 1).expand(len(w), 1).cpu(), bias.reshape(-1, 1).expand(len(w), 1).cpu(),
-                         bits)
-    return codes
+    codes = quantize_codes(w, scale.reshape(-1, 1), bias.reshape(-1, 1), bits).to(torch.uint8).cpu()  # 1 B/code
+    packed, _ = pack_rows(codes, scale.reshape(-1, 1).expand(len(w), 1).cpu(), bias.reshape(-1, 1).expand(len(w), 1).cpu(),
+                          bits)
+    return packed
 
 
 def stream_integer_rows(model: nn.Module, spec: QuantSpec, layout: RowLayout, sink: RowSink | None, *,

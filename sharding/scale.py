@@ -3,7 +3,9 @@
 
 TorchRec's planner places the MLPerf DLRMv2 tables (40M-row cap, dim 128) for each simulated topology; the table
 then gives each rank's embedding storage at FP32 and, for the same placement, in FBGEMM's INT4 row format (4-bit
-codes plus an fp16 scale and bias per row), and how many 80 GB ranks' worth of memory each needs in total.
+codes plus an fp16 scale and bias per row), and how many 80 GB ranks' worth of memory each needs in total; and what
+the shard-local export (``quant.convert.stream_integer_rows``) adds to each rank's memory while it streams the
+integer rows to rank 0, and what rank 0 then needs to build the serving module.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torchrec.distributed.types import ShardingType
 
 from pipeline.config import ModelConfig
 from pipeline.model import build_dlrm
+from quant.convert import CHUNK_ROWS
 
 DLRMV2_CARDINALITIES = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
                         11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36)
@@ -43,6 +46,28 @@ def per_rank_bytes(plan, world_size: int, dims: dict[str, int], rows: dict[str, 
                 n_rows, n_cols = shard.shard_sizes
                 load[r] += n_rows * row_bytes(n_cols, bits)  # an INT4 shard keeps a scale and bias per row
     return load
+
+
+def export_peak_bytes(plan, world_size: int, dims: dict[str, int], bits: int,
+                      chunk_rows: int = CHUNK_ROWS) -> dict[str, list[float] | float]:
+    """What the shard-local export adds, per rank. A rank that owns rows of a table quantizes them one chunk at a
+    time where they live (on a GPU: the torch ops' float temporaries, about three chunks of float32) and hands the
+    chunk's codes (a byte each) to the host, which packs them; rank 0 also holds the chunk it assembles and the one it receives. Replicated
+    tables are converted by rank 0 alone. After streaming, with the float model freed, rank 0 builds the serving
+    module, which allocates the integer tables once in host memory."""
+    device = [0.0] * world_size
+    host = [0.0] * world_size
+    for module_plan in plan.plan.values():
+        for table, ps in module_plan.items():
+            owners = range(1) if ps.sharding_type == ShardingType.DATA_PARALLEL.value or ps.sharding_spec is None \
+                else {shard.placement.rank() for shard in ps.sharding_spec.shards}
+            chunk_float = 3 * chunk_rows * dims[table] * 4
+            chunk_int = chunk_rows * (row_bytes(dims[table], bits) + dims[table])  # + one byte a code before packing
+            for r in owners:
+                device[r] = max(device[r], chunk_float)
+                host[r] = max(host[r], chunk_int)
+    host[0] = max(host[0], 2 * max(chunk_rows * row_bytes(d, bits) for d in dims.values()))
+    return {"device_bytes": device, "host_bytes": host}
 
 
 def plan_cluster(gpus: int, hbm_gb: float, dim: int = 128):
@@ -82,13 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         fp32 = per_rank_bytes(plan, gpus, dims, rows, 32)
         int4 = per_rank_bytes(plan, gpus, dims, rows, 4)
         gb = lambda xs: [x / 2**30 for x in xs]  # noqa: E731
-        out["clusters"][gpus] = {"sharding_types": kinds, "fp32_gb_per_rank": gb(fp32), "int4_gb_per_rank": gb(int4)}
+        export = export_peak_bytes(plan, gpus, dims, 4)
+        out["clusters"][gpus] = {"sharding_types": kinds, "fp32_gb_per_rank": gb(fp32), "int4_gb_per_rank": gb(int4),
+                                 "export_added_device_gb_per_rank": gb(export["device_bytes"]),
+                                 "export_added_host_gb_per_rank": gb(export["host_bytes"]),
+                                 "export_rank0_serving_module_host_gb": total[4] / 2**30}
         print(f"\n{gpus} GPUs x {args.hbm_gb:.0f} GB: tables by sharding type {kinds}")
         print(f"{'':>14} {'min GB':>8} {'max GB':>8} {'mean GB':>8} {'max/mean':>9} {'max % of HBM':>13}")
         for label, xs in (("FP32", fp32), ("INT4", int4)):
             mean = sum(xs) / len(xs)
             print(f"{label:>14} {min(xs) / 2**30:>8.2f} {max(xs) / 2**30:>8.2f} {mean / 2**30:>8.2f} "
                   f"{max(xs) / mean:>9.2f} {100 * max(xs) / hbm:>12.1f}%")
+        print(f"  export, shard-local: adds at most {max(export['device_bytes']) / 2**20:.0f} MB of GPU memory and "
+              f"{max(export['host_bytes']) / 2**20:.0f} MB of host memory to any rank while the INT4 rows stream to "
+              f"rank 0 (peak GPU use = the FP32 max above + that); rank 0 then builds the serving module in "
+              f"{total[4] / 2**30:.1f} GB of host memory, after the float model is freed (the gathered export "
+              f"needed the whole FP32 state, {total[32] / 2**30:.1f} GB, on rank 0)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -202,3 +202,6 @@ def test_compiled_row_packing_is_the_torch_arithmetic(bits, grid):
     qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).numpy(), bias.reshape(-1).numpy(), bits, out.numpy())
     assert torch.equal(out, expected)
     assert len(out.unique()) > 4  # the codes are not degenerate
+    from quant.convert import _codes  # export's two paths: compiled (contiguous CPU rows), torch ops (the rest)
+    assert torch.equal(_codes(w, scale, bias, bits), expected)
+    assert torch.equal(_codes(w.t().contiguous().t(), scale, bias, bits), expected)
