@@ -94,3 +94,18 @@ def test_dockerfile_pins_nothing_itself():
     names = {requirement_name(line) for line in lines}
     for name in names:
         assert not re.search(rf"\b{re.escape(name)}\s*[=<>~]=", text, re.IGNORECASE), f"the Dockerfile pins {name}"
+
+
+def test_readme_build_commands_use_the_dockerfile_args():
+    builds = [shlex.split(line) for line in (ROOT / "README.md").read_text().splitlines()
+              if line.startswith("docker build ")]
+    flavors = set()
+    for words in builds:
+        assert words[-1] == ".", shlex.join(words)
+        for i, word in enumerate(words):
+            if word == "--build-arg":
+                name, _, value = words[i + 1].partition("=")
+                assert name in dockerfile_args(), f"the Dockerfile has no ARG {name}"
+                if name == "FLAVOR":
+                    flavors.add(value)
+    assert flavors == {"cpu", "cuda"}
