@@ -93,6 +93,8 @@ def verify(path: Path, names: list[str] | None = None) -> str | None:
     checksum, else what is wrong."""
     try:
         files = json.loads((path / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} missing"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} unreadable: {e!r}"
     for name in files if names is None else names:
@@ -248,10 +250,10 @@ class Checkpointer:
     def _verify_together(self, path: Path) -> str | None:
         """``verify`` with the files split among the ranks; the first problem found, the same on every rank."""
         try:
-            files = json.loads((path / MANIFEST).read_text())["files"]
-            problem = verify(path, share(files, _rank(), _world_size()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problem = f"{MANIFEST} unreadable: {e!r}"
+            mine = share(json.loads((path / MANIFEST).read_text())["files"], _rank(), _world_size())
+        except (OSError, ValueError, KeyError, TypeError):
+            mine = []  # verify says what is wrong with the manifest
+        problem = verify(path, mine)
         for rank, found in enumerate(_all_gather(problem)):
             if found is not None:
                 if _world_size() == 1:
@@ -285,8 +287,14 @@ class Checkpointer:
         if _rank() == 0:
             mine.append(DCP_METADATA)
         hashed = _all_gather(_describe(tmp, mine))
+        files = {name: info for part in hashed for name, info in part.items()}
+        unseen = _broadcast([name for name in files if not (tmp / name).is_file()] if _rank() == 0 else None)
+        if unseen:
+            raise FileNotFoundError(
+                f"rank 0 does not see {', '.join(unseen)} in {tmp}, written there by other ranks: checkpoints need "
+                f"a folder that every rank sees (a shared filesystem for a multi-node job; node-local disks work "
+                f"only when all ranks are on one node). Point --run-dir at storage all nodes mount")
         if _rank() == 0:
-            files = {name: info for part in hashed for name, info in part.items()}
             unclaimed = sorted(p.name for p in tmp.iterdir() if p.name not in files)  # should DCP's naming change
             files.update(_describe(tmp, unclaimed))
             self._write_manifest(tmp, {"step": step, "files": dict(sorted(files.items())), "progress": progress})

@@ -165,6 +165,7 @@ def _save_verify_and_refuse(rank, world_size, root):
     out["victim"], out["messages"] = victim, messages
 
     # Only rank 1 lacks space: both ranks refuse (none is left waiting in the save's collectives).
+    real_disk_usage, real_describe = shutil.disk_usage, checkpoint_module._describe
     if rank == 1:
         shutil.disk_usage = lambda path: SimpleNamespace(total=10 ** 12, used=10 ** 12 - 10 ** 6, free=10 ** 6)
     try:
@@ -173,11 +174,26 @@ def _save_verify_and_refuse(rank, world_size, root):
         out["refused"] = str(e)
     dist.barrier()
     out["folders"] = sorted(p.name for p in root.iterdir())
+    shutil.disk_usage = real_disk_usage
+
+    # Rank 1's disk is not rank 0's (node-local disks on two nodes): rank 1's file is elsewhere once written.
+    def written_elsewhere(folder, names):
+        described = real_describe(folder, names)
+        for name in names:
+            (folder / name).rename(root / f"elsewhere_{name}")
+        return described
+
+    if rank == 1:
+        checkpoint_module._describe = written_elsewhere
+    try:
+        checkpointer.save(4, model, optimizer, {"epoch": 3})
+    except FileNotFoundError as e:
+        out["not_shared"] = str(e)
     return out
 
 
 @needs_peak_rss
-def test_save_at_world_size_2_adds_no_copy_and_ranks_share_the_checksums(tmp_path):
+def test_world_size_2_save_adds_no_copy_ranks_share_checksums_and_refuse_together(tmp_path):
     root = tmp_path / "ckpt"
     out = run_distributed(_save_verify_and_refuse, str(root), world_size=2)
     files = json.loads((root / "step_00000002" / MANIFEST).read_text())["files"]
@@ -193,6 +209,8 @@ def test_save_at_world_size_2_adds_no_copy_and_ranks_share_the_checksums(tmp_pat
         assert o["after_damage"] == str(root / "step_00000001")
         assert "not enough disk space" in o["refused"] and "as rank 1 sees it" in o["refused"]
         assert o["folders"] == ["step_00000001", "step_00000002"]  # refused before anything was written
+        assert "rank 0 does not see __1_0.distcp" in o["not_shared"] and "shared filesystem" in o["not_shared"]
+    assert not (root / "step_00000004").exists()
     # on resume, the ranks verified disjoint shares that together cover every file
     shares = [set(o["hashed_on_verify"]) for o in out]
     assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == set(files)
