@@ -28,6 +28,8 @@ from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
+from pipeline.dcp_reader import BoundedFileSystemReader
+
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"
@@ -340,7 +342,9 @@ class Checkpointer:
         has_optim_state = any(k.startswith("optim.") for k in saved)
         if has_optim_state:
             state["optim"] = optimizer.state_dict()
-        dcp.load(state, checkpoint_id=str(path))
+        reader = BoundedFileSystemReader(str(path))  # tables read into place, not through a second copy
+        dcp.load(state, storage_reader=reader)
+        self.last_load_streamed = reader.streamed_items
         model.load_state_dict(state["model"])
         if has_optim_state:
             optimizer.load_state_dict(state["optim"])

@@ -20,7 +20,7 @@ from datasets.reader import ParquetBatches
 from datasets.schema import FEATURE_NAMES, NUM_DENSE, parquet_files
 from datasets.synthetic import ensure_synthetic
 from datasets.vocab import vocab_num_embeddings
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import Checkpointer, NotEnoughDiskSpace
 from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
 from pipeline.configs import CONFIGS, get_config
 from pipeline.quiet import quiet_library_noise
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return cfg
     try:
         run(cfg)
-    except (FileNotFoundError, ValueError, NotImplementedError, NonFiniteLossError) as e:
+    except (FileNotFoundError, ValueError, NotImplementedError, NonFiniteLossError, NotEnoughDiskSpace) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

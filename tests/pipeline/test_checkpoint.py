@@ -51,7 +51,8 @@ def _load(rank, world_size, root):
     fresh = gather_full_state(model)
     checkpointer = Checkpointer(Path(root))
     progress = checkpointer.load(checkpointer.latest_valid(), model, optimizer)
-    return {"fresh": fresh, "loaded": gather_full_state(model), "progress": progress}
+    return {"fresh": fresh, "loaded": gather_full_state(model), "progress": progress,
+            "streamed": checkpointer.last_load_streamed}
 
 
 @pytest.mark.parametrize("saved_at, loaded_at", [(2, 1), (1, 2)])
@@ -60,6 +61,7 @@ def test_weights_come_back_bit_for_bit_at_another_world_size(saved_at, loaded_at
     saved = run_distributed(_save_after_training, data_dir, str(tmp_path / "ckpt"), world_size=saved_at)[0]
     out = run_distributed(_load, str(tmp_path / "ckpt"), world_size=loaded_at)[0]
     assert out["progress"] == {"epoch": 0}
+    assert out["streamed"] >= 20  # the tables went the bounded way (read into place), not through DCP's copy
     assert saved.keys() == out["loaded"].keys()
     changed = 0
     for key, value in saved.items():
@@ -328,3 +330,27 @@ def test_a_save_that_would_not_fit_stops_first_and_says_what_to_do(tmp_path, mon
     # With room for the estimate it saves.
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=0, free=int(needed)))
     checkpointer.save(1, model, optimizer, {}, keep=3)
+
+
+@needs_peak_rss
+@one_process
+def test_a_load_reads_the_tables_into_place(tmp_path):
+    """DCP's reader deserializes each tensor whole and then copies it into the model, so a resume briefly holds a
+    second copy of the largest table; the bounded reader adds next to nothing and loads the same bits. (Column
+    slices, which resharding to column-wise shards reads, are checked by the world-size tests above.)"""
+    from pipeline.dcp_reader import BoundedFileSystemReader
+
+    tables = {f"t{i}": torch.randn(1 << 18, 64) for i in range(4)}  # 4 x 64 MiB
+    dcp.save(tables, checkpoint_id=str(tmp_path))
+    added = {}
+    for name in ("dcp", "bounded"):
+        dest = {k: torch.zeros_like(v) for k, v in tables.items()}
+        gc.collect()
+        _reset_peak_rss()
+        before = _peak_rss()
+        reader = BoundedFileSystemReader(str(tmp_path)) if name == "bounded" else None
+        dcp.load(dest, checkpoint_id=str(tmp_path), storage_reader=reader)
+        added[name] = _peak_rss() - before
+        assert all(torch.equal(dest[k], v) for k, v in tables.items())
+    assert added["dcp"] >= 60 << 20  # at least one table's copy
+    assert added["bounded"] < 8 << 20, added
