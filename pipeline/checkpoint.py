@@ -11,6 +11,7 @@ after the new one is in place, so a crash at any moment leaves the newest whole 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -205,8 +206,10 @@ def _fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Saves ``step_XXXXXXXX`` folders under ``root``, keeps the newest K and finds the newest complete one."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, timed=None) -> None:
+        """``timed(name)``: a context manager around each save (e.g. ``pipeline.phases.PhaseLog``)."""
         self.root = Path(root)
+        self.timed = timed or (lambda name: contextlib.nullcontext())
 
     def complete(self) -> list[Path]:
         """Checkpoints with a manifest, oldest first."""
@@ -268,6 +271,11 @@ class Checkpointer:
              keep: int = 2) -> Path:
         """Write a checkpoint of ``step``, then delete all but the newest ``keep`` complete ones up to it.
         Collective."""
+        with self.timed("checkpoint_save"):
+            return self._save(step, model, optimizer, progress, keep=keep)
+
+    def _save(self, step: int, model: nn.Module, optimizer: Optimizer, progress: dict[str, Any], *,
+              keep: int) -> Path:
         if keep < 1:
             raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
         state = {"model": model.state_dict(), "optim": optimizer.state_dict()}

@@ -202,8 +202,8 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
 
     with phases("build_shard"):
         model, optimizer, counter = build_sharded_model(cfg, rank, world_size, device)
-    trainer = Trainer(cfg, model, optimizer, device, splits, Checkpointer(run_dir / "checkpoints"), rank=rank,
-                      comm_counter=counter)
+    checkpointer = Checkpointer(run_dir / "checkpoints", timed=phases)
+    trainer = Trainer(cfg, model, optimizer, device, splits, checkpointer, rank=rank, comm_counter=counter)
     with phases("resume_load"):
         if trainer.resume():
             log.info("resuming at epoch %d (step %d)", trainer.start_epoch + 1, trainer.step)
