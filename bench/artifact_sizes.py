@@ -20,14 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import RESULTS, provenance, save, table
+from bench.common import RESULTS, prepared_model, provenance, save, table
 from datasets.schema import FEATURE_NAMES
 from pipeline.configs import get_config
-from pipeline.model import build_dlrm
-from pipeline.optimizer import fuse_embedding_optimizer
-from quant.api import QATConfig, embedding_quantizer, quantize_
 from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, write_rows
-from sharding.plan import plan_sharding, shard_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     prov = provenance()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = get_config(args.config)
-    torch.manual_seed(0)
-    model = build_dlrm(cfg.model, torch.device("cpu"))
-    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-    model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD),
-                        torch.device("cpu"))
-    quantize_(model, QATConfig(spec=cfg.quant), pg=dist.group.WORLD)
-    embedding_quantizer(model).update_scales()
+    model = prepared_model(cfg)
     rows = []
     dense = torch.randn(64, 13)
     lengths = torch.ones(26 * 64, dtype=torch.int32)

@@ -81,3 +81,23 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
         lines.append("  ".join(f"{format(r[k], f) if not isinstance(r[k], str) else r[k]:>{max(len(h), 10)}}"
                                for k, h, f in columns))
     return "\n".join(lines)
+
+
+def prepared_model(cfg):
+    """The config's DLRM sharded at world size 1 (a process group must exist), prepared for QAT with its scales
+    taken from its initial weights: what the export benches convert."""
+    import torch.distributed as dist
+
+    from pipeline.model import build_dlrm
+    from pipeline.optimizer import fuse_embedding_optimizer
+    from quant.api import QATConfig, embedding_quantizer, quantize_
+    from sharding.plan import plan_sharding, shard_model
+
+    torch.manual_seed(0)
+    model = build_dlrm(cfg.model, torch.device("cpu"))
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
+    model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD),
+                        torch.device("cpu"))
+    quantize_(model, QATConfig(spec=cfg.quant), pg=dist.group.WORLD)
+    embedding_quantizer(model).update_scales()
+    return model

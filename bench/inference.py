@@ -22,29 +22,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import median, save, table
+from bench.common import median, prepared_model, save, table
 from datasets.reader import ParquetBatches, ReaderConfig
 from datasets.schema import FEATURE_NAMES
 from datasets.synthetic import ensure_synthetic
 from pipeline.configs import get_config
-from pipeline.model import build_dlrm
-from pipeline.optimizer import fuse_embedding_optimizer
-from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from quant.api import QATConfig, QuantSpec, quantize_
 from quant.export import export, load_with_manifest, rows_path
-from sharding.plan import plan_sharding, shard_model
 
 BATCH = 2048
 TORCHREC = "fp32, DLRM.forward"
 
 
 def _artifacts(cfg, out: Path) -> dict[str, Path]:
-    torch.manual_seed(0)
-    model = build_dlrm(cfg.model, torch.device("cpu"))
-    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-    model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD),
-                        torch.device("cpu"))
-    quantize_(model, QATConfig(spec=cfg.quant), pg=dist.group.WORLD)
-    embedding_quantizer(model).update_scales()
+    model = prepared_model(cfg)
     paths = {}
     for name, spec in {"int4": cfg.quant, "int8": QuantSpec(embedding_bits=8, mlp_bits=8)}.items():
         int_model = quantize_(model, QATConfig(spec=spec, step="convert"))

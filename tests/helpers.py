@@ -80,3 +80,13 @@ def sharded_model(world_size: int, placements: dict[str, TablePlacement] | None 
     model = shard_model(model, plan, torch.device("cpu"), sharders)
     model.load_state_dict(initial_state(), strict=False)
     return model, plan
+
+
+def train_steps(model, optimizer, batch_list: list[Batch]) -> None:
+    """Plain training steps of a sharded DLRMTrain (the fused embedding optimizer steps inside backward)."""
+    model.train()
+    for batch in batch_list:
+        loss, _ = model(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

@@ -29,18 +29,13 @@ from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from quant.convert import gather_full_state
 from sharding.plan import manual_plan, shard_model
 from tests.dist_utils import run_distributed
-from tests.helpers import CARDS, MODEL, batches, mixed_placements, sharded_model, tiny_data
+from tests.helpers import CARDS, MODEL, batches, mixed_placements, sharded_model, tiny_data, train_steps
 
 
 def _save_after_training(rank, world_size, data_dir, root):
     model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=world_size == 2))
     optimizer = build_optimizer(model, OptimConfig(lr=0.5, embedding_lr=5.0))
-    model.train()
-    for batch in batches(data_dir / "train.parquet", 64, rank=rank, world_size=world_size, limit=3):
-        loss, _ = model(batch)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(model, optimizer, batches(data_dir / "train.parquet", 64, rank=rank, world_size=world_size, limit=3))
     Checkpointer(Path(root)).save(3, model, optimizer, {"epoch": 0})
     return gather_full_state(model)
 

@@ -19,7 +19,7 @@ from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetr
 from quant.tbe import table_configs
 from sharding.plan import TablePlacement
 from tests.dist_utils import run_distributed
-from tests.helpers import CARDS, TABLES, batches, sharded_model, tiny_data
+from tests.helpers import CARDS, TABLES, batches, sharded_model, tiny_data, train_steps
 
 # Each kind of placement holds one table of each width (column-wise: two shards of 8 columns).
 KINDS = {
@@ -73,12 +73,8 @@ def _convert_both_ways(rank, world_size, data_dir, out_dir):
                          row_alignment=ALIGNMENT)
         quantize_(model, QATConfig(spec=spec, step="prepare"), pg=dist.group.WORLD)
         optimizer = build_optimizer(model, OptimConfig(embedding_lr=1.0))
-        model.train()
-        for batch in batches(data_dir / "train.parquet", 64, rank=rank, world_size=world_size, limit=3):
-            loss, _ = model(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        train_steps(model, optimizer,
+                    batches(data_dir / "train.parquet", 64, rank=rank, world_size=world_size, limit=3))
         kinds = {}  # what each table really became in the sharded model
         for name, value in model.state_dict().items():
             if "embedding_bags" in name:
