@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import itertools
 import json
 import logging
 import os
@@ -28,7 +29,6 @@ from pipeline.model import build_dlrm
 from pipeline.metrics import binary_metrics
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from pipeline.phases import PhaseLog
-from pipeline.predict import score
 from pipeline.report import epoch_table, plot_curves, write_summary
 from pipeline.trainer import NonFiniteLossError, Splits, Trainer, post_training_quantized
 from quant.api import QATConfig, quantize_, set_fake_quant
@@ -218,7 +218,7 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
         gc.collect()
         dist.barrier()
         if rank == 0:
-            exported = finish_export(cfg, parts, ref_logits, paths["test"], phases)
+            exported = finish_export(cfg, parts, ref_logits, paths["test"], world_size, phases)
     summary = {"config": cfg.name, "quant_mode": cfg.quant_mode, "world_size": world_size, "device": str(device),
                "epochs": history, "eval_history": eval_history, "bayes_test": bayes, "export": exported,
                "test_files": [str(p) for p in paths["test"]],
@@ -286,7 +286,8 @@ def write_integer_rows(cfg: JobConfig, trainer: Trainer, model):
     return ref_logits, parts
 
 
-def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: list[Path], phases: PhaseLog) -> dict:
+def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: list[Path], world_size: int,
+                  phases: PhaseLog) -> dict:
     """Rank 0, after the float model is freed: the serving module beside the rows, reloaded as a server would and
     scored on the test split, its logits checked against the fake-quantized model's."""
     path = artifact_path(cfg)
@@ -303,8 +304,7 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
     with phases("artifact_load"):
         module, manifest = load_with_manifest(path)
     with phases("predict"):
-        logits, labels = score(module, test_paths, manifest["num_embeddings"], limit_rows=ref_logits.numel(),
-                               vocab_dir=manifest.get("vocab_dir"))
+        logits, labels = score_like_evaluation(module, cfg, test_paths, world_size)
     sizes["loaded_bytes"] = loaded_bytes(module)
     # the reference a server can check itself against in a fresh process (bench.scale_run does)
     torch.save({"logits": ref_logits, "rows": ref_logits.numel()}, cfg.run_path / "export_check.pt")
@@ -312,6 +312,22 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
     return {"path": str(path), "test": binary_metrics(logits, labels), "bits": cfg.quant.embedding_bits,
             "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits, "sizes": sizes,
             "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max())}
+
+
+@torch.no_grad()
+def score_like_evaluation(module, cfg: JobConfig, paths: list[Path], world_size: int):
+    """The artifact's logits and labels on exactly the rows evaluation scored, in the order ``Trainer.predict``
+    gathers them: each rank's slice of the split, its first ``limit_eval_batches`` batches, rank after rank. (With a
+    limit, those are not the split's first rows.)"""
+    logits, labels = [], []
+    for r in range(world_size):
+        data = ParquetBatches(paths, cfg.model.num_embeddings, cfg.data.reader(train=False, seed=cfg.seed), rank=r,
+                              world_size=world_size)
+        for batch in itertools.islice(iter(data), cfg.limit_eval_batches or len(data)):
+            kjt = batch.sparse_features
+            logits.append(module(batch.dense_features, kjt.values(), kjt.lengths()))
+            labels.append(batch.labels)
+    return torch.cat(logits), torch.cat(labels)
 
 
 def export_report(e: dict) -> str:
