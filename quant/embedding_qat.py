@@ -85,10 +85,20 @@ class EmbeddingFakeQuantizer(nn.Module):
     @enabled.setter
     def enabled(self, value: bool) -> None:
         if not value:  # rows change unseen while fake-quant is off: the next refresh rescans everything
-            self._row_max.clear()
-            self._blocks.clear()
-            self._seen.clear()
+            self.forget_rows()
         self._enabled = value
+
+    def forget_rows(self) -> None:
+        """Drop the per-row maxima: the next refresh rescans every row (after the tables changed unseen)."""
+        self._row_max.clear()
+        self._blocks.clear()
+        self._seen.clear()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # Any in-process load of the model's state (a resume, load_state_dict by hand) may replace table rows the
+        # hooks never saw: the cached row maxima would then be stale and an incremental refresh would keep them.
+        self.forget_rows()
+        super()._load_from_state_dict(*args, **kwargs)
 
     @torch.no_grad()
     def _rows_max(self, i: int, incremental: bool) -> torch.Tensor:

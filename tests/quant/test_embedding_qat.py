@@ -16,7 +16,8 @@ from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.convert import gather_full_state
 from quant.export import STANDALONE_LOAD, export
 from tests.dist_utils import run_distributed
-from tests.helpers import CARDS, MODEL, batches, concat_batches, mixed_placements, sharded_model, tiny_data
+from tests.helpers import (CARDS, MODEL, batches, concat_batches, mixed_placements, sharded_model, tiny_data,
+                           train_steps)
 
 STEPS, LOCAL_BATCH = 6, 64
 
@@ -149,6 +150,32 @@ def test_incremental_scale_refresh_equals_a_full_rescan(data_dir):
     for out in run_distributed(_refresh_run, data_dir, world_size=2):
         assert 0 < out["incremental_layouts"] < out["layouts"]  # sharded TBEs incremental, the others rescanned
         assert torch.equal(out["incremental"], out["full"])
+
+
+def _refresh_after_load(rank, world_size, data_dir):
+    """QAT steps (the row maxima cached), then new tables loaded in process, then an incremental refresh."""
+    model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=False))
+    quantize_(model, QATConfig(spec=QuantSpec(scale_update_every=2), step="prepare"), pg=dist.group.WORLD)
+    quantizer = embedding_quantizer(model)
+    optimizer = build_optimizer(model, OptimConfig(embedding_lr=1.0))
+    train_steps(model, optimizer, batches(data_dir / "train.parquet", LOCAL_BATCH, limit=5))
+    state = gather_full_state(model)
+    quantizer.update_scales()
+    before = quantizer.alpha.clone()
+    tables = {k: v * 3 for k, v in state.items() if "embedding_bags" in k}  # every row changes, none is looked up
+    model.load_state_dict(tables, strict=False)
+    quantizer.update_scales(incremental=True)
+    incremental = quantizer.alpha.clone()
+    quantizer.update_scales()
+    return {"incremental": incremental, "full": quantizer.alpha.clone(), "before": before,
+            "cached_before_load": sum(quantizer._incremental)}
+
+
+def test_scale_refresh_after_an_in_process_load_sees_the_loaded_rows(data_dir):
+    out = run_distributed(_refresh_after_load, data_dir, world_size=1)[0]
+    assert out["cached_before_load"] > 0  # some tables are refreshed incrementally from cached row maxima
+    assert torch.equal(out["full"], out["before"] * 3)  # the loaded tables are in place
+    assert torch.equal(out["incremental"], out["full"])
 
 
 def _fq_table(w: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
