@@ -47,6 +47,20 @@ def _check(rc, capsys, *needles, code=None):
     return err[-1]
 
 
+def test_a_run_dir_is_not_resumed_as_another_job(done_run, capsys):
+    """Its checkpoints belong to the job in its config.json: other settings are refused (nothing written), naming each
+    differing field; how long the job runs may change."""
+    before = sorted(p.name for p in done_run.rglob("*"))
+    err = _check(train.main([*TINY, "--run-dir", str(done_run), "--set", "quant_mode=fp32",
+                             "data.synthetic.num_train=8192"]), capsys, "holds checkpoints of another job",
+                 "quant_mode: 'qat' in the run dir, 'fp32' now", "data.synthetic.num_train: 16384 in the run dir, "
+                 "8192 now", "Use a new --run-dir", code=2)
+    assert "epochs" not in err.split("settings:")[1].split(". Use")[0]
+    assert sorted(p.name for p in done_run.rglob("*")) == before
+    cfg = train.build_config(train.parse_args([*TINY, "--run-dir", str(done_run), "--epochs", "3"]))
+    assert cfg.epochs == 3  # a longer run of the same job is a resume
+
+
 # ---- CLI and configs -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, needles", [
     (["--set", "nosuch=1"], ["has no field 'nosuch'"]),
