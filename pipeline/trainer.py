@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
 from datasets.reader import ParquetBatches
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import MANIFEST, Checkpointer
 from pipeline.config import JobConfig
 from pipeline.metrics import binary_metrics, gather
 from quant.api import embedding_quantizer, set_fake_quant
@@ -59,11 +60,30 @@ class Trainer:
         latest = self.checkpointer.latest_valid()
         if latest is None:
             return False
+        self._check_resumable(latest)
         progress = self.checkpointer.load(latest, self.model, self.optimizer)
         self.step, self.start_epoch = progress["step"], progress["epoch"]
         self.history, self.eval_history = progress["history"], progress.get("eval_history", [])
         self.in_epoch = progress.get("in_epoch") or {"batches_done": 0, "loss_sum": 0.0}
         return True
+
+    def _check_resumable(self, path) -> None:
+        """A mid-epoch checkpoint continues its epoch only at the world size that wrote it: each rank reads its own
+        slice of the rows in its own shuffled order, so another world size has no position to continue from."""
+        progress = json.loads((path / MANIFEST).read_text())["progress"]
+        done = (progress.get("in_epoch") or {}).get("batches_done", 0)
+        saved, now = progress.get("world_size"), _world_size()
+        if not done or saved == now:
+            return
+        if saved is None:
+            log.warning("%s was written mid-epoch by a version that did not record its world size; resuming at %d "
+                        "assumes it is the same", path, now)
+            return
+        raise ValueError(f"{path} was written mid-epoch (epoch {progress['epoch'] + 1}, {done} batches done) at world "
+                         f"size {saved}; this job runs at world size {now}. Each rank reads its own slice of an epoch in "
+                         f"its own shuffled order, so another world size cannot continue that epoch. Resume at world "
+                         f"size {saved} (e.g. --nproc {saved}), or from an end-of-epoch checkpoint, which any world "
+                         f"size can resume (move the newer checkpoints out of {path.parent})")
 
     def train(self) -> list[dict[str, Any]]:
         for epoch in range(self.start_epoch, self.cfg.epochs):
@@ -162,7 +182,7 @@ class Trainer:
     def _progress(self, epoch: int) -> dict[str, Any]:
         """What a restart needs besides the model: ``epoch`` is the first epoch not finished."""
         return {"epoch": epoch, "step": self.step, "history": self.history, "eval_history": self.eval_history,
-                "in_epoch": dict(self.in_epoch)}
+                "in_epoch": dict(self.in_epoch), "world_size": _world_size()}
 
     def _log_epoch(self, s: dict[str, Any]) -> None:
         if self.rank != 0:

@@ -61,3 +61,17 @@ def test_checkpoint_reshards_between_world_sizes(tmp_path):
         assert [e["epoch"] for e in summary["epochs"]] == [1, 2] and summary["world_size"] == second
         # Epoch 2 starts from epoch 1's weights: its loss continues from there rather than from scratch.
         assert summary["epochs"][1]["train_loss"] < summary["epochs"][0]["train_loss"]
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_at_its_world_size(tmp_path):
+    """Each rank reads its own slice of an epoch in its own order: a mid-epoch checkpoint written at world size 2
+    cannot continue its epoch at world size 1, and the job says so instead of training other rows."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    args = ["--config", "tiny", "--epochs", "1", "--set", "checkpoint_every_steps=16"]
+    killed = _launch(run, cache, *args, env={"DQRM_FAULT_KILL_AT_STEP": "40", "DQRM_FAULT_KILL_RANK": "1"})
+    assert killed.returncode != 0 and (run / "checkpoints" / "step_00000032" / "manifest.json").is_file()
+    other = _launch(run, cache, *args, nproc=1)
+    out = other.stdout + other.stderr
+    assert other.returncode != 0
+    assert "written mid-epoch (epoch 1, 32 batches done) at world size 2; this job runs at world size 1" in out
+    assert "resuming at" not in out
