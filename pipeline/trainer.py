@@ -80,10 +80,10 @@ class Trainer:
                         "assumes it is the same", path, now)
             return
         raise ValueError(f"{path} was written mid-epoch (epoch {progress['epoch'] + 1}, {done} batches done) at world "
-                         f"size {saved}; this job runs at world size {now}. Each rank reads its own slice of an epoch in "
-                         f"its own shuffled order, so another world size cannot continue that epoch. Resume at world "
-                         f"size {saved} (e.g. --nproc {saved}), or from an end-of-epoch checkpoint, which any world "
-                         f"size can resume (move the newer checkpoints out of {path.parent})")
+                         f"size {saved}; this job runs at world size {now}. Each rank reads its own slice of an epoch "
+                         f"in its own shuffled order, so another world size cannot continue that epoch. Resume at "
+                         f"world size {saved} (e.g. --nproc {saved}), or from an end-of-epoch checkpoint, which any "
+                         f"world size can resume (move the newer checkpoints out of {path.parent})")
 
     def train(self) -> list[dict[str, Any]]:
         for epoch in range(self.start_epoch, self.cfg.epochs):

@@ -185,8 +185,8 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) 
                                        bias.reshape(-1).contiguous().numpy(), bits, out.numpy())
         return out
     codes = quantize_codes(w, scale.reshape(-1, 1), bias.reshape(-1, 1), bits).to(torch.uint8).cpu()  # 1 B/code
-    packed, _ = pack_rows(codes, scale.reshape(-1, 1).expand(len(w), 1).cpu(), bias.reshape(-1, 1).expand(len(w), 1).cpu(),
-                          bits)
+    scale, bias = (x.reshape(-1, 1).expand(len(w), 1).cpu() for x in (scale, bias))
+    packed, _ = pack_rows(codes, scale, bias, bits)
     return packed
 
 

@@ -66,24 +66,29 @@ def rows_path(path: Path) -> Path:
     return Path(path).with_suffix(".rows")
 
 
-def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *, chunk_rows: int = CHUNK_ROWS) -> Optional[IntegerParts]:
+def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *,
+               chunk_rows: int = CHUNK_ROWS) -> Optional[IntegerParts]:
     """Shard-local conversion of a prepared, sharded DLRM's tables into the artifact's rows file (see
     ``quant.convert.stream_integer_rows``); returns the integer MLPs and the row layout on rank 0, ``None``
-    elsewhere. Collective. Free the training model before ``export``: that builds the serving module."""
+    elsewhere. Collective. Free the training model before ``export``: that builds the serving module. A failed
+    conversion leaves no rows file behind."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     parts = integer_parts(model, spec) if rank == 0 else None
     layout = RowLayout.of(table_configs(model), spec)
-    sink = None
+    sink, tmp = None, _tmp(rows_path(path))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        sink = FileSink(_tmp(rows_path(path)), layout.total_bytes)
+        sink = FileSink(tmp, layout.total_bytes)
     try:
         stream_integer_rows(model, spec, layout, sink, chunk_rows=chunk_rows)
-    finally:
+    except BaseException:
         if sink is not None:
             sink.close()
+            tmp.unlink(missing_ok=True)
+        raise
     if rank == 0:
-        _tmp(rows_path(path)).replace(rows_path(path))
+        sink.close()
+        tmp.replace(rows_path(path))
     return parts
 
 
