@@ -202,8 +202,21 @@ class EmbeddingFakeQuantizer(nn.Module):
         """Layout ``i``'s TBE output plus the fake-quant correction of the rows it pooled (``kwargs``: the TBE's
         indices, offsets and per-sample weights): ``output`` itself, written in place, on the compiled CPU path;
         ``output + correction`` otherwise. Either way its gradient is the TBE's (straight through)."""
+        self._check_uniform_batch(i, kwargs, output)
         corr = self._correction(i, kwargs, output)
         return output if corr is None else output + corr
+
+    def _check_uniform_batch(self, i: int, kwargs: dict, output: torch.Tensor) -> None:
+        """The correction finds each id's feature from one batch size for every feature (``offsets`` holds
+        features x batch bags): a variable-batch KJT would pool deltas into the wrong bags, so it is refused."""
+        features = self._layouts[i].feature_table_map.numel()
+        bags = kwargs["offsets"].numel() - 1
+        if kwargs.get("batch_size_per_feature_per_rank") is not None or bags != features * output.shape[0]:
+            raise NotImplementedError(
+                f"embedding QAT needs one batch size for every feature, but the TBE of "
+                f"{self._layouts[i].table_names} got {bags} bags for {features} features and {output.shape[0]} "
+                f"output rows (a variable-batch KeyedJaggedTensor); give every feature the same batch size (the "
+                f"dqrm reader does)")
 
     def _table_grid(self, i: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
         """Per local table of layout ``i``: (scale, 1/scale, bias, qmax), recomputed only when the scales change."""

@@ -178,6 +178,36 @@ def test_scale_refresh_after_an_in_process_load_sees_the_loaded_rows(data_dir):
     assert torch.equal(out["incremental"], out["full"])
 
 
+def _variable_batch_at_the_hook(rank, world_size):
+    """The QAT hook of a sharded TBE given what TorchRec passes for a variable-batch KJT: features with different
+    batch sizes (offsets of unequal length per feature), with and without TorchRec's per-feature batch sizes."""
+    model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=False))
+    quantize_(model, QATConfig(spec=QuantSpec(), step="prepare"), pg=dist.group.WORLD)
+    quantizer = embedding_quantizer(model)
+    i = next(i for i, lay in enumerate(quantizer._layouts) if lay.feature_table_map.numel() > 1)
+    features = quantizer._layouts[i].feature_table_map.numel()
+    width = int(sum(quantizer._layouts[i].local_dims))
+    sizes = [2] * (features - 1) + [3]  # one feature has a larger batch
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.ones(sum(sizes), dtype=torch.long).cumsum(0)])
+    kwargs = {"indices": torch.zeros(sum(sizes), dtype=torch.long), "offsets": offsets, "per_sample_weights": None}
+    messages = []
+    for extra in ({}, {"batch_size_per_feature_per_rank": [[b] for b in sizes]}):
+        try:
+            quantizer.corrected(i, {**kwargs, **extra}, torch.zeros(3, width))
+            messages.append(None)
+        except NotImplementedError as e:
+            messages.append(str(e))
+    uniform = {**kwargs, "offsets": offsets[: 2 * features + 1], "indices": kwargs["indices"][: 2 * features]}
+    quantizer.corrected(i, uniform, torch.zeros(2, width))  # one batch size: accepted
+    return messages
+
+
+def test_qat_refuses_a_variable_batch_at_the_hook():
+    messages = run_distributed(_variable_batch_at_the_hook, world_size=1)[0]
+    for m in messages:
+        assert m is not None and "needs one batch size for every feature" in m and "variable-batch" in m
+
+
 def _fq_table(w: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
     """FBGEMM's row-wise INT-N value of every row, written out from its definition (not the product's code)."""
     qmax = 2 ** bits - 1
