@@ -206,10 +206,13 @@ def _fsync_dir(path: Path) -> None:
 class Checkpointer:
     """Saves ``step_XXXXXXXX`` folders under ``root``, keeps the newest K and finds the newest complete one."""
 
-    def __init__(self, root: Path, *, timed=None) -> None:
-        """``timed(name)``: a context manager around each save (e.g. ``pipeline.phases.PhaseLog``)."""
+    def __init__(self, root: Path, *, timed=None, extra: dict[str, Any] | None = None) -> None:
+        """``timed(name)``: a context manager around each save (e.g. ``pipeline.phases.PhaseLog``). ``extra``:
+        more training state saved and restored with the model, each an object with ``state_dict()`` (tensors under
+        keys unique to the rank where they are the rank's own) and ``load_state_dict()``."""
         self.root = Path(root)
         self.timed = timed or (lambda name: contextlib.nullcontext())
+        self.extra = dict(extra or {})
 
     def complete(self) -> list[Path]:
         """Checkpoints with a manifest, oldest first."""
@@ -278,7 +281,8 @@ class Checkpointer:
               keep: int) -> Path:
         if keep < 1:
             raise ValueError(f"keep must be at least 1 (the checkpoint just written), got {keep}")
-        state = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+        state = {"model": model.state_dict(), "optim": optimizer.state_dict(),
+                 **{name: obj.state_dict() for name, obj in self.extra.items()}}
         check_disk_space(self.root, state, keep=keep)
         final = self.root / _broadcast(self._unused_name(step) if _rank() == 0 else None)
         tmp = final.with_name(f".tmp_{final.name}")
@@ -350,8 +354,18 @@ class Checkpointer:
         has_optim_state = any(k.startswith("optim.") for k in saved)
         if has_optim_state:
             state["optim"] = optimizer.state_dict()
+        extra = {}
+        for name, obj in self.extra.items():
+            wanted = obj.state_dict()
+            if all(f"{name}.{k}" in saved for k in wanted):
+                extra[name] = wanted
+            else:  # e.g. another world size, or a checkpoint from before this state was saved
+                log.warning("%s has no %s state for this rank; it starts afresh", path, name)
+        state.update(extra)
         reader = BoundedFileSystemReader(str(path))  # tables read into place, not through a second copy
         dcp.load(state, storage_reader=reader)
+        for name, loaded in extra.items():
+            self.extra[name].load_state_dict(loaded)
         self.last_load_streamed = reader.streamed_items
         model.load_state_dict(state["model"])
         if has_optim_state:

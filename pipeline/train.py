@@ -33,7 +33,7 @@ from pipeline.report import epoch_table, plot_curves, write_summary
 from pipeline.trainer import NonFiniteLossError, Splits, Trainer, post_training_quantized
 from quant.api import QATConfig, quantize_, set_fake_quant
 from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
-from sharding.comm import ByteCounter, check_qcomms, compress_gradients, sharders_for
+from sharding.comm import ByteCounter, Int8ErrorFeedbackHook, check_qcomms, compress_gradients, sharders_for
 from sharding.plan import describe_plan, plan_table, save_plan, shard_model
 from sharding.policy import placements_from_plan, plan_by_policy, save_placements
 
@@ -240,8 +240,8 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
                         s, d.rows_unused, d.total_rows, world_size)
 
     with phases("build_shard"):
-        model, optimizer, counter = build_sharded_model(cfg, rank, world_size, device)
-    checkpointer = Checkpointer(run_dir / "checkpoints", timed=phases)
+        model, optimizer, counter, comm_state = build_sharded_model(cfg, rank, world_size, device)
+    checkpointer = Checkpointer(run_dir / "checkpoints", timed=phases, extra=comm_state)
     trainer = Trainer(cfg, model, optimizer, device, splits, checkpointer, rank=rank, comm_counter=counter)
     with phases("resume_load"):
         if trainer.resume():
@@ -278,7 +278,8 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
 
 def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torch.device):
     """The DLRM, planned, sharded (DMP), prepared for QAT, with gradient compression and its optimizer; rank 0
-    writes the plan and config into the run dir. Returns (model, optimizer, byte counter or None)."""
+    writes the plan and config into the run dir. Returns (model, optimizer, byte counter or None, the gradient
+    compression's state to checkpoint by name)."""
     torch.manual_seed(cfg.seed)
     model = build_dlrm(cfg.model, device)
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
@@ -292,7 +293,8 @@ def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torc
         quantize_(model, QATConfig(spec=cfg.quant, step="prepare"), pg=dist.group.WORLD)
         set_fake_quant(model, cfg.quant_mode == "qat")  # ptq trains in float
     counter = ByteCounter().install() if cfg.comm.count_bytes and world_size > 1 else None
-    compress_gradients(model, cfg.comm, counter)
+    hooks = compress_gradients(model, cfg.comm, counter)
+    comm_state = {"comm_int8_ef": h for h in hooks if isinstance(h, Int8ErrorFeedbackHook)}
     optimizer = build_optimizer(model, cfg.optim)
     if rank == 0:
         run_dir = cfg.run_path
@@ -307,7 +309,7 @@ def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torc
         except ValueError as e:  # e.g. the planner chose table_column_wise, which placements cannot express
             log.warning("placements.json not written (%s); plan.json holds the full plan", e)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    return model, optimizer, counter
+    return model, optimizer, counter, comm_state
 
 
 def artifact_path(cfg: JobConfig) -> Path:

@@ -187,10 +187,29 @@ class Int8ErrorFeedbackHook:
     the row structure (row maxima, scaling by a row's step) runs per parameter, on broadcast views. On CPU the
     same arithmetic runs as compiled loops (``sharding.int8_codec``): two passes to encode, one to decode."""
 
-    def __init__(self, counter: ByteCounter | None) -> None:
+    def __init__(self, counter: ByteCounter | None, params: dict[str, torch.Tensor] | None = None) -> None:
         self.counter = counter
         self.errors: dict[int, torch.Tensor] = {}  # per parameter: views of its bucket's error buffer
         self._buckets: dict[tuple[int, ...], _Int8Bucket] = {}
+        self.params = dict(params or {})  # name -> parameter, to checkpoint the errors by name
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's carried quantization errors, flat per parameter (zeros before the first step), under keys
+        that name the rank: each rank's errors are its own, so a checkpoint holds every rank's."""
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return {f"rank{rank}.{name}": self.errors.get(id(p), torch.zeros(p.numel(), device=p.device))
+                for name, p in self.params.items() if p.requires_grad}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Carry the saved errors on: into the buckets' buffers, or (before the first step) to where the buckets
+        will pick them up when they are made."""
+        prefix = f"rank{dist.get_rank() if dist.is_initialized() else 0}."
+        for key, value in state.items():
+            p = self.params[key[len(prefix):]]
+            if id(p) in self.errors:
+                self.errors[id(p)].copy_(value.reshape(-1))
+            else:
+                self.errors[id(p)] = value.reshape(-1).clone()
 
     def _bucket(self, params: list[torch.Tensor], n: int, world: int, dev: torch.device) -> "_Int8Bucket":
         key = tuple(id(p) for p in params)
@@ -436,7 +455,7 @@ def _dp_table_ddps(model: nn.Module) -> list[DistributedDataParallel]:
 
 def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter | None = None) -> list:
     """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training); returns the
-    touched-rows hooks (for inspection)."""
+    hooks that keep state: the INT8 error-feedback hook (checkpointed with the model) and the touched-rows hooks."""
     from quant.tbe import find_tbes
 
     hooks: list[TouchedRowsHook] = []
@@ -445,7 +464,9 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
         if cfg.dense == "fp16":
             dense.register_comm_hook(dense.process_group, fp16_hook(counter))
         elif cfg.dense == "int8_ef":
-            dense.register_comm_hook(dense.process_group, Int8ErrorFeedbackHook(counter).__call__)
+            int8 = Int8ErrorFeedbackHook(counter, dict(dense.module.named_parameters()))
+            dense.register_comm_hook(dense.process_group, int8.__call__)
+            hooks.append(int8)
         elif counter is not None:
             dense.register_comm_hook(dense.process_group, fp32_allreduce_hook(counter, "all_reduce fp32 (MLP)"))
     layouts = {}

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 # Evaluation limited to each rank's first batch: rank 1's rows are then not the split's next rows, which the export
 # check must still compare with the artifact row for row.
@@ -28,11 +30,13 @@ def _metrics(run_dir: Path) -> list[dict]:
             for e in json.loads((run_dir / "summary.json").read_text())["epochs"]]
 
 
-def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path):
-    cache = tmp_path / "cache"
-    clean = _launch(tmp_path / "clean", cache, *ARGS)
+@pytest.mark.parametrize("dense", ["fp32", "int8_ef"])
+def test_killed_worker_restarts_and_matches_uninterrupted_run(dense, tmp_path):
+    """Also with INT8 MLP gradients, whose error-feedback residuals are part of the training state."""
+    cache, args = tmp_path / "cache", [*ARGS, f"comm.dense={dense}"]
+    clean = _launch(tmp_path / "clean", cache, *args)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    killed = _launch(tmp_path / "killed", cache, *ARGS, retries=1,
+    killed = _launch(tmp_path / "killed", cache, *args, retries=1,
                      env={"DQRM_FAULT_KILL_AT_STEP": "40", "DQRM_FAULT_KILL_RANK": "1"})
     out = killed.stdout + killed.stderr
     assert killed.returncode == 0, out[-3000:]

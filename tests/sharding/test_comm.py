@@ -10,7 +10,7 @@ from pipeline.config import OptimConfig
 from pipeline.optimizer import build_optimizer
 from quant.convert import gather_full_state
 from sharding.comm import (ByteCounter, CommConfig, check_qcomms, compress_gradients, decode_ids, encode_ids,
-                           int8_step, sharders_for)
+                           int8_step, sharders_for, TouchedRowsHook)
 from sharding.plan import TablePlacement
 from tests.dist_utils import run_distributed
 from tests.helpers import TABLES, batches, concat_batches, mixed_placements, sharded_model, tiny_data
@@ -27,7 +27,7 @@ def _train(rank, world_size, data_dir, comm: CommConfig, table_wise: bool = Fals
     placements = _table_wise(world_size) if table_wise else mixed_placements(world_size, with_column_wise=False)
     model, _ = sharded_model(world_size, placements, sharders=sharders_for(comm, torch.device("cpu")))
     counter = ByteCounter().install() if world_size > 1 else None
-    hooks = compress_gradients(model, comm, counter)
+    touched = [h for h in compress_gradients(model, comm, counter) if isinstance(h, TouchedRowsHook)]
     optimizer = build_optimizer(model, OptimConfig())
     init = gather_full_state(model)
     local = batches(data_dir / "train.parquet", LOCAL, limit=2 * STEPS)
@@ -44,7 +44,7 @@ def _train(rank, world_size, data_dir, comm: CommConfig, table_wise: bool = Fals
     if rank != 0:
         return None
     return {"state": state, "init": init, "losses": losses, "bytes": counter.snapshot(STEPS) if counter else None,
-            "touched_hooks": len(hooks), "full_scans": sum(h.scans for h in hooks)}
+            "touched_hooks": len(touched), "full_scans": sum(h.scans for h in touched)}
 
 
 @pytest.fixture(scope="module")
