@@ -36,9 +36,17 @@ def test_torchx_job_trains_checkpoints_and_reports(finished_run):
     epochs = summary["epochs"]
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert summary["world_size"] == 2
-    # The loss falls and the model learns something beyond chance.
+    # The loss falls and the model learns, measured against what this data allows: the generator knows the best
+    # achievable test AUC. These 128 steps reach about a sixth of the way from chance (0.5) to it; a tenth is
+    # required (0.039 above chance here, about 4 standard errors of a chance AUC on 4096 rows), and no model can
+    # beat the true probabilities by more than sampling noise (a leak of the labels would).
     assert epochs[1]["train_loss"] < epochs[0]["train_loss"]
-    assert epochs[0]["val"]["auc"] < epochs[1]["val"]["auc"] and epochs[1]["val"]["auc"] > 0.55
+    best, auc = summary["bayes_test"]["auc"], epochs[1]["test"]["auc"]
+    assert epochs[0]["val"]["auc"] < epochs[1]["val"]["auc"]
+    assert 0.5 + 0.1 * (best - 0.5) < auc <= best + 0.01, (auc, best)
+    # What is served is what was evaluated: the exported artifact's test logits are the QAT model's.
+    assert summary["export"]["max_abs_logit_diff_vs_fake_quant"] <= 1e-5
+    assert summary["export"]["test"] == epochs[1]["test"]
     for e in epochs:
         for split in ("val", "test"):
             assert e[split]["rows"] == 4096
