@@ -14,8 +14,8 @@ def quiet_library_noise() -> None:
       backprop through it "may" be wrong: its gradients are checked here against a plain TorchRec model, bit for bit
       across world sizes and to 1e-5 against the straight-through reference (``tests/quant/test_embedding_qat.py``,
       ``tests/sharding/test_comm.py``).
-    - ShardedTensor's deprecation notice: TorchRec's sharded state dict is made of them; gathering it for export is
-      the only way to read a sharded table whole.
+    - ShardedTensor's deprecation notice: TorchRec's sharded state dict is made of them, and checkpoints and the
+      shard-local export read the shards through them.
     - Two TorchScript notes printed while the exported model is scripted (about annotations in FBGEMM's and
       TorchRec's modules); the artifact is checked against the evaluated model after every export.
     - TorchRec's planner on its dry-run memory estimate (a heuristic reservation it plans to replace; our tables
