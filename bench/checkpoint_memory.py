@@ -23,24 +23,18 @@ from __future__ import annotations
 
 import argparse
 import gc
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, save, table
+from bench.common import RESULTS, provenance, save, table
 
-ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("dcp.save", "Checkpointer.save")
-USED = ("bench/checkpoint_memory.py", "pipeline/checkpoint.py", "pipeline/model.py", "sharding/plan.py")
+USED = ("bench/checkpoint_memory.py", "pipeline/checkpoint.py", "pipeline/dcp_reader.py", "pipeline/phases.py",
+        "pipeline/model.py", "sharding/plan.py")
 DIM = 64
-
-
-def _rss(field: str) -> int:
-    return 1024 * int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
 
 
 def _worker(rank: int, world_size: int, variant: str, table_gb: float, where: str) -> dict:
@@ -51,6 +45,7 @@ def _worker(rank: int, world_size: int, variant: str, table_gb: float, where: st
     from pipeline.checkpoint import Checkpointer, tensor_bytes
     from pipeline.config import ModelConfig, OptimConfig
     from pipeline.model import build_dlrm
+    from pipeline.phases import reset_peak, status_bytes
     from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
     from pipeline.quiet import quiet_library_noise
     from sharding.plan import TablePlacement, manual_plan, shard_model
@@ -67,22 +62,18 @@ def _worker(rank: int, world_size: int, variant: str, table_gb: float, where: st
     shards = tensor_bytes(model.state_dict())[0]
     gc.collect()
     dist.barrier()
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-    before = _rss("VmRSS")
+    reset_peak()
+    before = status_bytes("VmRSS")
     t0 = time.perf_counter()
     if variant == "dcp.save":
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=f"{where}/plain")
     else:
         Checkpointer(Path(where)).save(1, model, optimizer, {})
     seconds = time.perf_counter() - t0
-    peak = _rss("VmHWM")
+    peak = status_bytes("VmHWM")
     return {"variant": variant, "rank": rank, "shard_gb": shards / 1e9, "rss_before_gb": before / 1e9,
             "peak_gb": peak / 1e9, "added_gb": (peak - before) / 1e9, "added_of_shards": (peak - before) / shards,
             "seconds": seconds}
-
-
-def _git(*cmd: str) -> str:
-    return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,14 +97,13 @@ def main(argv: list[str] | None = None) -> None:
                ("rss_before_gb", "RSS before GB", ".3f"), ("peak_gb", "peak GB", ".3f"),
                ("added_gb", "added GB", ".3f"), ("added_of_shards", "added/shards", ".3f"),
                ("seconds", "save s", ".1f")]
-    provenance = {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--", *USED)),
-                  "command": " ".join(["python -m bench.checkpoint_memory", *argv])}
-    text = (f"{provenance['command']}\ncommit {provenance['commit'][:12]}"
-            f"{' (files used differ from it)' if provenance['dirty'] else ''}\n"
+    prov = provenance(USED)
+    text = (f"{prov['command']}\ncommit {prov['commit'][:12]}"
+            f"{' (files used differ from it)' if prov['used_dirty'] else ''}\n"
             f"{args.table_gb:g} GB of FP32 tables (26 x dim {DIM}), table-wise over {args.world_size} rank(s)\n\n"
             + table(rows, columns))
     print(text)
-    save("checkpoint_memory", {**provenance, "table_gb": args.table_gb, "world_size": args.world_size, "rows": rows})
+    save("checkpoint_memory", {**prov, "table_gb": args.table_gb, "world_size": args.world_size, "rows": rows})
     (RESULTS / "checkpoint_memory.txt").write_text(text + "\n")
 
 

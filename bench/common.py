@@ -51,19 +51,24 @@ def machine() -> dict:
     return {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
 
 
-def provenance() -> dict:
+def provenance(used: tuple[str, ...] = ()) -> dict:
     """The code and command behind a result: ``git rev-parse HEAD``, whether the work tree had changes (and which
-    paths; other work in the tree shows here too), and the command line as typed from the repository root."""
+    paths; other work in the tree shows here too), whether any repository file the bench ran from had
+    (``used_dirty``: the files this process imported, and ``used``, for code that runs in child processes), and the
+    command line as typed from the repository root."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout
 
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    imported = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+    files = set(used) | {str(f.relative_to(ROOT)) for f in imported
+                         if f.is_absolute() and f.is_relative_to(ROOT) and ".venv" not in f.parts}
     exe = Path(sys.executable)
     exe = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
     module = sys.modules["__main__"].__spec__
     argv = [str(exe), "-m", module.name] if module is not None else [str(exe), sys.argv[0]]
     return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "dirty_paths": changed,
-            "command": shlex.join(argv + sys.argv[1:])}
+            "used_dirty": any(path in files for path in changed), "command": shlex.join(argv + sys.argv[1:])}
 
 
 def save(name: str, payload: dict) -> Path:

@@ -42,9 +42,9 @@ SAMPLE = ROOT.parent / "shared" / "data" / "criteo-samples" / "terabyte_day0_0.0
 # parent's peak into ru_maxrss across the exec, so every child would report at least this bench's own RSS.
 _PEAK = r'''
 import json, resource, sys, time
+from pipeline.phases import status_bytes
 def peak_mb():
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return status_bytes("VmHWM") / 2**20
 '''
 
 _CONVERT = _PEAK + r'''

@@ -32,15 +32,12 @@ from __future__ import annotations
 import argparse
 import gc
 import io
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import RESULTS, median, paired_ratio, save, table
+from bench.common import RESULTS, median, paired_ratio, provenance, save, table
 from bench.serving_limits import _ids  # the same uniform and Zipf ids as the lookups there
 from pipeline.configs import KAGGLE_CARDINALITIES
 from pipeline.quiet import quiet_library_noise
@@ -198,22 +195,6 @@ def torchrec_check(bits_list: list[int], seed: int) -> list[dict]:
     return out
 
 
-def provenance(argv: list[str]) -> dict:
-    """The commit, whether the repository files this process imported (or the tree at all) differ from it, and the
-    command."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*cmd: str) -> str:
-        return subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-
-    files = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
-    used = sorted({str(f.relative_to(root)) for f in files
-                   if f.is_absolute() and f.is_relative_to(root) and ".venv" not in f.parts})
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", *used)),
-            "tree_dirty": bool(git("status", "--porcelain")), "files_used": used,
-            "command": " ".join(["python -m bench.row_alignment", *argv])}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -261,9 +242,9 @@ def main() -> None:
                                ("exported_identical_to_16", "exported == A16", "")]))
     print("\n".join(lines[-2:]), flush=True)
     payload = {"batch": 2048, "threads": args.threads, "reps": args.reps, "max_rows_64": args.max_rows_64,
-               **provenance(sys.argv[1:]), "outputs_identical_to_16": not differ, "lookups": rows_out,
+               **provenance(), "outputs_identical_to_16": not differ, "lookups": rows_out,
                "torchrec_check": check}
-    lines.append(f"commit {payload['commit'][:12]}{' (files used differ from it)' if payload['dirty'] else ''}; "
+    lines.append(f"commit {payload['commit'][:12]}{' (files used differ from it)' if payload['used_dirty'] else ''}; "
                  f"command: {payload['command']}")
     (RESULTS / "row_alignment.txt").write_text("\n".join(lines) + "\n")
     print(lines[-1])

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, provenance, save
+from pipeline.phases import status_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 GB = 1e9
@@ -56,13 +57,10 @@ class RssSampler(threading.Thread):
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                if b"pipeline.train" not in cmd or b"-m" not in cmd:
-                    continue
-                status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
-            rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
-            out[int(pid)] = rss
+            if b"pipeline.train" in cmd and b"-m" in cmd:
+                out[int(pid)] = status_bytes("VmRSS", pid) or 0
         return out
 
     def run(self) -> None:
@@ -94,6 +92,7 @@ def fresh_process_check(run_dir: Path) -> dict:
     code = (
         "import json, sys, torch\n"
         "from pathlib import Path\n"
+        "from pipeline.phases import status_bytes\n"
         "from pipeline.predict import score\n"
         "from quant.export import load_with_manifest\n"
         "run = Path(sys.argv[1])\n"
@@ -104,9 +103,9 @@ def fresh_process_check(run_dir: Path) -> dict:
         "test = [Path(p) for p in json.loads((run / 'summary.json').read_text())['test_files']]\n"
         "logits, labels = score(module, test, manifest['num_embeddings'], limit_rows=ref['rows'])\n"
         "t2 = time.perf_counter()\n"
-        "hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
         "print(json.dumps({'load_seconds': t1 - t0, 'predict_seconds': t2 - t1, 'rows': logits.numel(),\n"
-        "                  'max_abs_logit_diff': float((logits - ref['logits']).abs().max()), 'peak_rss_bytes': hwm}))\n"
+        "                  'max_abs_logit_diff': float((logits - ref['logits']).abs().max()),\n"
+        "                  'peak_rss_bytes': status_bytes('VmHWM')}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:

@@ -17,17 +17,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def _status_kb(field: str) -> int | None:
+def status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of ``/proc/PID/status`` (``VmRSS``, ``VmHWM``: the resident set, its high-water mark) in
+    bytes; ``None`` where it cannot be read (not Linux, a process that has exited)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak() -> bool:
+    """Set this process's ``VmHWM`` to its current resident set (False where the kernel does not allow it)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -48,18 +51,18 @@ class PhaseLog:
                 self.phases = [e for e in json.loads(path.read_text()) if e.get("attempt", 0) < self.attempt]
             except (ValueError, AttributeError):
                 log.warning("%s unreadable; starting it anew", path)
-        self._open: list[list[int]] = []  # running peak (kB) of each open phase, outermost first
+        self._open: list[list[int]] = []  # running peak (bytes) of each open phase, outermost first
 
     def _fold_peak(self) -> None:
-        hwm = _status_kb("VmHWM") or 0
+        hwm = status_bytes("VmHWM") or 0
         for running in self._open:
             running[0] = max(running[0], hwm)
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         self._fold_peak()
-        reset = _reset_peak()
-        start_rss, t0 = _status_kb("VmRSS"), time.perf_counter()
+        reset = reset_peak()
+        start_rss, t0 = status_bytes("VmRSS"), time.perf_counter()
         running = [0]
         self._open.append(running)
         try:
@@ -68,8 +71,8 @@ class PhaseLog:
             self._fold_peak()
             self._open.pop()
             entry = {"phase": name, "attempt": self.attempt, "seconds": time.perf_counter() - t0,
-                     "peak_rss_bytes": _kb(running[0]) if running[0] else None,
-                     "start_rss_bytes": _kb(start_rss), "end_rss_bytes": _kb(_status_kb("VmRSS")),
+                     "peak_rss_bytes": running[0] or None,
+                     "start_rss_bytes": start_rss, "end_rss_bytes": status_bytes("VmRSS"),
                      "peak_is_per_phase": reset}
             self.phases.append(entry)
             if entry["peak_rss_bytes"] is not None:
@@ -80,7 +83,3 @@ class PhaseLog:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps(self.phases, indent=2))
-
-
-def _kb(value: int | None) -> int | None:
-    return None if value is None else value * 1024

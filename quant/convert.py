@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import SparseType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
-from fbgemm_gpu.split_table_batched_embeddings_ops_inference import nbit_construct_split_state
+from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (nbit_construct_split_state,
+                                                                    rounded_row_size_in_bytes)
 from torch import nn
 from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
@@ -36,7 +37,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 
 from quant import qat_kernels
 from quant.api import QuantSpec, embedding_quantizer
-from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, scale_bias_bytes, symmetric_qparams
 from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
 from quant.tbe import table_configs
 
@@ -86,13 +87,10 @@ class RowLayout:
                                  f"number of bytes per row")
         split = nbit_construct_split_state(specs, cacheable=True, row_alignment=spec.row_alignment,
                                            scale_bias_size_in_bytes=SCALE_BIAS_BYTES)
-        tables = []
-        for c, offset in zip(configs, split.offsets):
-            bits = spec.bits_for(c.name)
-            unpadded = SCALE_BIAS_BYTES + c.embedding_dim * bits // 8
-            row_bytes = -(-unpadded // spec.row_alignment) * spec.row_alignment
-            tables.append(TableRows(c.name, c.num_embeddings, c.embedding_dim, bits, offset, row_bytes))
-        return cls(tuple(tables), split.host_size, spec.row_alignment)
+        tables = tuple(TableRows(name, rows, dim, spec.bits_for(name), offset,
+                                 rounded_row_size_in_bytes(dim, ty, spec.row_alignment, SCALE_BIAS_BYTES))
+                       for (name, rows, dim, ty, _), offset in zip(specs, split.offsets))
+        return cls(tables, split.host_size, spec.row_alignment)
 
     def padding_bytes(self) -> int:
         """Bytes of the buffer that are neither codes nor scale/bias: row padding and table alignment."""
@@ -161,19 +159,14 @@ def _table_key(name: str) -> str:
     return f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"
 
 
-def _piece_bytes(w: torch.Tensor, table: TableRows, granularity: str, alpha: torch.Tensor | None) -> torch.Tensor:
-    """FBGEMM bytes of rows ``w`` (a shard's chunk): ``[scale, bias, codes]`` per row for the row grid; for the
-    table grid only the codes (scale and bias are the table's, written by rank 0)."""
+def _piece_bytes(w: torch.Tensor, bits: int, grid: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """FBGEMM bytes of rows ``w`` (a shard's chunk): with the table's ``grid`` (scale, bias), only the codes (rank 0
+    writes the table's scale and bias); without, the row grid's ``[scale, bias, codes]`` per row."""
     w = w.detach().float()
-    if granularity == "table":
-        scale, bias = symmetric_qparams(alpha.reshape(1, 1).float().cpu(), table.bits)
-    else:
-        scale, bias = rowwise_qparams(w, table.bits)
-    codes = _codes(w, scale, bias, table.bits)
-    if granularity == "table":
-        return codes
-    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).view(torch.uint8).cpu()
-    return torch.cat([sb.reshape(len(w), SCALE_BIAS_BYTES), codes], dim=1)
+    if grid is not None:
+        return _codes(w, *grid, bits)
+    scale, bias = rowwise_qparams(w, bits)
+    return torch.cat([scale_bias_bytes(scale, bias), _codes(w, scale, bias, bits)], dim=1)
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) -> torch.Tensor:
@@ -184,8 +177,9 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) 
         qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).contiguous().numpy(),
                                        bias.reshape(-1).contiguous().numpy(), bits, out.numpy())
         return out
-    codes = quantize_codes(w, scale.reshape(-1, 1), bias.reshape(-1, 1), bits).to(torch.uint8).cpu()  # 1 B/code
-    scale, bias = (x.reshape(-1, 1).expand(len(w), 1).cpu() for x in (scale, bias))
+    scale, bias = scale.reshape(-1, 1).to(w.device), bias.reshape(-1, 1).to(w.device)
+    codes = quantize_codes(w, scale, bias, bits).to(torch.uint8).cpu()  # 1 B/code
+    scale, bias = (x.expand(len(w), 1).cpu() for x in (scale, bias))
     packed, _ = pack_rows(codes, scale, bias, bits)
     return packed
 
@@ -209,23 +203,21 @@ def stream_integer_rows(model: nn.Module, spec: QuantSpec, layout: RowLayout, si
                                       f"need all its columns); place it otherwise or use the table grid")
         if any((p.col0 * table.bits) % 8 or (p.cols * table.bits) % 8 for p in pieces):
             raise ValueError(f"{table.name}: a column shard does not start on a byte of {table.bits}-bit codes")
-        alpha = None
+        grid = None  # the table grid's (scale, bias), the same for every row
         if spec.granularity == "table":
             alpha = quantizer.alpha[quantizer.table_names.index(table.name)]
+            grid = symmetric_qparams(alpha.reshape(1, 1).float().cpu(), table.bits)
         for start in range(0, table.rows, chunk_rows):
             stop = min(start + chunk_rows, table.rows)
             out = torch.zeros(stop - start, table.row_bytes, dtype=torch.uint8) if rank == 0 else None
-            if rank == 0 and spec.granularity == "table":
-                scale, bias = symmetric_qparams(alpha.reshape(1, 1).float(), table.bits)
-                sb = torch.cat([scale, bias], dim=1).to(torch.float16).view(torch.uint8)
-                out[:, :SCALE_BIAS_BYTES] = sb
+            if rank == 0 and grid is not None:
+                out[:, :SCALE_BIAS_BYTES] = scale_bias_bytes(*grid)
             for p in pieces:
                 lo, hi = max(start, p.row0), min(stop, p.row0 + p.rows)
                 if lo >= hi or rank not in (0, p.rank):
                     continue
                 if rank == p.rank:
-                    part = _piece_bytes(local[(p.row0, p.col0)][lo - p.row0: hi - p.row0], table, spec.granularity,
-                                        alpha)
+                    part = _piece_bytes(local[(p.row0, p.col0)][lo - p.row0: hi - p.row0], table.bits, grid)
                     if rank != 0:
                         dist.send(part.contiguous(), dst=0)
                         continue
@@ -327,10 +319,9 @@ def convert_dlrm(model: nn.Module, spec: QuantSpec, *, pg: dist.ProcessGroup | N
     one process; ``quant.export.export_sharded`` streams them to a file instead."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     parts = integer_parts(model, spec) if rank == 0 else None
-    layout = RowLayout.of(table_configs(model), spec)
     dlrm = integer_dlrm(parts) if rank == 0 else None
     sink = TensorSink(the_tbe(dlrm.sparse_arch.embedding_bag_collection).weights_host) if rank == 0 else None
-    stream_integer_rows(model, spec, layout, sink)
+    stream_integer_rows(model, spec, RowLayout.of(table_configs(model), spec), sink)
     return dlrm
 
 

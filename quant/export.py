@@ -74,7 +74,7 @@ def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *,
     conversion leaves no rows file behind."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     parts = integer_parts(model, spec) if rank == 0 else None
-    layout = RowLayout.of(table_configs(model), spec)
+    layout = parts.layout if parts is not None else RowLayout.of(table_configs(model), spec)
     sink, tmp = None, _tmp(rows_path(path))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def loaded_bytes(module: torch.jit.ScriptModule) -> int:
     for _, tensor in module.named_buffers():
         seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     for _, m in module.named_modules():
-        w = getattr(m, "dequantized", None) if hasattr(m, "dequantized") else None
+        w = getattr(m, "dequantized", None)
         if isinstance(w, torch.Tensor):
             seen[w.data_ptr()] = w.numel() * w.element_size()
     return sum(seen.values())

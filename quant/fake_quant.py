@@ -63,5 +63,10 @@ def pack_rows(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits
     packed = torch.zeros(c.shape[:2], dtype=torch.uint8)
     for k in range(per_byte):
         packed |= c[:, :, k] << (k * bits)
-    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).contiguous()
-    return packed.contiguous(), sb.view(torch.uint8).reshape(rows, 4)
+    return packed.contiguous(), scale_bias_bytes(scale, bias).reshape(rows, 4)
+
+
+def scale_bias_bytes(scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(scale, bias) per row as FBGEMM stores them: fp16 scale then fp16 bias, 4 bytes a row, on the CPU."""
+    sb = torch.cat([scale.reshape(-1, 1), bias.reshape(-1, 1)], dim=1).to(torch.float16).cpu().contiguous()
+    return sb.view(torch.uint8)

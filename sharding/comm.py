@@ -458,7 +458,7 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
     hooks that keep state: the INT8 error-feedback hook (checkpointed with the model) and the touched-rows hooks."""
     from quant.tbe import find_tbes
 
-    hooks: list[TouchedRowsHook] = []
+    hooks: list[Int8ErrorFeedbackHook | TouchedRowsHook] = []
     dense = _dense_ddp(model)
     if dense is not None:
         if cfg.dense == "fp16":

@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,6 +24,7 @@ from pipeline.checkpoint import (MANIFEST, Checkpointer, InPlaceSavePlanner, Not
                                  verify)
 from pipeline.config import JobConfig, OptimConfig
 from pipeline.model import build_dlrm
+from pipeline.phases import reset_peak, status_bytes
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from quant.convert import gather_full_state
 from sharding.plan import manual_plan, shard_model
@@ -66,28 +66,19 @@ def test_weights_come_back_bit_for_bit_at_another_world_size(saved_at, loaded_at
 
 
 # ---- memory: a save writes the tables from where they are -------------------------------------------------------
-PROC_STATUS = Path("/proc/self/status")
 # DCP without a process group says it saves in one process, which is the point here.
 one_process = pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 needs_peak_rss = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
                                     reason="peak RSS is read and reset through Linux's /proc/self")
 
 
-def _reset_peak_rss() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-
-
-def _peak_rss() -> int:
-    return 1024 * int(re.search(r"VmHWM:\s+(\d+) kB", PROC_STATUS.read_text()).group(1))
-
-
 def _save_peak(state: dict, path: Path, planner) -> int:
     """How far a DCP save of ``state`` raised this process's peak RSS, in bytes."""
     gc.collect()
-    _reset_peak_rss()
-    before = _peak_rss()
+    reset_peak()
+    before = status_bytes("VmHWM")
     dcp.save(state, checkpoint_id=str(path), planner=planner)
-    return _peak_rss() - before
+    return status_bytes("VmHWM") - before
 
 
 @needs_peak_rss
@@ -136,11 +127,11 @@ def _save_verify_and_refuse(rank, world_size, root):
     local_table_bytes = tensor_bytes(model.state_dict())[0]
     gc.collect()
     dist.barrier()
-    _reset_peak_rss()
-    before = _peak_rss()
+    reset_peak()
+    before = status_bytes("VmHWM")
     hashed.clear()
     second = checkpointer.save(2, model, optimizer, {"epoch": 1})
-    out["save_added"], out["local_table_bytes"] = _peak_rss() - before, local_table_bytes
+    out["save_added"], out["local_table_bytes"] = status_bytes("VmHWM") - before, local_table_bytes
     out["hashed_on_save"] = sorted(hashed)
     hashed.clear()
     out["latest"] = str(checkpointer.latest_valid())
@@ -341,11 +332,11 @@ def test_a_load_reads_the_tables_into_place(tmp_path):
     for name in ("dcp", "bounded"):
         dest = {k: torch.zeros_like(v) for k, v in tables.items()}
         gc.collect()
-        _reset_peak_rss()
-        before = _peak_rss()
+        reset_peak()
+        before = status_bytes("VmHWM")
         reader = BoundedFileSystemReader(str(tmp_path)) if name == "bounded" else None
         dcp.load(dest, checkpoint_id=str(tmp_path), storage_reader=reader)
-        added[name] = _peak_rss() - before
+        added[name] = status_bytes("VmHWM") - before
         assert all(torch.equal(dest[k], v) for k, v in tables.items())
     assert added["dcp"] >= 60 << 20  # at least one table's copy
     assert added["bounded"] < 8 << 20, added
