@@ -84,10 +84,11 @@ class OptimConfig:
     """Plain SGD, as in the DQRM paper."""
 
     lr: float = 0.1
-    """Learning rate of the dense SGD: the MLPs and the data-parallel (replicated) tables, which TorchRec keeps as
-    dense parameters outside the fused optimizer."""
+    """Learning rate of the MLPs' SGD."""
     embedding_lr: float = 0.1
-    """Learning rate of the fused (in-backward) SGD of the sharded tables (table-, row-, column-wise)."""
+    """Learning rate of every embedding table, wherever the plan puts it: the sharded tables' fused (in-backward)
+    SGD and the data-parallel tables' plain SGD (TorchRec keeps those as dense parameters), so that a placement
+    change does not change the optimization."""
 
     def __post_init__(self) -> None:
         for name in ("lr", "embedding_lr"):

@@ -1,4 +1,5 @@
-"""Optimizers: fused in-backward SGD on the embedding tables, plain SGD on the MLPs, combined into one."""
+"""Optimizers: fused in-backward SGD on the sharded embedding tables, plain SGD on the data-parallel tables and the
+MLPs, combined into one. Every embedding table steps with ``embedding_lr`` wherever the plan puts it."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ def fuse_embedding_optimizer(sparse_params, cfg: OptimConfig) -> None:
     apply_optimizer_in_backward(torch.optim.SGD, sparse_params, {"lr": cfg.embedding_lr})
 
 
+def replicated_tables(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The table weights TorchRec keeps as dense parameters (data-parallel tables): not optimized in backward, and
+    under the DLRM's sparse arch."""
+    return {name: p for name, p in in_backward_optimizer_filter(model.named_parameters())
+            if ".sparse_arch." in f".{name}"}
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
-    """After sharding: the DMP's fused optimizer plus SGD over every parameter not optimized in backward."""
-    dense = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(model.named_parameters())),
-        lambda params: torch.optim.SGD(params, lr=cfg.lr),
-    )
-    return CombinedOptimizer([model.fused_optimizer, dense])
+    """After sharding: the DMP's fused optimizer (sharded tables, ``embedding_lr``), SGD with ``embedding_lr`` over
+    the data-parallel tables, and SGD with ``lr`` over every other parameter (the MLPs)."""
+    tables = replicated_tables(model)
+    mlps = {name: p for name, p in in_backward_optimizer_filter(model.named_parameters()) if name not in tables}
+    parts = [model.fused_optimizer, KeyedOptimizerWrapper(mlps, lambda ps: torch.optim.SGD(ps, lr=cfg.lr))]
+    if tables:
+        parts.append(KeyedOptimizerWrapper(tables, lambda ps: torch.optim.SGD(ps, lr=cfg.embedding_lr)))
+    return CombinedOptimizer(parts)

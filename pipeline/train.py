@@ -300,9 +300,9 @@ def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torc
         run_dir = cfg.run_path
         log.info("sharding plan:\n%s", plan_table(rows))
         replicated = [r["table"] for r in rows if r["sharding"] == "data_parallel"]
-        log.info("learning rates: sharded tables %g (optim.embedding_lr, fused); MLPs%s %g (optim.lr)",
-                 cfg.optim.embedding_lr, f" and the {len(replicated)} data-parallel tables" if replicated else "",
-                 cfg.optim.lr)
+        log.info("learning rates: every table %g (optim.embedding_lr; fused for the sharded ones%s); MLPs %g "
+                 "(optim.lr)", cfg.optim.embedding_lr,
+                 f", plain SGD for the {len(replicated)} data-parallel ones" if replicated else "", cfg.optim.lr)
         save_plan(rows, run_dir / "plan.json")
         try:
             save_placements(placements_from_plan(plan), run_dir / "placements.json")
