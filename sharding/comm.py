@@ -4,7 +4,7 @@
   for the gradients (backward) and ``CommConfig.qcomms_forward`` for the pooled embeddings (forward, off by default:
   a compressed forward also compresses evaluation, so the served model would no longer be the evaluated one);
 * data-parallel embedding tables: a DDP comm hook that exchanges only the rows a batch touched (ids + values),
-  optionally INT8 with one symmetric scale per table agreed across ranks (``dp_tables``);
+  optionally INT8 with each rank's own symmetric step per row, sent as bfloat16 (``dp_tables``);
 * MLP gradients: TorchRec/torch's stock FP16 hook, or an INT8 hook with one scale per output row (each rank's own,
   sent with its codes) and error feedback (``dense``).
 
@@ -46,7 +46,8 @@ class CommConfig:
     quantizes what evaluation sees, which the exported model does not reproduce."""
     dp_tables: str = "dense"
     """Data-parallel tables' gradients: dense (DDP all-reduce), touched (only touched rows, lossless),
-    touched_int8 (touched rows, INT8 with a per-table scale agreed across ranks)."""
+    touched_int8 (touched rows, INT8 with each rank's own step per row: every touched row moves, a rare row with a
+    small gradient as much as a frequent one with a large gradient, each within half its own step)."""
     dp_whole_max_rows: int = 1024
     """With touched-row exchange: a data-parallel kernel holding at most this many rows (all its tables together) is
     all-reduced whole instead (0: every kernel exchanges touched rows). A batch touches most rows of such small
@@ -334,6 +335,16 @@ def int8_step(maxabs: torch.Tensor) -> torch.Tensor:
     return (maxabs / 127).clamp_min_(torch.finfo(maxabs.dtype).tiny)
 
 
+def row_steps(maxabs: torch.Tensor) -> torch.Tensor:
+    """Symmetric INT8 steps as bfloat16 (fp32's exponent range in 2 bytes): ``int8_step(maxabs)`` rounded up to the
+    next bfloat16, so that ``round(x / step)`` stays within [-127, 127] for ``|x| <= maxabs`` and the step is at
+    most 2^-8 coarser than the fp32 one."""
+    step = int8_step(maxabs.to(torch.float32))
+    rounded = step.to(torch.bfloat16)
+    up = (rounded.view(torch.int16) + 1).view(torch.bfloat16)  # positive floats: the next pattern is the next value
+    return torch.where(rounded.to(torch.float32) < step, up, rounded)
+
+
 def encode_ids(ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Sorted unique row ids as int16 words: the low 16 bits of each gap, then (position, high bits) int32 pairs
     for the rare gaps of 2^16 or more. Returns the words and the number of such pairs."""
@@ -354,8 +365,9 @@ def decode_ids(words: torch.Tensor, n: int, n_big: int) -> torch.Tensor:
 
 class TouchedRowsHook:
     """Data-parallel tables: exchange only the rows a batch touched (delta-coded ids + values), optionally as INT8
-    with one scale per table agreed across ranks (the max of the gathered per-rank maxima); the result is the same
-    average the dense all-reduce gives (bit for bit, without INT8).
+    with a symmetric step per row (``row_steps``: each rank's own, 2 bytes a row); the result is the same average the
+    dense all-reduce gives (bit for bit without INT8; with INT8 each rank's row within half its step, so within
+    max|row| / 254 of the FP32 row, however small the row is next to the rest of its table).
 
     The touched rows come from the ids each table-batched kernel saw in its training forward (recorded by a forward
     hook), so the exchange costs O(touched rows), not O(table); the gradient is updated in place. Without a recorded
@@ -400,32 +412,31 @@ class TouchedRowsHook:
             idx = (rows != 0).any(dim=1).nonzero().squeeze(1)
         vals = rows[idx]
         words, n_big = encode_ids(idx)
-        starts = lay.weights_offsets().to(dev, torch.long) // d  # first row of each table in the flat buffer
-        # One header per rank (row and id-word counts, and for INT8 each table's max |grad|), then one payload
-        # (ids, then rows): two collectives. The max over the gathered headers is the all-reduce MAX scale.
-        maxabs = torch.zeros(starts.numel() if self.int8 else 0, device=dev)
-        if self.int8:
-            table = torch.searchsorted(starts, idx, right=True) - 1
-            maxabs.scatter_reduce_(0, table, vals.abs().amax(dim=1), reduce="amax")
-        header = torch.cat([torch.tensor([idx.numel(), n_big, words.numel()], dtype=torch.float64, device=dev),
-                            maxabs.to(torch.float64)])
+        # One header per rank (row and id-word counts), then one payload (ids, for INT8 the rows' steps, then the
+        # rows): two collectives.
+        header = torch.tensor([idx.numel(), n_big, words.numel()], dtype=torch.float64, device=dev)
         headers = [torch.empty_like(header) for _ in range(world)]
         dist.all_gather(headers, header, group=group)
         most_rows = int(max(h[0] for h in headers))
         most_words = int(max(h[2] for h in headers))
         most_words += most_words % 2  # keeps the rows 4-byte aligned in the payload
         if self.int8:
-            scale = int8_step(torch.stack(headers)[:, 3:].amax(dim=0).to(torch.float32))
-            values = torch.round(vals / scale[table].unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+            steps = row_steps(vals.abs().amax(dim=1)) if vals.numel() else vals.new_zeros(0, dtype=torch.bfloat16)
+            values = torch.round(vals / steps.to(vals.dtype).unsqueeze(1)).to(torch.int8)  # within [-127, 127]
         else:
-            values = vals
-        id_bytes, row_bytes = 2 * most_words, most_rows * d * values.element_size()
-        payload = torch.zeros(id_bytes + row_bytes, dtype=torch.uint8, device=dev)  # gloo has no int16
+            steps, values = vals.new_zeros(0, dtype=torch.bfloat16), vals
+        id_bytes, step_bytes = 2 * most_words, (2 * most_rows if self.int8 else 0)
+        row_bytes = most_rows * d * values.element_size()
+        payload = torch.zeros(id_bytes + step_bytes + row_bytes, dtype=torch.uint8, device=dev)  # gloo has no int16
         payload[: 2 * words.numel()] = words.view(torch.uint8)
-        payload[id_bytes: id_bytes + values.numel() * values.element_size()] = values.reshape(-1).view(torch.uint8)
+        payload[id_bytes: id_bytes + 2 * steps.numel()] = steps.view(torch.uint8)
+        start = id_bytes + step_bytes
+        payload[start: start + values.numel() * values.element_size()] = values.reshape(-1).view(torch.uint8)
         if self.counter is not None:  # what is handed to the collectives, padding to the largest rank included
-            self.counter.add("all_gather counts+scales (DP tables)", _nbytes(header))
+            self.counter.add("all_gather counts (DP tables)", _nbytes(header))
             self.counter.add("all_gather ids (DP tables)", id_bytes)
+            if self.int8:
+                self.counter.add("all_gather row steps (DP tables)", step_bytes)
             self.counter.add("all_gather rows (DP tables)", row_bytes)
         parts = [torch.empty_like(payload) for _ in range(world)]
         dist.all_gather(parts, payload, group=group)
@@ -433,9 +444,9 @@ class TouchedRowsHook:
         for h, part in zip(headers, parts):
             n, nb = int(h[0]), int(h[1])
             i = decode_ids(part[:id_bytes].view(torch.int16), n, nb)
-            v = part[id_bytes: id_bytes + n * d * values.element_size()].view(values.dtype).view(n, d).to(g.dtype)
+            v = part[start: start + n * d * values.element_size()].view(values.dtype).view(n, d).to(g.dtype)
             if self.int8:
-                v = v * scale[torch.searchsorted(starts, i, right=True) - 1].unsqueeze(1)
+                v = v * part[id_bytes: id_bytes + 2 * n].view(torch.bfloat16).to(g.dtype).unsqueeze(1)
             rows.index_add_(0, i, v / world)
 
 
