@@ -6,7 +6,7 @@ project's row alignment (1) and TorchRec's default (16). Each artifact is loaded
 so "in memory" includes the MLP weights it dequantizes on first use. Sizes are bytes of the files and tensors, with
 the tables' padding shown apart; "x smaller" divides the FP32 model's bytes (tables and MLPs) by the artifact's.
 
-    python -m bench.artifact_sizes [--config default]
+    python -m bench.artifact_sizes [--config default] [--out DIR]
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import RESULTS, prepared_model, provenance, save, table
+from bench.common import add_out_argument, prepared_model, provenance, save, table
 from datasets.schema import FEATURE_NAMES
 from pipeline.configs import get_config
+from pipeline.quiet import quiet_library_noise
 from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, write_rows
 
 
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help="named config whose model is exported (default: %(default)s)")
+    add_out_argument(p)
     args = p.parse_args(argv)
     prov = provenance()
+    quiet_library_noise()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = get_config(args.config)
     model = prepared_model(cfg)
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                     module(dense, values, lengths)
                 sizes["loaded_bytes"] = loaded_bytes(module)
                 rows.append({"bits": bits, "alignment": alignment, **{k: v for k, v in sizes.items() if k != "files"},
-                             "files": sizes["files"], "x_smaller_on_disk": sizes["fp32_bytes"] / sizes["artifact_bytes"],
+                             "files": sizes["files"],
+                             "x_smaller_on_disk": sizes["fp32_bytes"] / sizes["artifact_bytes"],
                              "x_smaller_loaded": sizes["fp32_bytes"] / sizes["loaded_bytes"]})
                 del module, parts
     mb = lambda b: b / 1e6  # noqa: E731
@@ -61,15 +65,13 @@ def main(argv: list[str] | None = None) -> int:
               "tables_mb": mb(r["table_bytes"]), "padding_mb": mb(r["table_padding_bytes"]),
               "row_b": (r["table_codes_bytes"] + r["table_scale_bias_bytes"] + r["table_padding_bytes"])
               / sum(cfg.model.num_embeddings)} for r in rows]
-    text = (f"{args.config} model: FP32 {mb(rows[0]['fp32_bytes']):.1f} MB (tables and MLPs); commit "
-            f"{prov['commit'][:10]}{' (dirty)' if prov['dirty'] else ''}; {prov['command']}\n\n" +
+    text = (f"{args.config} model: FP32 {mb(rows[0]['fp32_bytes']):.1f} MB (tables and MLPs)\n\n" +
             table(shown, [("bits", "bits", "d"), ("alignment", "align B", "d"), ("row_b", "B/row", ".2f"),
                           ("tables_mb", "tables MB", ".1f"), ("padding_mb", "padding MB", ".1f"),
                           ("disk_mb", "on disk MB", ".1f"), ("loaded_mb", "loaded MB", ".1f"),
                           ("x_smaller_on_disk", "x < FP32", ".2f"), ("x_smaller_loaded", "x < FP32 ld", ".2f")]))
     print(text)
-    save("artifact_sizes", {**prov, "config": args.config, "rows": rows})
-    (RESULTS / "artifact_sizes.txt").write_text(text + "\n")
+    print(f"json: {save('artifact_sizes', {**prov, 'config': args.config, 'rows': rows}, text, out=args.out)}")
     return 0
 
 

@@ -13,7 +13,7 @@ fused TBE's flat buffer) and saved once, each variant in fresh processes:
 Per rank: the bytes of its table shards, RSS just before the save, the peak RSS during it (Linux's VmHWM, reset just
 before), the difference, and the seconds the save took.
 
-    python -m bench.checkpoint_memory [--table-gb 2] [--world-size 2] [--dir /tmp]
+    python -m bench.checkpoint_memory [--table-gb 2] [--world-size 2] [--dir /tmp] [--out DIR]
 
 Results go to bench/results/checkpoint_memory.{json,txt} with the commit, whether the files it ran from differ from
 it, and the command. Checkpoints are written under ``--dir`` and deleted afterwards.
@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, provenance, save, table
+from bench.common import add_out_argument, provenance, save, table
 
 VARIANTS = ("dcp.save", "Checkpointer.save")
 USED = ("bench/checkpoint_memory.py", "pipeline/checkpoint.py", "pipeline/dcp_reader.py", "pipeline/phases.py",
@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table-gb", type=float, default=2.0, help="FP32 table bytes of the whole model, in GB")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoints are written (then deleted)")
+    add_out_argument(p)
     args = p.parse_args(argv)
+    prov = provenance(USED)
 
     from tests.dist_utils import run_distributed
 
@@ -97,14 +99,11 @@ def main(argv: list[str] | None = None) -> None:
                ("rss_before_gb", "RSS before GB", ".3f"), ("peak_gb", "peak GB", ".3f"),
                ("added_gb", "added GB", ".3f"), ("added_of_shards", "added/shards", ".3f"),
                ("seconds", "save s", ".1f")]
-    prov = provenance(USED)
-    text = (f"{prov['command']}\ncommit {prov['commit'][:12]}"
-            f"{' (files used differ from it)' if prov['used_dirty'] else ''}\n"
-            f"{args.table_gb:g} GB of FP32 tables (26 x dim {DIM}), table-wise over {args.world_size} rank(s)\n\n"
+    text = (f"{args.table_gb:g} GB of FP32 tables (26 x dim {DIM}), table-wise over {args.world_size} rank(s)\n\n"
             + table(rows, columns))
     print(text)
-    save("checkpoint_memory", {**prov, "table_gb": args.table_gb, "world_size": args.world_size, "rows": rows})
-    (RESULTS / "checkpoint_memory.txt").write_text(text + "\n")
+    payload = {**prov, "table_gb": args.table_gb, "world_size": args.world_size, "rows": rows}
+    print(f"json: {save('checkpoint_memory', payload, text, out=args.out, used=USED)}")
 
 
 if __name__ == "__main__":

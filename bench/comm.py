@@ -15,7 +15,7 @@ ratio to dense (each round steps every variant once, starting from a different o
 steps taken milliseconds apart) with a bootstrap 95% interval of that median; two warm-up rounds are not timed.
 Runs differ by more than that interval (the machine's state between runs), so compare medians across runs too.
 
-    python -m bench.comm [--models default,kaggle] [--steps 20,300]
+    python -m bench.comm [--models default,kaggle] [--steps 20,1000] [--out DIR]
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import paired_ratio, random_batches, save, table
+from bench.common import Report, add_out_argument, paired_ratio, random_batches, save, table
 from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.quiet import quiet_library_noise
 from sharding.comm import ByteCounter, CommConfig, compress_gradients, sharders_for
 from sharding.plan import TablePlacement, describe_plan, manual_plan, shard_model
 from sharding.policy import plan_by_policy
@@ -71,6 +72,7 @@ def _worker(rank, world_size, config_name, steps):
     """All variants built side by side and stepped in turn (round i: every variant's step i, starting from a
     different variant each round), so that the machine's load drifts over all of them alike; the first two rounds
     are warm-up."""
+    quiet_library_noise()
     cfg = get_config(config_name)
     batches = random_batches(cfg.model.num_embeddings, cfg.data.batch_size, steps + 2, seed=rank)
     counter = ByteCounter().install()
@@ -105,9 +107,10 @@ def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="default,kaggle", help="named configs giving the model shape and batch")
-    p.add_argument("--steps", default="20,300",
+    p.add_argument("--steps", default="20,1000",
                    help="timed steps per variant: one number, or one per model (default: 20 for the default model, "
-                        "whose steps take ~0.5 s, and 300 for the Kaggle shape, whose ~25 ms steps vary by 20%%)")
+                        "whose steps take ~0.5 s, and 1000 for the Kaggle shape, whose ~25 ms steps vary by 20%%)")
+    add_out_argument(p)
     args = p.parse_args()
     models = args.models.split(",")
     steps = [int(x) for x in args.steps.split(",")]
@@ -128,24 +131,29 @@ def main() -> None:
                          "time_vs_dense": r["ratio_median"], "ratio_q1": r["ratio_q1"], "ratio_q3": r["ratio_q3"],
                          "ratio_ci95": r["ratio_ci95"],
                          "median_step_vs_dense": r["step_ms"] / base["step_ms"], "plan": r["plan"], "detail": b})
-    print(table(rows, [("model", "model", "s"), ("variant", "variant", "s"), ("bytes_per_step", "bytes/step", ",.0f"),
-                       ("embedding_bytes", "DP-table bytes", ",.0f"), ("all_to_all_bytes", "all-to-all", ",.0f"),
-                       ("mlp_bytes", "MLP bytes", ",.0f"),
-                       ("step_ms", "ms/step", ".1f"), ("bytes_vs_dense", "bytes/dense", ".4f"),
-                       ("time_vs_dense", "time/dense", ".3f"), ("ratio_q1", "q1", ".3f"), ("ratio_q3", "q3", ".3f")]))
+    report = Report()
+    report(f"world size 2 (gloo, CPU, one torch thread per rank); timed steps per model: "
+           f"{', '.join(f'{m} {n}' for m, n in zip(models, steps))}; time/dense: median per-round ratio, q1-q3 its "
+           f"quartiles")
+    report(table(rows, [("model", "model", "s"), ("variant", "variant", "s"), ("bytes_per_step", "bytes/step", ",.0f"),
+                        ("embedding_bytes", "DP-table bytes", ",.0f"), ("all_to_all_bytes", "all-to-all", ",.0f"),
+                        ("mlp_bytes", "MLP bytes", ",.0f"),
+                        ("step_ms", "ms/step", ".1f"), ("bytes_vs_dense", "bytes/dense", ".4f"),
+                        ("time_vs_dense", "time/dense", ".3f"), ("ratio_q1", "q1", ".3f"), ("ratio_q3", "q3", ".3f")]))
     for model in models:
         r = {x["variant"]: x for x in rows if x["model"] == model}
         t, t8 = r["touched FP32"]["embedding_bytes"], r["touched INT8"]["embedding_bytes"]
         full, every, qc = r[FULL], r[f"{FULL}, every DP kernel by touched rows"], r["all INT8 (+ qcomms INT8)"]
         ratio = (f"{t / max(t8, 1):.2f}x" if t != t8 else
                  "n/a (every data-parallel kernel is small enough to be all-reduced whole)")
-        print(f"{model}: plan {r['dense FP32']['plan']}; DP-table bytes touched FP32 / touched INT8 = "
-              f"{ratio}; fully compressed step time / dense (median per-round ratio) = "
-              f"{full['time_vs_dense']:.3f} (quartiles {full['ratio_q1']:.3f}-{full['ratio_q3']:.3f}; 95% interval "
-              f"of the median {full['ratio_ci95'][0]:.3f}-{full['ratio_ci95'][1]:.3f}), bytes/dense "
-              f"{full['bytes_vs_dense']:.3f}; + qcomms INT8 {qc['time_vs_dense']:.3f}; every DP kernel by touched "
-              f"rows {every['time_vs_dense']:.3f}")
-    print(f"json: {save('comm', {'steps': dict(zip(models, steps)), 'world_size': 2, 'rows': rows})}")
+        report(f"{model}: plan {r['dense FP32']['plan']}; DP-table bytes touched FP32 / touched INT8 = "
+               f"{ratio}; fully compressed step time / dense (median per-round ratio) = "
+               f"{full['time_vs_dense']:.3f} (quartiles {full['ratio_q1']:.3f}-{full['ratio_q3']:.3f}; 95% interval "
+               f"of the median {full['ratio_ci95'][0]:.3f}-{full['ratio_ci95'][1]:.3f}), bytes/dense "
+               f"{full['bytes_vs_dense']:.3f}; + qcomms INT8 {qc['time_vs_dense']:.3f}; every DP kernel by touched "
+               f"rows {every['time_vs_dense']:.3f}")
+    payload = {"steps": dict(zip(models, steps)), "world_size": 2, "rows": rows}
+    print(f"json: {save('comm', payload, report.text, out=args.out)}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""Shared bits of the benchmarks: spawning ranks, medians, printing a table and saving JSON."""
+"""Shared bits of the benchmarks: spawning ranks, medians, printing a table, and saving results with what produced
+them (commit, command, machine)."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -48,18 +51,69 @@ def paired_ratio(xs: list[float], base: list[float], draws: int = 2000) -> dict:
 
 
 def machine() -> dict:
-    return {"cpus": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__}
+    """Where a result was measured. ``cores``: physical cores (distinct socket and core ids in /proc/cpuinfo);
+    ``logical_cpus``: what the OS counts (hardware threads); ``usable_cpus``: those this process may run on;
+    ``torch_threads``: torch's intra-op threads in this process (children may set their own, e.g. 1 per rank)."""
+    info = _cpuinfo()
+    cores = len({(c.get("physical id"), c.get("core id")) for c in info if "core id" in c}) or None
+    out = {"cpu_model": info[0].get("model name") if info else platform.processor() or None, "cores": cores,
+           "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+           "torch_threads": torch.get_num_threads(), "cgroup_cpu_limit": _cgroup_cpus(),
+           "memory_gb": _meminfo_gb(), "platform": platform.platform(), "python": platform.python_version(),
+           "torch": torch.__version__}
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name()
+    return out
+
+
+def describe_machine(m: dict) -> str:
+    """One line for a result's text: ``AMD EPYC, 2 cores / 2 logical CPUs, 25 GB; torch 2.13.0 with 2 intra-op
+    threads``."""
+    usable = f" ({m['usable_cpus']} usable)" if m["usable_cpus"] != m["logical_cpus"] else ""
+    limit = f", cgroup limit {m['cgroup_cpu_limit']:g} CPUs" if m.get("cgroup_cpu_limit") else ""
+    gpu = f", {m['cuda_device']}" if m.get("cuda_device") else ""
+    return (f"{m['cpu_model']}, {m['cores']} cores / {m['logical_cpus']} logical CPUs{usable}{limit}, "
+            f"{m['memory_gb']:.0f} GB{gpu}; torch {m['torch']} with {m['torch_threads']} intra-op threads")
+
+
+def _cpuinfo() -> list[dict]:
+    try:
+        blocks = Path("/proc/cpuinfo").read_text().strip().split("\n\n")
+    except OSError:
+        return []
+    return [{k.strip(): v.strip() for k, _, v in (line.partition(":") for line in b.splitlines())} for b in blocks]
+
+
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup (v2 ``cpu.max``) in CPUs, or None without one."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _meminfo_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
 
 
 def provenance(used: tuple[str, ...] = ()) -> dict:
     """The code and command behind a result: ``git rev-parse HEAD``, whether the work tree had changes (and which
     paths; other work in the tree shows here too), whether any repository file the bench ran from had
-    (``used_dirty``: the files this process imported, and ``used``, for code that runs in child processes), and the
-    command line as typed from the repository root."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    (``used_dirty``: the files this process imported, and ``used``, files or folders of code that runs in child
+    processes), and the command line as typed from the repository root."""
+    try:
+        changed = git_changes()
+        commit = git("rev-parse", "HEAD").strip()
+    except (OSError, subprocess.CalledProcessError):  # a copy of the tree without git (a device machine)
+        changed = []
+        commit = os.environ.get("DQRM_GIT_COMMIT", "unknown: no git repository and no DQRM_GIT_COMMIT")
     imported = [Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
     files = set(used) | {str(f.relative_to(ROOT)) for f in imported
                          if f.is_absolute() and f.is_relative_to(ROOT) and ".venv" not in f.parts}
@@ -67,15 +121,99 @@ def provenance(used: tuple[str, ...] = ()) -> dict:
     exe = exe.relative_to(ROOT) if exe.is_relative_to(ROOT) else exe
     module = sys.modules["__main__"].__spec__
     argv = [str(exe), "-m", module.name] if module is not None else [str(exe), sys.argv[0]]
-    return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed), "dirty_paths": changed,
-            "used_dirty": any(path in files for path in changed), "command": shlex.join(argv + sys.argv[1:])}
+    folders = tuple(u.rstrip("/") + "/" for u in used)
+    used_changed = sorted(path for path in changed if path in files or path.startswith(folders))
+    return {"commit": commit, "dirty": bool(changed), "dirty_paths": changed, "used_dirty": bool(used_changed),
+            "used_dirty_paths": used_changed, "command": shlex.join(argv + sys.argv[1:])}
 
 
-def save(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2))
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+
+
+def git_changes(*paths: str) -> list[str]:
+    """Paths (under ``paths``, or anywhere) that differ from HEAD: modified, staged, deleted or untracked."""
+    out = git("status", "--porcelain", "--untracked-files=all", *(["--", *paths] if paths else []))
+    return [line[3:] for line in out.splitlines()]
+
+
+def add_out_argument(p: argparse.ArgumentParser, *, restricted_default: bool = False) -> None:
+    """``--out``: where the result files go. With ``restricted_default`` the default depends on the run (see
+    ``result_dir``)."""
+    if restricted_default:
+        p.add_argument("--out", type=Path, default=None,
+                       help=f"folder for the result files (default: bench/results for a full run, {SCRATCH} for a "
+                            f"run restricted by the options below, so that a smoke test never replaces a committed "
+                            f"result)")
+    else:
+        p.add_argument("--out", type=Path, default=RESULTS,
+                       help="folder for the result files (default: bench/results; point a smoke test elsewhere)")
+
+
+SCRATCH = Path("/tmp/dqrm_bench")
+
+
+def result_dir(out: Path | None, restricted: list[str]) -> Path:
+    """``out`` if given, else bench/results for a full run and ``SCRATCH`` for one restricted as ``restricted``
+    says (e.g. fewer seeds or epochs than the bench's definition)."""
+    return out if out is not None else SCRATCH if restricted else RESULTS
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min and max of repeated measurements (e.g. seeds)."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "n": len(values), "values": list(values)}
+
+
+def format_spread(s: dict, fmt: str = ".2f", scale: float = 1.0) -> str:
+    """``81.20 ±0.15 [80.98, 81.35]``: mean ± sample std [min, max]."""
+    f = lambda x, spec=fmt: format(scale * x, spec)  # noqa: E731
+    return f"{f(s['mean'])} ±{f(s['std'], fmt.lstrip('+'))} [{f(s['min'])}, {f(s['max'])}]"
+
+
+def save(name: str, payload: dict, text: str | None = None, *, out: Path = RESULTS,
+         used: tuple[str, ...] = ()) -> Path:
+    """Write ``out/NAME.json`` (``payload`` with the provenance and the machine) and, given ``text`` (the report as
+    printed, never captured output: library warnings go to stderr and stay out), ``out/NAME.txt`` headed by the
+    command, commit and machine. ``used``: files or folders the bench's child processes run (see ``provenance``).
+    Keys of ``payload`` win: a bench that took its provenance at the start passes it in."""
+    record = {**provenance(used), "machine": machine(), **payload}
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2))
+    if text is not None:
+        (out / f"{name}.txt").write_text(header(record) + "\n\n" + text.rstrip("\n") + "\n")
     return path
+
+
+def header(record: dict) -> str:
+    """The first lines of a result's text: command, commit (and whether the tree or the files used differed from
+    it), machine."""
+    if record["used_dirty"]:
+        used = record.get("used_dirty_paths") or record["dirty_paths"]
+        state = f" (files this bench ran from differ from it: {', '.join(used[:6])}{' ...' if len(used) > 6 else ''})"
+    elif record["dirty"]:
+        state = " (other files in the tree differ from it)"
+    else:
+        state = " (clean tree)"
+    return (f"command: {record['command']}\ncommit: {record['commit']}{state}\n"
+            f"machine: {describe_machine(record['machine'])}")
+
+
+class Report:
+    """Lines printed as they come and kept for the result's text (``save(..., report.text)``), so that the text file
+    holds what the bench printed and nothing a library wrote to the console."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: object = "") -> None:
+        self.lines.append(str(line))
+        print(line, flush=True)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:

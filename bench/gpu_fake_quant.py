@@ -2,20 +2,25 @@
 
 Needs torch, numpy and numba, not FBGEMM or TorchRec (the GPU machines have no FBGEMM): it drives
 ``EmbeddingFakeQuantizer``'s correction with a stand-in for a TBE (a flat weight buffer with FBGEMM's layout
-attributes). Prints a JSON report; with ``$OUT`` set it also writes ``$OUT/gpu_fake_quant.json``.
+attributes). Prints a JSON report and writes ``gpu_fake_quant.json`` (with the commit, command and machine) to
+``--out``: ``$OUT`` where set (the device machines' output folder), else bench/results. Where the copy of the tree has
+no git repository, pass the commit as ``DQRM_GIT_COMMIT=$(git rev-parse HEAD)``.
 
-    python -m bench.gpu_fake_quant
+    python -m bench.gpu_fake_quant [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from bench.common import RESULTS, save
 from quant.embedding_qat import EmbeddingFakeQuantizer
 from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
 from quant.mlp_qat import RowwiseWeightFakeQuant
@@ -106,20 +111,17 @@ def time_correction(device, rows_per_table, batch=2048, steps=50) -> dict:
 
 
 def main() -> None:
-    import argparse
-
-    argparse.ArgumentParser(prog="python -m bench.gpu_fake_quant", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    p = argparse.ArgumentParser(prog="python -m bench.gpu_fake_quant", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or RESULTS),
+                   help="folder for gpu_fake_quant.json (default: $OUT if set, else bench/results)")
+    args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "equality": check_equal(device) if device == "cuda" else "no CUDA device: nothing to compare",
               "timing": [time_correction(device, n) for n in (10**5, 10**6, 10**7)]}
     print(json.dumps(report, indent=2))
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, "gpu_fake_quant.json"), "w") as f:
-            json.dump(report, f, indent=2)
-
+    print(f"json: {save('gpu_fake_quant', report, out=args.out)}")
 
 if __name__ == "__main__":
     main()

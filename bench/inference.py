@@ -7,7 +7,7 @@ used before ``ServingDLRM`` composed the modules with fewer copies. Same batches
 repetitions. Then a profile of a few batches splits the FP32 and INT4 artifacts' time into table lookups, MLPs,
 interaction and the rest: precision changes only the lookups' cost, which bounds what INT4 can gain here.
 
-    python -m bench.inference [--batches 20] [--reps 5] [--threads N]
+    python -m bench.inference [--batches 20] [--reps 9] [--threads N] [--out DIR]
 
 The model is built from the `default` config with random weights (sizes and speed do not depend on training).
 """
@@ -15,7 +15,6 @@ The model is built from the `default` config with random weights (sizes and spee
 from __future__ import annotations
 
 import argparse
-import builtins
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import RESULTS, median, prepared_model, provenance, save, table
+from bench.common import Report, add_out_argument, median, prepared_model, provenance, save, table
 from datasets.reader import ParquetBatches, ReaderConfig
 from datasets.schema import FEATURE_NAMES
 from datasets.synthetic import ensure_synthetic
 from pipeline.configs import get_config
+from pipeline.quiet import quiet_library_noise
 from quant.api import QATConfig, QuantSpec, quantize_
 from quant.export import export, load_with_manifest, rows_path
 
@@ -140,9 +140,12 @@ def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=20, help="batches of 2048 per repetition")
-    p.add_argument("--reps", type=int, default=5, help="repetitions (medians reported)")
+    p.add_argument("--reps", type=int, default=9, help="repetitions (medians reported)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    add_out_argument(p)
     args = p.parse_args()
+    prov = provenance()
+    quiet_library_noise()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = get_config("default")
@@ -171,30 +174,27 @@ def main() -> None:
         t = median(times[name])
         rows.append({"model": name, "samples_per_s": 1 / t, "speedup_vs_fp32": fp32 / t,
                      "artifact_mb": sizes[name] / 1e6, "size_vs_fp32": sizes[name] / sizes["fp32"]})
-    out: list[str] = []
-
-    def print(line: str) -> None:  # noqa: A001 - shown and kept for inference.txt
-        out.append(line)
-        builtins.print(line, flush=True)
-
-    print(table(rows, [("model", "model", "s"), ("samples_per_s", "samples/s", ".0f"),
-                       ("speedup_vs_fp32", "x FP32", ".2f"), ("artifact_mb", "file MB", ".1f"),
-                       ("size_vs_fp32", "size/FP32", ".3f")]))
+    report = Report()
+    report(f"default model, random weights; batch {BATCH}, {args.threads} torch threads; samples/s from the median of "
+           f"{args.reps} repetitions of {args.batches} batches, variants alternated")
+    report(table(rows, [("model", "model", "s"), ("samples_per_s", "samples/s", ".0f"),
+                        ("speedup_vs_fp32", "x FP32", ".2f"), ("artifact_mb", "file MB", ".1f"),
+                        ("size_vs_fp32", "size/FP32", ".3f")]))
     by = {r["model"]: r for r in rows}
-    print(f"INT4 artifact / FP32 artifact (same serving path): {by['int4']['speedup_vs_fp32']:.2f}x; "
-          f"INT4 artifact / FP32 model through TorchRec's DLRM.forward: "
-          f"{by['int4']['samples_per_s'] / by[TORCHREC]['samples_per_s']:.2f}x; size {by['int4']['size_vs_fp32']:.3f}")
+    report(f"INT4 artifact / FP32 artifact (same serving path): {by['int4']['speedup_vs_fp32']:.2f}x; "
+           f"INT4 artifact / FP32 model through TorchRec's DLRM.forward: "
+           f"{by['int4']['samples_per_s'] / by[TORCHREC]['samples_per_s']:.2f}x; size {by['int4']['size_vs_fp32']:.3f}")
     parts = [{"part": part, "fp32": shares["fp32"][part], "int4": shares["int4"][part]} for part in shares["fp32"]]
-    print(table(parts, [("part", "share of the profiled batch time", "s"), ("fp32", "fp32", ".1%"),
-                        ("int4", "int4", ".1%")]))
+    report(table(parts, [("part", "share of the profiled batch time", "s"), ("fp32", "fp32", ".1%"),
+                         ("int4", "int4", ".1%")]))
     lookups = shares["fp32"]["embedding lookups (FBGEMM TBE)"]
-    print(f"Precision changes only the table lookups (the MLPs run in float from dequantized weights): with lookups "
-          f"{lookups:.0%} of the FP32 batch, even free lookups would make the artifact at most "
-          f"{1 / (1 - lookups):.2f}x faster than FP32 through the same serving path.")
-    payload = {**provenance(), "batch": BATCH, "threads": args.threads, "rows": rows, "raw_s": times,
-               "shares": shares}
-    print(f"json: {save('inference', payload)}")
-    (RESULTS / "inference.txt").write_text("\n".join(out) + "\n")
+    report(f"Precision changes only the table lookups (the MLPs run in float from dequantized weights): with lookups "
+           f"{lookups:.0%} of the FP32 batch, even free lookups would make the artifact at most "
+           f"{1 / (1 - lookups):.2f}x faster than FP32 through the same serving path.")
+    payload = {**prov, "batch": BATCH, "threads": args.threads, "batches": args.batches, "reps": args.reps,
+               "rows": rows, "raw_s": times, "shares": shares}
+    path = save("inference", payload, report.text, out=args.out)
+    print(f"json: {path}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,10 @@ Every converter and reader run is its own process, so peak RSS (VmHWM) is its ow
 before any data (the libraries alone), so peak minus it is what the data costs. The clock starts after the
 imports (TorchRec's take ~3 s, which would flatter us) and "per core" divides by the process's CPU time (user +
 system), so no thread anywhere helps. Files go under --scratch and are removed when done, also on errors. The
-report is printed and saved to bench/results/ingest.txt and ingest.json with the git commit and the command.
+report is printed and saved to bench/results/ingest.txt and ingest.json (or --out) with the git commit, the command and
+the machine. The reader at the training job's batch size, against the job's own pace, is ``bench.reader_headroom``.
 
-    python -m bench.ingest [--gb 2] [--ref-rows 1000000] [--scale 1,10] [--scratch DIR]
+    python -m bench.ingest [--gb 2] [--ref-rows 1000000] [--scale 1,10] [--scratch DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import RESULTS, ROOT, provenance, save, table
+from bench.common import ROOT, add_out_argument, provenance, save, table
 
 SAMPLE = ROOT.parent / "shared" / "data" / "criteo-samples" / "terabyte_day0_0.001sample_head1000.tsv"
 
@@ -241,18 +242,16 @@ def main() -> None:
     p.add_argument("--scratch", type=Path, default=ROOT / ".cache",
                    help="folder for the generated files (default: the repository's ignored .cache, on the project's "
                         "disk rather than a small /tmp); --scale 10 needs ~17 GB free there")
+    add_out_argument(p)
     args = p.parse_args()
     args.scratch.mkdir(parents=True, exist_ok=True)
-    where = provenance()
+    where = provenance(("datasets", "pipeline"))  # the converter and reader run in child processes
     payload, report = compare(args, args.scratch)
     if args.scale:
         payload["scale"], scaled = scale(args.scale, args.batch, args.scratch)
         report += "\n\n" + scaled
-    report = f"{where['command']}\ncommit {where['commit']}{' (dirty tree)' if where['dirty'] else ''}\n\n{report}"
     print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "ingest.txt").write_text(report + "\n")
-    print(f"json: {save('ingest', {**where, **payload})}")
+    print(f"json: {save('ingest', {**where, **payload}, report, out=args.out)}")
 
 
 if __name__ == "__main__":

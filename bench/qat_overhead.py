@@ -15,6 +15,7 @@ fake-quant does not depend on the batch), so the ratio depends on it.
          weight parametrization of the whole table would cost), for contrast.
 
     python -m bench.qat_overhead [--rows 100000,1000000,10000000] [--batch 128,2048] [--steps 100] [--reps 3]
+                                 [--out DIR]
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import median, paired_ratio, random_batches, save, table
+from bench.common import Report, add_out_argument, median, paired_ratio, random_batches, save, table
 from pipeline.config import ModelConfig, OptimConfig
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.quiet import quiet_library_noise
 from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.fake_quant import fake_quantize, symmetric_qparams
 from sharding.plan import plan_sharding, shard_model
@@ -72,7 +74,7 @@ def _time(model, opt, batches):
     return (time.perf_counter() - t0) / len(batches)
 
 
-def _measure(models, cards, batch, args, naive: bool) -> dict:
+def _measure(models, cards, batch, args, naive: bool, report: Report) -> dict:
     """Step times of the variants at one batch size (variants alternated), and the amortized scale refresh."""
     batches = random_batches(cards, batch, args.steps)
     variants = {v: mo for v, mo in models.items() if naive or v != "naive"}
@@ -112,9 +114,9 @@ def _measure(models, cards, batch, args, naive: bool) -> dict:
            "qat_ratio": paired["median"], "ci_lo": paired["ci95"][0], "ci_hi": paired["ci95"][1],
            "qat_ratio_amortized": paired["median"] + per_step / med["fp32"],
            "naive_ratio": med["naive"] / med["fp32"] if naive else float("nan"), "raw_s": times}
-    print(f"batch {batch}: fp32 {row['fp32_ms']:.2f} ms, qat {row['qat_ms']:.2f} ms (+ scale refresh "
-          f"{row['refresh_ms']:.1f} ms every {REFRESH_EVERY} steps; the job's first one {row['first_refresh_ms']:.0f} "
-          f"ms)" + (f", naive {row['naive_ms']:.2f} ms" if naive else ""), flush=True)
+    report(f"batch {batch}: fp32 {row['fp32_ms']:.2f} ms, qat {row['qat_ms']:.2f} ms (+ scale refresh "
+           f"{row['refresh_ms']:.1f} ms every {REFRESH_EVERY} steps; the job's first one "
+           f"{row['first_refresh_ms']:.0f} ms)" + (f", naive {row['naive_ms']:.2f} ms" if naive else ""))
     return row
 
 
@@ -127,24 +129,31 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100, help="timed steps per repetition")
     p.add_argument("--reps", type=int, default=3, help="repetitions (medians reported)")
     p.add_argument("--naive-steps", type=int, default=3, help="timed steps of the naive variant per repetition")
+    add_out_argument(p)
     args = p.parse_args()
+    quiet_library_noise()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    report = Report()
+    report(f"world size 1, {torch.get_num_threads()} torch threads; {args.steps} timed steps per repetition, "
+           f"{args.reps} repetitions, variants alternated every {CHUNK} steps; qat/fp32: median of the chunks' "
+           f"ratios [95% bootstrap interval]")
     rows = []
     sizes = [int(b) for b in args.batch.split(",")]
     for n in map(int, args.rows.split(",")):
         cards = tuple([1000] * 22 + [n] * 4)
         models = {v: _build(cards, v) for v in ("fp32", "qat", "naive")}
-        print(f"rows/table {n:,}:", flush=True)
+        report(f"rows/table {n:,}:")
         for i, batch in enumerate(sizes):
-            rows.append({"rows_per_table": n, **_measure(models, cards, batch, args, naive=i == 0)})
+            rows.append({"rows_per_table": n, **_measure(models, cards, batch, args, naive=i == 0, report=report)})
         del models
-    print(table(rows, [("rows_per_table", "rows/table", ",d"), ("batch", "batch", "d"),
-                       ("fp32_ms", "fp32 ms/step", ".2f"), ("qat_ms", "qat ms/step", ".2f"),
-                       ("refresh_ms", "refresh ms", ".1f"), ("naive_ms", "naive ms/step", ".2f"),
-                       ("qat_ratio", "qat/fp32", ".3f"), ("ci_lo", "95% lo", ".3f"), ("ci_hi", "95% hi", ".3f"),
-                       ("qat_ratio_amortized", "+refresh/200", ".3f"),
-                       ("naive_ratio", "naive/fp32", ".2f")]))
-    print(f"json: {save('qat_overhead', {'batch': sizes, 'steps': args.steps, 'reps': args.reps, 'rows': rows})}")
+    report(table(rows, [("rows_per_table", "rows/table", ",d"), ("batch", "batch", "d"),
+                        ("fp32_ms", "fp32 ms/step", ".2f"), ("qat_ms", "qat ms/step", ".2f"),
+                        ("refresh_ms", "refresh ms", ".1f"), ("naive_ms", "naive ms/step", ".2f"),
+                        ("qat_ratio", "qat/fp32", ".3f"), ("ci_lo", "95% lo", ".3f"), ("ci_hi", "95% hi", ".3f"),
+                        ("qat_ratio_amortized", "+refresh/200", ".3f"),
+                        ("naive_ratio", "naive/fp32", ".2f")]))
+    payload = {"batch": sizes, "steps": args.steps, "reps": args.reps, "rows": rows}
+    print(f"json: {save('qat_overhead', payload, report.text, out=args.out)}")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,11 @@ rows (random codes, fp16 scale and bias) in every alignment, and
    the FX-traced, TorchScripted, saved and reloaded module (the export path), against alignment 16.
 
     python -m bench.row_alignment [--reps 41] [--bits 8,4,2] [--dims 16,64] [--max-rows-64 2000000] [--threads 1]
+                                  [--out DIR]
 
 At dimension 64 the tables are capped at ``--max-rows-64`` rows (the four INT8 alignments of the full tables would
 take 9.7 GB); dimension 16 runs on the full tables (33.8M rows). Results go to bench/results/row_alignment.{json,txt}
-with the commit, whether the files it ran from differed from that commit, and the command.
+(or --out) with the commit, whether the files it ran from differed from that commit, the command and the machine.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import RESULTS, median, paired_ratio, provenance, save, table
+from bench.common import add_out_argument, median, paired_ratio, provenance, save, table
 from bench.serving_limits import _ids  # the same uniform and Zipf ids as the lookups there
 from pipeline.configs import KAGGLE_CARDINALITIES
 from pipeline.quiet import quiet_library_noise
@@ -207,15 +208,17 @@ def main() -> None:
                    help="intra-op threads (1: the per-core cost, which is what the layout changes; with 2 threads on "
                         "a shared 2-core machine, waits at the kernel's thread barrier dominated)")
     p.add_argument("--seed", type=int, default=0)
+    add_out_argument(p)
     args = p.parse_args()
+    prov = provenance()
     quiet_library_noise()
     torch.set_num_threads(args.threads)
     bits_list = [int(b) for b in args.bits.split(",")]
     dims = [int(d) for d in args.dims.split(",")]
     lines = [f"FBGEMM CPU inference TBE, 26 Kaggle-sized tables (dimension 16: all {sum(KAGGLE_CARDINALITIES):,} "
              f"rows; above 16: capped at {args.max_rows_64:,} rows), batch 2048, one id per bag, {args.threads} "
-             f"thread(s); CPU ms per batch, medians of {args.reps} turns; /16: median of the turns' ratios to alignment "
-             f"16 [95% bootstrap interval]; xFP32: FP32 table bytes / these table bytes"]
+             f"thread(s); CPU ms per batch, medians of {args.reps} turns; /16: median of the turns' ratios to "
+             f"alignment 16 [95% bootstrap interval]; xFP32: FP32 table bytes / these table bytes"]
     print(lines[0], flush=True)
     rows_out = []
     for dim in dims:
@@ -234,22 +237,17 @@ def main() -> None:
     print("\n".join(lines[1:]), flush=True)
     check = torchrec_check(bits_list, args.seed)
     lines.append(f"\nTorchRec quantized EmbeddingBagCollection(..., table_name_to_quantized_weights=..., "
-                 f"row_alignment=A), 26 tables capped at {CHECK_ROWS:,} rows, dimension 16, 2 batches of 2048; exported = FX-traced, "
-                 f"TorchScripted, saved and reloaded")
+                 f"row_alignment=A), 26 tables capped at {CHECK_ROWS:,} rows, dimension 16, 2 batches of 2048; "
+                 f"exported = FX-traced, TorchScripted, saved and reloaded")
     lines.append(table(check, [("bits", "bits", "d"), ("alignment", "align", "d"),
                                ("state_dict_row_bytes", "state-dict row B", "d"),
                                ("eager_identical_to_16", "eager == A16", ""),
                                ("exported_identical_to_16", "exported == A16", "")]))
     print("\n".join(lines[-2:]), flush=True)
     payload = {"batch": 2048, "threads": args.threads, "reps": args.reps, "max_rows_64": args.max_rows_64,
-               **provenance(), "outputs_identical_to_16": not differ, "lookups": rows_out,
-               "torchrec_check": check}
-    lines.append(f"commit {payload['commit'][:12]}{' (files used differ from it)' if payload['used_dirty'] else ''}; "
-                 f"command: {payload['command']}")
-    (RESULTS / "row_alignment.txt").write_text("\n".join(lines) + "\n")
-    print(lines[-1])
-    print(f"json: {save('row_alignment', payload)}")
-
+               **prov, "outputs_identical_to_16": not differ, "lookups": rows_out, "torchrec_check": check}
+    path = save("row_alignment", payload, "\n".join(lines), out=args.out)
+    print(f"json: {path}")
 
 if __name__ == "__main__":
     main()

@@ -12,7 +12,7 @@ parts whose kernels a precision change could replace:
    activation scales, each layer's output requantized in the kernel), and under bfloat16 autocast. The last two
    change the logits (printed: largest difference from float); neither is what QAT evaluated.
 
-    python -m bench.serving_limits [--reps 7] [--max-rows N] [--threads N]
+    python -m bench.serving_limits [--reps 7] [--max-rows N] [--threads N] [--out DIR]
 
 The largest tables at dimension 64 take 8.6 GB as FP32 rows; ``--max-rows`` caps every table (the cap is recorded).
 """
@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from bench.common import median, save, table
+from bench.common import Report, add_out_argument, median, save, table
 from pipeline.configs import KAGGLE_CARDINALITIES
 
 BATCH = 2048
@@ -170,22 +170,23 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7, help="timed passes over 10 batches (medians reported)")
     p.add_argument("--max-rows", type=int, default=None, help="cap every table at this many rows (memory)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
+    add_out_argument(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"lookups: 26 Kaggle-sized tables{f' capped at {args.max_rows:,} rows' if args.max_rows else ''}, "
-          f"batch {BATCH}, one id per bag; ms per batch, medians of {args.reps} turns (FP32/INT4: median of the "
-          f"turns' ratios)", flush=True)
+    report = Report()
+    report(f"lookups: 26 Kaggle-sized tables{f' capped at {args.max_rows:,} rows' if args.max_rows else ''}, "
+           f"batch {BATCH}, one id per bag, {args.threads} torch threads; ms per batch, medians of {args.reps} turns "
+           f"(FP32/INT4: median of the turns' ratios)")
     lk = lookups(args.reps, args.max_rows)
-    print(table(lk, [("dim", "dim", "d"), ("ids", "ids", "s"), ("fp32_gb", "FP32 GB", ".1f"),
-                     ("fp32_ms", "FP32", ".2f"), ("int8_ms", "INT8", ".2f"), ("int4_ms", "INT4", ".2f"),
-                     ("fp32_over_int4", "FP32/INT4 (paired)", ".2f")]))
-    print(f"\nover-arch MLP at batch {BATCH}: ms per batch and largest logit difference from float", flush=True)
+    report(table(lk, [("dim", "dim", "d"), ("ids", "ids", "s"), ("fp32_gb", "FP32 GB", ".1f"),
+                      ("fp32_ms", "FP32", ".2f"), ("int8_ms", "INT8", ".2f"), ("int4_ms", "INT4", ".2f"),
+                      ("fp32_over_int4", "FP32/INT4 (paired)", ".2f")]))
+    report(f"\nover-arch MLP at batch {BATCH}: ms per batch and largest logit difference from float")
     ml = mlps(args.reps)
-    print(table(ml, [("over_arch", "over arch", "s"), ("variant", "variant", "s"), ("ms", "ms", ".3f"),
-                     ("speedup", "x float", ".2f"), ("max_logit_diff", "max |diff|", ".2e")]))
+    report(table(ml, [("over_arch", "over arch", "s"), ("variant", "variant", "s"), ("ms", "ms", ".3f"),
+                      ("speedup", "x float", ".2f"), ("max_logit_diff", "max |diff|", ".2e")]))
     payload = {"batch": BATCH, "threads": args.threads, "max_rows": args.max_rows, "lookups": lk, "mlps": ml}
-    print(f"json: {save('serving_limits', payload)}")
-
+    print(f"json: {save('serving_limits', payload, report.text, out=args.out)}")
 
 if __name__ == "__main__":
     main()

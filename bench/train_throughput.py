@@ -4,7 +4,7 @@ The reference is written like TorchRec's golden-training example: DMP + TrainPip
 shape and the same batches, and a bare ``while True: pipeline.progress(it)``. Both run in the same processes,
 alternating, several repetitions each; the table reports medians and the per-step cost ratio.
 
-    python -m bench.train_throughput [--steps 300] [--reps 3]
+    python -m bench.train_throughput [--steps 300] [--reps 9] [--out DIR]
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from bench.common import median, save, table
+from bench.common import Report, add_out_argument, median, save, table
 from datasets.reader import ParquetBatches
 from datasets.synthetic import ensure_synthetic
 from pipeline.checkpoint import Checkpointer
 from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.quiet import quiet_library_noise
 from pipeline.trainer import Splits, Trainer
 from sharding.comm import ByteCounter, compress_gradients
 from sharding.plan import plan_sharding, shard_model
@@ -48,6 +49,7 @@ def _model(cfg, world_size, *, as_shipped: bool):
 
 
 def _worker(rank, world_size, steps, reps, warmup):
+    quiet_library_noise()
     cfg = get_config("default_fp32")
     root = ensure_synthetic(cfg.data.synthetic)
     data = ParquetBatches([root / "train.parquet"], cfg.model.num_embeddings,
@@ -96,6 +98,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="timed training steps per repetition")
     p.add_argument("--reps", type=int, default=9, help="repetitions of each loop (medians are reported)")
     p.add_argument("--warmup", type=int, default=150, help="untimed steps first")
+    add_out_argument(p)
     args = p.parse_args()
     rows = []
     for ws in (1, 2):
@@ -105,12 +108,15 @@ def main() -> None:
         rows.append({"world_size": ws, "ours_samples_per_s": samples / ours, "ref_samples_per_s": samples / ref,
                      "ours_ms_per_step": 1e3 * ours / args.steps, "ref_ms_per_step": 1e3 * ref / args.steps,
                      "step_cost_ratio": ours / ref, "ours_s": r["ours_s"], "ref_s": r["ref_s"]})
-    print(table(rows, [("world_size", "world size", "d"), ("ours_samples_per_s", "ours samples/s", ".0f"),
-                       ("ref_samples_per_s", "ref samples/s", ".0f"), ("ours_ms_per_step", "ours ms/step", ".2f"),
-                       ("ref_ms_per_step", "ref ms/step", ".2f"), ("step_cost_ratio", "ours/ref", ".3f")]))
-    path = save("train_throughput", {"steps": args.steps, "reps": args.reps, "rows": rows})
+    report = Report()
+    report(f"default_fp32 job, batch {r['batch_size']} per rank; medians of {args.reps} repetitions of {args.steps} "
+           f"steps (after {args.warmup} untimed), the two loops alternated; one torch thread per rank at world size 2")
+    report(table(rows, [("world_size", "world size", "d"), ("ours_samples_per_s", "ours samples/s", ".0f"),
+                        ("ref_samples_per_s", "ref samples/s", ".0f"), ("ours_ms_per_step", "ours ms/step", ".2f"),
+                        ("ref_ms_per_step", "ref ms/step", ".2f"), ("step_cost_ratio", "ours/ref", ".3f")]))
+    path = save("train_throughput", {"steps": args.steps, "reps": args.reps, "warmup": args.warmup, "rows": rows},
+                report.text, out=args.out)
     print(f"json: {path}")
-
 
 if __name__ == "__main__":
     main()
