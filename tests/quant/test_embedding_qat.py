@@ -277,9 +277,9 @@ def test_qat_step_is_the_straight_through_update_of_the_fake_quantized_model(gra
     moved = 0
     for key in ref_state:
         table = key.split(".")[-2] if "embedding_bags" in key else None
-        # sharded tables: the fused in-backward SGD at embedding_lr; data-parallel (replicated) tables are dense
-        # parameters and step with the MLPs' SGD at lr (pipeline/optimizer.py)
-        rate = embedding_lr if table and table not in replicated else lr
+        # every table steps at embedding_lr: sharded ones in the fused in-backward SGD, data-parallel (replicated)
+        # ones, dense parameters to TorchRec, in an SGD of their own (pipeline/optimizer.py); the MLPs at lr
+        rate = embedding_lr if table else lr
         expected = before[key] - rate * params[key].grad
         torch.testing.assert_close(after[key], expected, atol=1e-5, rtol=0, msg=key)
         moved += int((after[key] - before[key]).abs().max() > 1e-4)
