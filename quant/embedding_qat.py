@@ -9,9 +9,14 @@ Granularities:
 * ``table`` (the DQRM paper): symmetric, one scale per table, ``alpha = max|W|`` over the whole table (all shards,
   agreed by an all-reduce), recomputed every ``scale_update_every`` training steps and held in between;
 * ``row`` (FBGEMM's native format): asymmetric scale and bias from each row's own min and max.
+
+A table grid whose fp16 scale falls below fp16's normal range (small-magnitude tables: ``quant.fake_quant`` states
+the rule and its cost) is logged when the scales are refreshed: once per change of which tables those are.
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
@@ -19,8 +24,10 @@ import torch.distributed as dist
 from torch import nn
 
 from quant import qat_kernels
-from quant.fake_quant import rowwise_qparams, symmetric_qparams
+from quant.fake_quant import rowwise_qparams, small_scale_tables, symmetric_qparams
 from quant.tbe import TBELayout, find_tbes
+
+log = logging.getLogger(__name__)
 
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
@@ -62,6 +69,7 @@ class EmbeddingFakeQuantizer(nn.Module):
                              for lay in layouts]
         self._grid_cache: dict = {}
         self._static_cache: dict = {}
+        self._reported_small: tuple[list[str], list[str]] = ([], [])
         self.compiled = True
         """On CPU with the table grid, compute the correction in one compiled call (same bits as the torch ops)."""
         self._global = [torch.tensor([index[n] for n in lay.table_names], dtype=torch.long) for lay in layouts]
@@ -178,6 +186,25 @@ class EmbeddingFakeQuantizer(nn.Module):
         if self.pg is not None and dist.is_initialized() and dist.get_world_size(self.pg) > 1:
             dist.all_reduce(alpha, op=dist.ReduceOp.MAX, group=self.pg)
         self.alpha.copy_(alpha)
+        self._report_small_scales()
+
+    def small_scale_tables(self) -> tuple[list[str], list[str]]:
+        """The tables whose grid has a subnormal fp16 scale (every level, a coarser scale), and those of them whose
+        scale is held at fp16's smallest step 2^-24 (fewer levels); both empty for the row grid (FBGEMM's own)."""
+        if self.granularity != "table":
+            return [], []
+        subnormal, held = small_scale_tables(self.alpha, self.table_bits)
+        return ([n for n, s in zip(self.table_names, subnormal.tolist()) if s],
+                [n for n, h in zip(self.table_names, held.tolist()) if h])
+
+    def _report_small_scales(self) -> None:
+        subnormal, held = small = self.small_scale_tables()
+        if subnormal and small != self._reported_small:
+            log.log(logging.WARNING if held else logging.INFO,
+                    "embedding QAT: %d of %d tables have a subnormal fp16 scale (below 2^-14: a coarser scale, the "
+                    "largest weights may clip): %s; %d of them held at fp16's smallest step 2^-24 (fewer levels): %s",
+                    len(subnormal), len(self.table_names), subnormal, len(held), held)
+        self._reported_small = small
 
     def on_train_step(self) -> None:
         """Called once per training forward: refreshes the table scales every ``scale_update_every`` steps.

@@ -16,8 +16,8 @@ from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.convert import gather_full_state
 from quant.export import STANDALONE_LOAD, export
 from tests.dist_utils import run_distributed
-from tests.helpers import (CARDS, MODEL, batches, concat_batches, mixed_placements, sharded_model, tiny_data,
-                           train_steps)
+from tests.helpers import (CARDS, MODEL, batches, concat_batches, initial_state, mixed_placements, sharded_model,
+                           tiny_data, train_steps)
 
 STEPS, LOCAL_BATCH = 6, 64
 
@@ -216,7 +216,7 @@ def _fq_table(w: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
         scale = ((w.amax(1, keepdim=True) - bias) / qmax).half().float()
         scale[scale == 0] = 1.0
     else:  # the paper's grid: alpha = max|W| over the table, symmetric, in FBGEMM's (scale, bias) form
-        scale = (w.abs().max() / (2 ** (bits - 1) - 1)).half().float().reshape(1, 1)
+        scale = (w.abs().max() / (2 ** (bits - 1) - 1)).clamp(min=2 ** -24).half().float().reshape(1, 1)
         bias = -(2 ** (bits - 1)) * scale
     return torch.clamp(torch.round((w - bias) * (1.0 / scale)), 0, qmax) * scale + bias
 
@@ -284,3 +284,95 @@ def test_qat_step_is_the_straight_through_update_of_the_fake_quantized_model(gra
         torch.testing.assert_close(after[key], expected, atol=1e-5, rtol=0, msg=key)
         moved += int((after[key] - before[key]).abs().max() > 1e-4)
     assert moved == len(ref_state)  # every table and layer moved by over 10x the tolerance
+
+
+SMALL_TABLES = {"t_cat_1": (4, 1e-7), "t_cat_6": (8, 3e-4), "t_cat_7": (8, 1e-6), "t_cat_9": (4, 3e-5),
+                "t_cat_10": (8, 0.0)}
+"""(bits, max|W|) of small-magnitude tables (a data-parallel, a row-wise and table-wise ones): subnormal fp16
+scales; exact scales below fp16's smallest step 2^-24; an all-zero table."""
+
+
+def _small_tables_run(rank, world_size, granularity):
+    """Small tables scaled into a prepared model: their training fake-quant values (the grid the hooks use, and
+    the hooked lookups) and what FBGEMM's TBE of the converted model returns for each row."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
+    from quant.tbe import table_configs
+
+    spec = QuantSpec(embedding_bits=4, granularity=granularity, mlp_bits=8,
+                     table_bits={name: bits for name, (bits, _) in SMALL_TABLES.items()})
+    model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=granularity == "table"))
+    state = initial_state()
+    for name, (_, amax) in SMALL_TABLES.items():
+        key = f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"
+        state[key] = state[key] * (amax / state[key].abs().max())
+    model.load_state_dict(state, strict=False)
+    quantize_(model, QATConfig(spec=spec, step="prepare"), pg=dist.group.WORLD)
+    quantizer = embedding_quantizer(model)
+    quantizer.update_scales()
+    tables = gather_full_state(model)
+    configs = table_configs(model)
+    batch = max(c.num_embeddings for c in configs)  # bag (f, r) looks up row r of feature f's table
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        [c.feature_names[0] for c in configs], torch.cat([torch.arange(c.num_embeddings) for c in configs]),
+        torch.cat([(torch.arange(batch) < c.num_embeddings).int() for c in configs]))
+    model.eval()
+    with torch.no_grad():
+        hooked = model.module.model.sparse_arch.embedding_bag_collection(kjt).wait().to_dict()
+    served = quantize_(model, QATConfig(spec=spec, step="convert")).sparse_arch.embedding_bag_collection(kjt)
+    served = served.to_dict()
+    out = {"small": quantizer.small_scale_tables()}
+    for c in configs:
+        name, bits, n = c.name, spec.bits_for(c.name), c.num_embeddings
+        w = tables[f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"]
+        if granularity == "table":
+            scale, bias = symmetric_qparams(quantizer.alpha[quantizer.table_names.index(name)].reshape(1, 1), bits)
+        else:
+            scale, bias = rowwise_qparams(w, bits)
+        out[name] = {"w": w, "scale": scale, "bias": bias, "fq": fake_quantize(w, scale, bias, bits),
+                     "hooked": hooked[c.feature_names[0]][:n], "served": served[c.feature_names[0]][:n]}
+    return out
+
+
+@pytest.mark.parametrize("granularity", ["table", "row"])
+def test_small_tables_train_and_serve_on_one_fp16_grid(granularity):
+    """Tables whose scale falls below fp16's smallest normal (2^-14), at 8 and 4 bits: the fp16 scale FBGEMM
+    stores is the training scale, and FBGEMM's TBE returns the training fake-quant values for every exported row;
+    a table grid whose exact scale is below 2^-24 uses that step (it used to become 1.0: every weight 0)."""
+    out = run_distributed(_small_tables_run, granularity, world_size=1)[0]
+    for name in out:
+        if name == "small":
+            continue
+        r = out[name]
+        assert torch.equal(r["served"], r["fq"]), name  # export and FBGEMM's TBE: the training grid, exactly
+        # the hooks' W + (FQ(W) - W): FQ(W) up to the rounding of the two float adds, far below one grid step
+        torch.testing.assert_close(r["hooked"], r["fq"], atol=float(r["w"].abs().max()) * 2 ** -21, rtol=0, msg=name)
+        assert torch.equal(r["scale"], r["scale"].half().float()) and torch.equal(r["bias"], r["bias"].half().float())
+    for name, (bits, amax) in SMALL_TABLES.items():
+        r = out[name]
+        assert r["w"].abs().max() == pytest.approx(amax, rel=1e-6)
+        if granularity == "table":
+            scale = float(r["scale"])
+            assert 2 ** -24 <= scale < 2 ** -14, name  # a subnormal fp16, never 0 or 1.0
+            assert bool((r["fq"] != 0).any()) == (amax > 0), name
+            assert (r["fq"] - r["w"]).abs().max() <= max(scale / 2, amax - (2 ** (bits - 1) - 1) * scale) * 1.000001
+    if granularity == "table":
+        assert out["small"] == (sorted(SMALL_TABLES, key=lambda n: int(n.split("_")[-1])),
+                                ["t_cat_1", "t_cat_7", "t_cat_10"])
+    else:
+        assert out["small"] == ([], [])
+
+
+def test_small_table_scales_are_logged_once_per_change(caplog):
+    from quant.embedding_qat import EmbeddingFakeQuantizer
+
+    q = EmbeddingFakeQuantizer([], ["a", "b", "c"], {"a": 8, "b": 4, "c": 8}, "table", scale_update_every=1)
+    with caplog.at_level("INFO", logger="quant.embedding_qat"):
+        q.update_scales()  # no rows: every max|W| is 0, every scale held at 2^-24
+        q.update_scales()  # no change, no second line
+        assert [r.levelname for r in caplog.records] == ["WARNING"]
+        assert "3 of 3 tables have a subnormal fp16 scale" in caplog.text and "3 of them held" in caplog.text
+        q.alpha.copy_(torch.tensor([3e-4, 0.5, 1e-6]))  # as a refresh would write it
+        q._report_small_scales()
+        assert q.small_scale_tables() == (["a", "c"], ["c"]) and len(caplog.records) == 2

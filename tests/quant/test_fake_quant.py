@@ -13,6 +13,8 @@ def test_rowwise_matches_fbgemm_quantizer_bit_exact(bits):
     torch.manual_seed(bits)
     w = torch.randn(513, 16) * torch.rand(513, 1) * 3
     w[7] = 0.25  # a constant row: FBGEMM uses scale 1.0 there
+    w[8:12] *= torch.tensor([[3e-4], [3e-5], [1e-6], [1e-9]])  # small ranges: subnormal fp16 scales, and 1.0
+    w[12:14] = 1e-3 + w[12:14] * 1e-6  # a small range away from 0
     fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w, bits)
     dequant = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, bits)
     scale, bias = rowwise_qparams(w, bits)
@@ -36,6 +38,28 @@ def test_symmetric_table_grid_is_exact_in_fbgemm_format(bits):
     assert (fq - w).abs().max() <= scale[0, 0] / 2 + 1e-7
     # FBGEMM's own dequantizer reads our packed rows back to the same values.
     codes, sb = pack_rows(quantize_codes(w, scale, bias, bits), scale, bias, bits)
+    dequant = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(torch.cat([codes, sb], 1), bits)
+    assert torch.equal(dequant, fq)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("alpha", [3e-4, 3e-5, 1e-6, 1e-7, 1e-9, 0.0])
+def test_small_table_grid_is_the_finest_fp16_grid_and_fbgemm_reads_it_back(bits, alpha):
+    """max|W| below (2^(b-1) - 1) * 2^-14: a subnormal fp16 scale, or fp16's smallest step 2^-24 where the exact
+    scale is below it (it used to become 1.0, every weight 0); FBGEMM's dequantizer gives the fake-quant values."""
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.rand(64, 16, generator=gen) * 2 - 1
+    w = w * (alpha / w.abs().max())
+    half = 2 ** (bits - 1)
+    scale, bias = symmetric_qparams(w.abs().max().reshape(1, 1), bits)
+    s = float(scale)
+    assert s == float(scale.half()) and float(bias) == float(bias.half()) and s >= 2 ** -24
+    exact = alpha / (half - 1)
+    assert abs(s - max(exact, 2 ** -24)) <= max(exact * 2 ** -11, 2 ** -25)  # the nearest fp16 at or above 2^-24
+    fq = fake_quantize(w, scale, bias, bits)
+    assert (fq - w).abs().max() <= max(s / 2, alpha - (half - 1) * s) * (1 + 1e-6)  # half a step, or the top clip
+    assert bool((fq != 0).any()) == (alpha > 2 ** -25)  # only weights below fp16's half step become 0
+    codes, sb = pack_rows(quantize_codes(w, scale, bias, bits), scale.expand(64, 1), bias.expand(64, 1), bits)
     dequant = torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(torch.cat([codes, sb], 1), bits)
     assert torch.equal(dequant, fq)
 

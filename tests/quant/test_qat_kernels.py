@@ -205,3 +205,46 @@ def test_compiled_row_packing_is_the_torch_arithmetic(bits, grid):
     from quant.convert import _codes  # export's two paths: compiled (contiguous CPU rows), torch ops (the rest)
     assert torch.equal(_codes(w, scale, bias, bits), expected)
     assert torch.equal(_codes(w.t().contiguous().t(), scale, bias, bits), expected)
+
+
+@pytest.mark.parametrize("grid", ["table", "row"])
+def test_compiled_kernels_keep_the_grids_of_small_tables(grid):
+    """Tables far below fp16's normal range (subnormal scales, a scale held at 2^-24, an all-zero table) at 4 and 8
+    bits: export's packing and the QAT correction give the torch ops' bits (the kernels take the qparams as given)."""
+    import numpy as np
+
+    from quant import qat_kernels
+    from quant.fake_quant import fake_quantize, pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+
+    g = torch.Generator().manual_seed(0)
+    tables = [(8, 3e-4), (4, 3e-5), (8, 1e-6), (4, 1e-7), (8, 0.0)]  # (bits, max|W|)
+    rows, d = 32, 16
+    weights, grids = [], []
+    for bits, alpha in tables:
+        w = torch.rand(rows, d, generator=g) * 2 - 1
+        w = w * (alpha / w.abs().max())
+        w[:, :2] += 1e-3 if grid == "row" else 0.0  # row grid: small ranges away from 0 as well
+        scale, bias = symmetric_qparams(w.abs().max().reshape(1, 1), bits) if grid == "table" \
+            else rowwise_qparams(w, bits)
+        expand = (scale.expand(rows, 1), bias.expand(rows, 1))
+        expected, _ = pack_rows(quantize_codes(w, *expand, bits), *expand, bits)
+        out = torch.empty_like(expected)
+        qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).contiguous().numpy(),
+                                       bias.reshape(-1).contiguous().numpy(), bits, out.numpy())
+        assert torch.equal(out, expected), (bits, alpha)
+        weights.append(w)
+        grids.append((scale, bias, bits))
+    if grid == "row":
+        return
+    # The correction: feature f looks up row s of table f in bag (f, s), one id a bag; each bag's correction is
+    # FQ(w) - w, added to an output of zeros.
+    features = len(tables)
+    grid_rows = torch.tensor([[float(b), float(1.0 / s), float(s), float(2 ** bits - 1)]
+                              for s, b, bits in grids], dtype=torch.float32)
+    out = torch.zeros(rows, features * d)
+    qat_kernels.embedding_correction(
+        torch.arange(rows).repeat(features).numpy(), torch.arange(features * rows + 1).numpy(),
+        torch.cat(weights).numpy(), (torch.arange(features) * rows).numpy(), grid_rows.numpy(),
+        np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.uint8), out.numpy())
+    expected = torch.cat([fake_quantize(w, s, b, bits) - w for w, (s, b, bits) in zip(weights, grids)], dim=1)
+    assert torch.equal(out, expected)
