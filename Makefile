@@ -8,8 +8,13 @@ RUN_DIR ?= runs/$(CONFIG)-$(shell date +%Y%m%d-%H%M%S)
 NPROC ?= 2
 RETRIES ?= 0
 ARGS ?=
+# The benchmarks that fit in one session (about 45 minutes on 2 cores, estimated), each run as the README lists it and
+# writing bench/results/NAME.{json,txt}; the README names the longer ones (compare_quant, comm_auc, ingest --scale,
+# scale_run, gpu_fake_quant).
+BENCHES ?= reader_headroom artifact_sizes checkpoint_memory comm inference train_throughput serving_limits \
+	row_alignment qat_overhead
 
-.PHONY: train test env clean-env
+.PHONY: train test bench env clean-env
 
 env: $(STAMP)
 
@@ -30,6 +35,10 @@ train: $(STAMP)
 ## test: the whole test suite
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+## bench: the benchmarks that fit in one session, one after another; BENCHES="comm inference" runs some of them
+bench: $(STAMP)
+	@set -e; for b in $(BENCHES); do echo "== $(PY) -m bench.$$b"; $(PY) -m bench.$$b; done
 
 clean-env:
 	rm -rf $(VENV)
