@@ -18,7 +18,7 @@ import argparse
 from bench.common import format_spread, provenance, result_dir, save, spread
 from bench.compare_quant import (SYNTHETIC, add_run_arguments, parse_seeds, restrictions, run_jobs, runs_info,
                                  same_commit, train_args)
-from bench.run_cache import RUN_DEPENDS
+from bench.run_cache import RUN_DEPENDS, head_commit
 
 VARIANTS = {
     "uncompressed": [],
@@ -35,6 +35,7 @@ def main() -> None:
     add_run_arguments(p)
     args = p.parse_args()
     prov = provenance(RUN_DEPENDS)
+    prov["code_commit"] = head_commit()  # the newest commit that changed the runs' code: their cache key
     seeds = parse_seeds(args.seeds)
     restricted = restrictions(args, seeds, config=None if args.config == CONFIG else args.config)
     out = result_dir(args.out, restricted)

@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 from bench.common import add_out_argument, format_spread, provenance, result_dir, save, spread
-from bench.run_cache import DEFAULT_ROOT, RUN_DEPENDS, DirtyTree, run
+from bench.run_cache import DEFAULT_ROOT, RUN_DEPENDS, DirtyTree, head_commit, run
 
 CONFIGS = {"FP32": "default_fp32", "INT8 QAT": "default_int8", "INT4 QAT": "default", "INT4 PTQ": "default_ptq4"}
 SEEDS = (0, 1, 2)
@@ -83,10 +83,11 @@ def run_jobs(jobs: dict[str, tuple[str, list[str]]], seeds: list[int], args: arg
 
 
 def same_commit(prov: dict, runs: dict) -> None:
-    """Every run must come from the commit the bench started at (HEAD can move during an hour-long bench)."""
-    other = {r.key.commit for by_seed in runs.values() for r in by_seed.values()} - {prov["commit"]}
+    """Every run must come from the code the bench started at (HEAD can move during an hour-long bench)."""
+    other = {r.key.commit for by_seed in runs.values() for r in by_seed.values()} - {prov["code_commit"]}
     if other:
-        raise RuntimeError(f"HEAD moved from {prov['commit'][:12]} while the bench ran (runs from {sorted(other)}); "
+        raise RuntimeError(f"the code moved from {prov['code_commit'][:12]} while the bench ran (runs from "
+                           f"{sorted(other)}); "
                            f"rerun it: finished runs of the current commit are cached")
 
 
@@ -119,6 +120,7 @@ def main() -> None:
     add_run_arguments(p)
     args = p.parse_args()
     prov = provenance(RUN_DEPENDS)  # the runs' code: checked again by the cache before each run
+    prov["code_commit"] = head_commit()  # the newest commit that changed that code: the runs' cache key
     seeds = parse_seeds(args.seeds)
     names = [c for c in args.configs.split(",") if c]
     labels = {next((lbl for lbl, c in CONFIGS.items() if c == name), name): name for name in names}

@@ -2,7 +2,8 @@
 be stopped and resumed across sessions without ever reusing a result it did not produce for the same job.
 
 A run is keyed by its named config, the extra training arguments, the seed (``--set seed=N``), the number of
-workers and the code commit (git HEAD). Its directory, ``ROOT/<commit>/<config>-seed<N>-<digest>``, holds the job's
+workers and the code commit: the newest commit that changed the code a job runs (``RUN_DEPENDS``), so that a
+commit of docs or results does not start the cache afresh. Its directory, ``ROOT/<commit>/<config>-seed<N>-<digest>``, holds the job's
 run dir as the launcher writes it, plus
 
 - ``bench_key.json``: the key, written before the job starts; a directory whose key differs is refused;
@@ -13,7 +14,7 @@ key but no ``bench_done.json`` (a bench killed mid-run) is launched again: the j
 (``pipeline.launch`` resumes a run dir) and a ``summary.json`` left without a record is removed first.
 
 The key's commit says which code ran only if that code was committed, so a run is cached only when no file under
-``RUN_DEPENDS`` differs from HEAD; otherwise it is refused, or, with ``allow_dirty``, run in a fresh directory under
+``RUN_DEPENDS`` differs from HEAD (whose ``RUN_DEPENDS`` are then the code commit's); otherwise it is refused, or, with ``allow_dirty``, run in a fresh directory under
 ``ROOT/uncached/`` that is never reused (its key records the changed paths).
 """
 
@@ -55,7 +56,7 @@ class RunKey:
     nproc: int = 2
     """Workers (world size)."""
     commit: str
-    """git HEAD the job ran from."""
+    """The code commit the job ran from (``head_commit``)."""
 
     def __post_init__(self) -> None:
         if any(a.startswith("seed=") for a in self.args):
@@ -87,7 +88,8 @@ class CachedRun:
 
 
 def head_commit() -> str:
-    return git("rev-parse", "HEAD").strip()
+    """The newest commit that changed a file under ``RUN_DEPENDS`` (HEAD's code is that commit's)."""
+    return git("log", "-1", "--format=%H", "HEAD", "--", *RUN_DEPENDS).strip()
 
 
 def dirty_paths() -> list[str]:
