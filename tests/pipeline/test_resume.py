@@ -1,5 +1,5 @@
 """Faults: a worker SIGKILLed mid-epoch is restarted by torchrun and the job ends exactly where an uninterrupted run
-does; checkpoints written at one world size resume at another."""
+does; checkpoints written at one world size resume at another, every weight as saved."""
 
 from __future__ import annotations
 
@@ -10,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 # Evaluation limited to each rank's first batch: rank 1's rows are then not the split's next rows, which the export
@@ -51,18 +55,65 @@ def test_killed_worker_restarts_and_matches_uninterrupted_run(dense, tmp_path):
     assert export["test"]["rows"] == 2048 and export["max_abs_logit_diff_vs_fake_quant"] <= 1e-5
 
 
+def _resumed_by_the_job(rank, world_size, checkpoints, scratch):
+    """What a job at this world size holds once it has resumed, before any training step: the job's own model
+    (pipeline.train's builder: plan, DMP, QAT, gradient hooks, optimizer) restored by the job's Trainer from
+    ``checkpoints``; whole tables and weights gathered on rank 0, with those of the same model before the resume."""
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.configs import get_config
+    from pipeline.train import build_sharded_model
+    from pipeline.trainer import Trainer
+    from quant.convert import gather_full_state
+
+    cfg = get_config("tiny")
+    cfg.run_dir = scratch  # the builder writes plan.json and config.json there, not into the run dir under test
+    cpu = torch.device("cpu")
+    model, optimizer, _, comm_state = build_sharded_model(cfg, rank, world_size, cpu)
+    fresh = gather_full_state(model)
+    trainer = Trainer(cfg, model, optimizer, cpu, None, Checkpointer(Path(checkpoints), extra=comm_state), rank=rank)
+    assert trainer.resume()
+    resumed = gather_full_state(model)
+    return {"fresh": fresh, "resumed": resumed, "step": trainer.step, "epoch": trainer.start_epoch} if rank == 0 \
+        else None
+
+
+def _saved(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
+    """The model state in a checkpoint, read without the job's loader: DCP's own conversion to one torch.save file
+    of whole tensors."""
+    dcp_to_torch_save(checkpoint, out)
+    return torch.load(out, weights_only=False)["model"]
+
+
 def test_checkpoint_reshards_between_world_sizes(tmp_path):
     cache = tmp_path / "cache"
     for first, second in ((2, 1), (1, 2)):
         run = tmp_path / f"ws{first}to{second}"
         a = _launch(run, cache, "--config", "tiny", "--epochs", "1", nproc=first)
         assert a.returncode == 0, a.stderr[-3000:]
+        [checkpoint] = sorted((run / "checkpoints").glob("step_*"))
+        steps = 16384 // (128 * first)  # one epoch of the tiny config's rows, 128 per rank per step
+        assert checkpoint.name == f"step_{steps:08d}"
+        saved = _saved(checkpoint, tmp_path / f"saved_ws{first}.pt")
+        scratch = tmp_path / f"scratch{first}to{second}"
+        scratch.mkdir()
+        out = run_distributed(_resumed_by_the_job, str(run / "checkpoints"), str(scratch), world_size=second)[0]
+        assert (out["step"], out["epoch"]) == (steps, 1)
+        # Every table row, MLP weight and quantizer scale is the saved one, though other ranks now hold them...
+        assert out["resumed"].keys() == saved.keys()
+        for key, value in saved.items():
+            assert torch.equal(out["resumed"][key], value), key
+        # ... and came from the checkpoint: an epoch of training moved every table and MLP weight off its start.
+        unmoved = [k for k, v in saved.items() if k.startswith("model.") and torch.equal(out["fresh"][k], v)]
+        assert not unmoved, unmoved
+        first_epoch = json.loads((run / "summary.json").read_text())["epochs"]
+
         b = _launch(run, cache, "--config", "tiny", "--epochs", "2", nproc=second)
         out = b.stdout + b.stderr
         assert b.returncode == 0, out[-3000:]
-        assert "resuming at epoch 2" in out
+        assert f"resuming at epoch 2 (step {steps})" in out
         summary = json.loads((run / "summary.json").read_text())
-        assert [e["epoch"] for e in summary["epochs"]] == [1, 2] and summary["world_size"] == second
+        assert summary["epochs"][:1] == first_epoch and summary["world_size"] == second
+        assert [e["epoch"] for e in summary["epochs"]] == [1, 2]
         # Epoch 2 starts from epoch 1's weights: its loss continues from there rather than from scratch.
         assert summary["epochs"][1]["train_loss"] < summary["epochs"][0]["train_loss"]
 
