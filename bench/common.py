@@ -53,14 +53,16 @@ def paired_ratio(xs: list[float], base: list[float], draws: int = 2000) -> dict:
 def machine() -> dict:
     """Where a result was measured. ``cores``: physical cores (distinct socket and core ids in /proc/cpuinfo);
     ``logical_cpus``: what the OS counts (hardware threads); ``usable_cpus``: those this process may run on;
-    ``torch_threads``: torch's intra-op threads in this process (children may set their own, e.g. 1 per rank)."""
+    ``torch_threads``: torch's intra-op threads in this process (children may set their own, e.g. 1 per rank);
+    ``load_average``: the OS's 1-minute load average when the result was saved (above the logical CPUs, other
+    work shared the machine: timings are slower and noisier than on an idle one)."""
     info = _cpuinfo()
     cores = len({(c.get("physical id"), c.get("core id")) for c in info if "core id" in c}) or None
     out = {"cpu_model": info[0].get("model name") if info else platform.processor() or None, "cores": cores,
            "logical_cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
            "torch_threads": torch.get_num_threads(), "cgroup_cpu_limit": _cgroup_cpus(),
            "memory_gb": _meminfo_gb(), "platform": platform.platform(), "python": platform.python_version(),
-           "torch": torch.__version__}
+           "torch": torch.__version__, "load_average": round(os.getloadavg()[0], 2)}
     if torch.cuda.is_available():
         out["cuda_device"] = torch.cuda.get_device_name()
     return out
@@ -73,7 +75,8 @@ def describe_machine(m: dict) -> str:
     limit = f", cgroup limit {m['cgroup_cpu_limit']:g} CPUs" if m.get("cgroup_cpu_limit") else ""
     gpu = f", {m['cuda_device']}" if m.get("cuda_device") else ""
     return (f"{m['cpu_model']}, {m['cores']} cores / {m['logical_cpus']} logical CPUs{usable}{limit}, "
-            f"{m['memory_gb']:.0f} GB{gpu}; torch {m['torch']} with {m['torch_threads']} intra-op threads")
+            f"{m['memory_gb']:.0f} GB{gpu}; torch {m['torch']} with {m['torch_threads']} intra-op threads"
+            + (f"; load average {m['load_average']:g} when saved" if "load_average" in m else ""))
 
 
 def _cpuinfo() -> list[dict]:
