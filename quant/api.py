@@ -10,7 +10,7 @@ from torch import nn
 from quant.embedding_qat import EmbeddingFakeQuantizer, attach_embedding_qat
 from quant.fake_quant import SUPPORTED_BITS
 from quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears
-from quant.tbe import table_configs
+from sharding.tbe import table_configs
 
 QUANTIZER_NAME = "embedding_fake_quant"
 

@@ -39,7 +39,7 @@ from quant import qat_kernels
 from quant.api import QuantSpec, embedding_quantizer
 from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, scale_bias_bytes, symmetric_qparams
 from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
-from quant.tbe import table_configs
+from sharding.tbe import table_configs
 
 _DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
 _SPARSE_TYPES = {8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}

@@ -25,7 +25,7 @@ from torch import nn
 
 from quant import qat_kernels
 from quant.fake_quant import rowwise_qparams, small_scale_tables, symmetric_qparams
-from quant.tbe import TBELayout, find_tbes
+from sharding.tbe import TBELayout, find_tbes
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@
 
 No library exchanges sparse touched rows or INT8 with error feedback inside TorchRec's data parallelism, so those
 hooks are written here. The DDP objects they attach to are private attributes of DMP and of the sharded EBC; this
-module is the only one that reaches them (besides ``quant.tbe`` for the kernels).
+module is the only one that reaches them (besides ``sharding.tbe`` for the kernels).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from sharding import int8_codec
+from sharding.tbe import find_tbes
 
 QCOMMS = ("none", "fp16", "int8")
 DP_TABLES = ("dense", "touched", "touched_int8")
@@ -467,8 +468,6 @@ def _dp_table_ddps(model: nn.Module) -> list[DistributedDataParallel]:
 def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter | None = None) -> list:
     """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training); returns the
     hooks that keep state: the INT8 error-feedback hook (checkpointed with the model) and the touched-rows hooks."""
-    from quant.tbe import find_tbes
-
     hooks: list[Int8ErrorFeedbackHook | TouchedRowsHook] = []
     dense = _dense_ddp(model)
     if dense is not None:
