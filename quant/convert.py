@@ -36,9 +36,10 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from quant import qat_kernels
-from quant.api import QuantSpec, embedding_quantizer
+from quant.embedding_qat import embedding_quantizer
 from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, scale_bias_bytes, symmetric_qparams
 from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
+from quant.spec import QuantSpec
 from sharding.tbe import table_configs
 
 _DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}

@@ -29,6 +29,10 @@ from sharding.tbe import TBELayout, find_tbes
 
 log = logging.getLogger(__name__)
 
+QUANTIZER_NAME = "embedding_fake_quant"
+"""The attribute of a prepared DLRMTrain that holds its ``EmbeddingFakeQuantizer`` (its buffers are checkpointed under
+this name)."""
+
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 _EMPTY_U8 = np.zeros(0, dtype=np.uint8)
@@ -391,3 +395,9 @@ def attach_embedding_qat(model: nn.Module, table_names: list[str], bits: dict[st
     if not layouts:
         raise ValueError("no sharded embedding kernels found: call quantize_ on the DistributedModelParallel model")
     return EmbeddingFakeQuantizer(layouts, table_names, bits, granularity, scale_update_every, pg)
+
+
+def embedding_quantizer(model: nn.Module) -> EmbeddingFakeQuantizer | None:
+    """The embedding fake-quantizer of a prepared model (DMP-wrapped or not), or ``None``."""
+    inner = model.module if hasattr(model, "module") else model
+    return getattr(inner, QUANTIZER_NAME, None)
