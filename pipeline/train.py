@@ -33,7 +33,9 @@ from pipeline.report import epoch_table, plot_curves, write_summary
 from pipeline.trainer import NonFiniteLossError, Splits, Trainer, post_training_quantized
 from quant.api import QATConfig, quantize_, set_fake_quant
 from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
-from sharding.comm import ByteCounter, Int8ErrorFeedbackHook, check_qcomms, compress_gradients, sharders_for
+from sharding.byte_counter import ByteCounter
+from sharding.comm import check_qcomms, compress_gradients, sharders_for
+from sharding.ddp_hooks import Int8ErrorFeedbackHook
 from sharding.plan import describe_plan, plan_table, save_plan, shard_model
 from sharding.policy import placements_from_plan, plan_by_policy, save_placements
 
