@@ -5,8 +5,8 @@
    decoding, Arrow's int32 cast), the path of the Kaggle CSV and of any TSV block with an irregular line;
 3. the same with only the general decoders, which every irregular column falls back to (they name bad fields).
 
-Each path parses the Terabyte sample lines (``bench.ingest.SAMPLE``, or ``--sample``) tiled to ``--lines`` rows, in one process;
-CPU time per row, median of ``--reps``; all three must give the same table. A path is kept where it pays: (1) over
+Each path parses the Terabyte sample lines (``bench.ingest.SAMPLE``, or ``--sample``) tiled to ``--lines`` rows, in
+one process; CPU time per row, median of ``--reps``; all three must give the same table. A path is kept where it pays: (1) over
 (2), and (2)'s fast decoders over (3).
 
     python -m bench.parse_paths [--lines 40000] [--reps 5] [--sample TSV] [--out DIR]
