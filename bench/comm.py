@@ -33,7 +33,8 @@ from pipeline.configs import get_config
 from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from pipeline.quiet import quiet_library_noise
-from sharding.comm import ByteCounter, CommConfig, compress_gradients, sharders_for
+from sharding.byte_counter import ByteCounter
+from sharding.comm import CommConfig, compress_gradients, sharders_for
 from sharding.plan import TablePlacement, describe_plan, manual_plan, shard_model
 from sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed

@@ -24,7 +24,7 @@ from bench.common import RESULTS, save
 from quant.embedding_qat import EmbeddingFakeQuantizer
 from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
 from quant.mlp_qat import RowwiseWeightFakeQuant
-from quant.tbe import TBELayout
+from sharding.tbe import TBELayout
 
 
 class _FlatTBE(nn.Module):

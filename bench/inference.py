@@ -52,7 +52,7 @@ def _fp32_artifact(cfg, model, out: Path) -> tuple[torch.nn.Module, Path]:
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
     from quant.convert import gather_full_state, integer_mlp
-    from quant.tbe import table_configs
+    from sharding.tbe import table_configs
 
     state = gather_full_state(model)
     tables, weights = [], {}

@@ -33,8 +33,9 @@ from bench.common import add_out_argument, paired_ratio, save, table
 from datasets.reader import ParquetBatches
 from pipeline.checkpoint import Checkpointer
 from pipeline.configs import get_config
+from pipeline.data import resolve_data
+from pipeline.parallelize import build_sharded_model
 from pipeline.quiet import quiet_library_noise
-from pipeline.train import build_sharded_model, resolve_data
 from pipeline.trainer import Splits, Trainer
 from tests.dist_utils import run_distributed
 

@@ -26,7 +26,8 @@ from pipeline.model import build_dlrm
 from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
 from pipeline.quiet import quiet_library_noise
 from pipeline.trainer import Splits, Trainer
-from sharding.comm import ByteCounter, compress_gradients
+from sharding.byte_counter import ByteCounter
+from sharding.comm import compress_gradients
 from sharding.plan import plan_sharding, shard_model
 from sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed

@@ -10,7 +10,8 @@ bytes, about 0.2 us a row: a label ``0``/``1``, 13 counts (``-?[0-9]+`` within i
 Anything else (a wrong field count, a carriage return, a count beyond int32, a bad digit, a 7-character hash)
 makes :func:`parse_tsv_block` return None, and the caller hands that block to Arrow's reader and the general
 checks, which name the line and field or skip the row as asked: this path never decides that a row is bad.
-Written for this project: neither TorchRec nor Arrow has a Criteo-specific parser.
+Written for this project: neither TorchRec nor Arrow has a Criteo-specific parser. Kept because it pays:
+0.17 us a row against 1.41 us through Arrow's reader and the fast column decoders (``bench/results/parse_paths.txt``).
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1 or args.max_retries < 0:
         p.error(f"--nproc must be at least 1 and --max-retries at least 0, got {args.nproc} and {args.max_retries}")
     train_args = merge_overrides(argv[split + 1:])
-    from pipeline.train import config_or_exit, parse_args as parse_train_args  # torch: after --help
+    from pipeline.cli import config_or_exit, parse_args as parse_train_args  # torch: after --help
 
     # the workers would each refuse a bad flag or field: say it once, before torchx makes anything
     checked = config_or_exit(parse_train_args([*train_args, "--run-dir", str(args.run_dir)]))

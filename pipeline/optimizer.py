@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+# torch's private name on purpose: TorchRec 1.8's public torchrec.optim.apply_optimizer_in_backward is deprecated,
+# warns on every call and forwards to this one, which TorchRec's own test_utils/test_sharding.py imports directly.
 from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter

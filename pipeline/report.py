@@ -68,3 +68,32 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = run_dir / "summary.json"
     path.write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False))
     return path
+
+
+def report(run_dir: Path, name: str, summary: dict[str, Any]) -> None:
+    """Rank 0 at the end of a job: ``summary.json``, the plot, and on the console the epoch table, the gap to the
+    best achievable AUC (synthetic data) and the exported model's metrics and sizes."""
+    history, bayes, exported = summary["epochs"], summary["bayes_test"], summary["export"]
+    write_summary(run_dir, summary)
+    plot_curves({name: history}, run_dir / "metrics.png", bayes=bayes, title=f"{name}: test metrics")
+    print("\n" + epoch_table(history, bayes), flush=True)
+    if bayes:
+        best = max(history, key=lambda s: s["test"]["auc"])
+        print(f"best test AUC {best['test']['auc']:.4f} (epoch {best['epoch']}) is "
+              f"{bayes['auc'] - best['test']['auc']:.4f} below the best achievable {bayes['auc']:.4f}")
+    if exported:
+        print(export_report(exported), flush=True)
+    print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
+
+
+def export_report(e: dict) -> str:
+    t, z = e["test"], e["sizes"]
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+    return (f"exported INT{e['bits']} model ({e['granularity']} grid, INT{e['mlp_bits'] or 32} MLPs): "
+            f"test AUC {t['auc']:.4f} acc {100 * t['accuracy']:.2f}% logloss {t['logloss']:.4f} | "
+            f"max |artifact - fake-quant logits| {e['max_abs_logit_diff_vs_fake_quant']:.2e}\n"
+            f"sizes: FP32 {mb(z['fp32_bytes'])}; artifact {mb(z['artifact_bytes'])} on disk "
+            f"({z['fp32_bytes'] / z['artifact_bytes']:.1f}x smaller), {mb(z['loaded_bytes'])} in memory once "
+            f"loaded; tables {mb(z['table_bytes'])} = codes {mb(z['table_codes_bytes'])} + fp16 scale/bias "
+            f"{mb(z['table_scale_bias_bytes'])} + padding {mb(z['table_padding_bytes'])} (rows aligned to "
+            f"{z['row_alignment']} B); MLPs {mb(z['mlp_bytes'])}  ->  {e['path']}")

@@ -36,10 +36,11 @@ from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from quant import qat_kernels
-from quant.api import QuantSpec, embedding_quantizer
-from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, scale_bias_bytes, symmetric_qparams
+from quant.embedding_qat import embedding_quantizer
+from quant.fake_quant import pack_rows, quantize_codes, scale_bias_bytes, symmetric_qparams
 from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
-from quant.tbe import table_configs
+from quant.spec import QuantSpec
+from sharding.tbe import table_configs
 
 _DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
 _SPARSE_TYPES = {8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}
@@ -161,12 +162,17 @@ def _table_key(name: str) -> str:
 
 def _piece_bytes(w: torch.Tensor, bits: int, grid: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """FBGEMM bytes of rows ``w`` (a shard's chunk): with the table's ``grid`` (scale, bias), only the codes (rank 0
-    writes the table's scale and bias); without, the row grid's ``[scale, bias, codes]`` per row."""
+    writes the table's scale and bias); without, the row grid's ``[scale, bias, codes]`` per row.
+
+    The row grid is FBGEMM's own quantizer, whose ``[codes, scale, bias]`` rows are reordered: byte for byte what
+    ``rowwise_qparams`` and the packing give (``tests/quant/test_fake_quant.py``), and several times faster. The table
+    grid cannot use it: FBGEMM computes each row's scale and bias from that row, the paper's grid is one symmetric
+    scale per table, so its codes are packed here (``_codes``)."""
     w = w.detach().float()
     if grid is not None:
         return _codes(w, *grid, bits)
-    scale, bias = rowwise_qparams(w, bits)
-    return torch.cat([scale_bias_bytes(scale, bias), _codes(w, scale, bias, bits)], dim=1)
+    fused = torch.ops.fbgemm.FloatOrHalfToFusedNBitRowwiseQuantizedSBHalf(w.contiguous(), bits).cpu()
+    return torch.cat([fused[:, -SCALE_BIAS_BYTES:], fused[:, :-SCALE_BIAS_BYTES]], dim=1)
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) -> torch.Tensor:

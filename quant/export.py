@@ -23,11 +23,11 @@ from torch import nn
 from torchrec.models.dlrm import DLRM, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from quant.api import QuantSpec
 from quant.convert import (CHUNK_ROWS, FileSink, IntegerParts, RowLayout, integer_dlrm, integer_parts, stored_mlp_bytes,
                            stream_integer_rows, the_tbe)
 from quant.mlp_qat import QuantizedLinear
-from quant.tbe import table_configs
+from quant.spec import QuantSpec
+from sharding.tbe import table_configs
 
 
 class ServingDLRM(nn.Module):

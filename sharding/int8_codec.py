@@ -1,4 +1,4 @@
-"""The INT8 error-feedback codec of ``sharding.comm.Int8ErrorFeedbackHook`` as compiled CPU loops (numba).
+"""The INT8 error-feedback codec of ``sharding.ddp_hooks.Int8ErrorFeedbackHook`` as compiled CPU loops (numba).
 
 The torch version of the codec takes about nine passes over a bucket (add, abs, row maxima, divide, round, cast,
 error) plus a few ops per parameter, and on CPU each pass is a full trip through memory: for the Kaggle-shaped

@@ -14,6 +14,7 @@ from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
 from sharding.plan import TablePlacement, manual_plan, plan_sharding
+from sharding.tbe import table_configs
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,16 +42,10 @@ def parse_placement(spec: str, *, where: str = "placement") -> TablePlacement:
         raise ValueError(f"{where}: {spec!r} is not a placement ({e})") from None
 
 
-def _tables(model: nn.Module) -> list:
-    from quant.tbe import table_configs
-
-    return table_configs(model)
-
-
 def policy_placements(model: nn.Module, cfg: PlanConfig, world_size: int) -> dict[str, TablePlacement | None]:
     """Each table's placement by the policy; ``None`` = table-wise, rank left to the balancer."""
     out: dict[str, TablePlacement | None] = {}
-    for t in _tables(model):
+    for t in table_configs(model):
         if t.name in cfg.overrides:
             out[t.name] = parse_placement(cfg.overrides[t.name])
         elif cfg.data_parallel_max_rows and t.num_embeddings <= cfg.data_parallel_max_rows:
@@ -81,7 +76,7 @@ def plan_by_policy(model: nn.Module, cfg: PlanConfig, *, world_size: int, device
 
 def balance_table_wise(model: nn.Module, placements: dict[str, TablePlacement | None],
                        world_size: int) -> dict[str, TablePlacement]:
-    sizes = {t.name: t.num_embeddings * t.embedding_dim for t in _tables(model)}
+    sizes = {t.name: t.num_embeddings * t.embedding_dim for t in table_configs(model)}
     load = [0] * world_size
     for name, p in placements.items():
         if p is None:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import predict, train
+from pipeline import cli, predict, train
 from pipeline.checkpoint import Checkpointer
 
 TINY = ["--config", "tiny", "--epochs", "1", "--limit-train-batches", "4", "--limit-eval-batches", "1"]
@@ -57,7 +57,7 @@ def test_a_run_dir_is_not_resumed_as_another_job(done_run, capsys):
                  "8192 now", "Use a new --run-dir", code=2)
     assert "epochs" not in err.split("settings:")[1].split(". Use")[0]
     assert sorted(p.name for p in done_run.rglob("*")) == before
-    cfg = train.build_config(train.parse_args([*TINY, "--run-dir", str(done_run), "--epochs", "3"]))
+    cfg = cli.build_config(cli.parse_args([*TINY, "--run-dir", str(done_run), "--epochs", "3"]))
     assert cfg.epochs == 3  # a longer run of the same job is a resume
 
 

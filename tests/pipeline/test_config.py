@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from pipeline.cli import build_config, fields_table, parse_args
 from pipeline.config import JobConfig, apply_override, describe_fields, to_dict
 from pipeline.configs import CONFIGS, get_config
 from pipeline.model import build_dlrm, embedding_tables
-from pipeline.train import build_config, fields_table, main, parse_args
+from pipeline.train import main
 from quant.convert import RowLayout
 
 META = torch.device("meta")

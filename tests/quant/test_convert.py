@@ -16,8 +16,8 @@ from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.convert import RowLayout, convert_dlrm, gather_full_state, the_tbe
 from quant.export import rows_path, write_rows
 from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
-from quant.tbe import table_configs
 from sharding.plan import TablePlacement
+from sharding.tbe import table_configs
 from tests.dist_utils import run_distributed
 from tests.helpers import CARDS, TABLES, batches, sharded_model, tiny_data, train_steps
 

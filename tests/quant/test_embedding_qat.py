@@ -298,7 +298,7 @@ def _small_tables_run(rank, world_size, granularity):
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
-    from quant.tbe import table_configs
+    from sharding.tbe import table_configs
 
     spec = QuantSpec(embedding_bits=4, granularity=granularity, mlp_bits=8,
                      table_bits={name: bits for name, (bits, _) in SMALL_TABLES.items()})

@@ -93,7 +93,7 @@ def test_compiled_row_maxima_refresh_reads_exactly_the_marked_rows():
     import numpy as np
 
     from quant import qat_kernels
-    from quant.embedding_qat import _row_absmax
+    from quant.row_maxima import _row_absmax
 
     gen = torch.Generator().manual_seed(0)
     n = 1003  # not a whole number of 64-row blocks

@@ -1,11 +1,12 @@
 """Plan a Terabyte-scale DLRM for simulated GPU clusters, without the hardware:
-``python -m sharding.scale [--gpus 8,16,64] [--hbm-gb 80]``.
+``python -m pipeline.scale [--gpus 8,16,64] [--hbm-gb 80]``.
 
 TorchRec's planner places the MLPerf DLRMv2 tables (40M-row cap, dim 128) for each simulated topology; the table
 then gives each rank's embedding storage at FP32 and, for the same placement, in FBGEMM's INT4 row format (4-bit
 codes plus an fp16 scale and bias per row), and how many 80 GB ranks' worth of memory each needs in total; and what
 the shard-local export (``quant.convert.stream_integer_rows``) adds to each rank's memory while it streams the
-integer rows to rank 0, and what rank 0 then needs to build the serving module.
+integer rows to rank 0, and what rank 0 then needs to build the serving module. It builds the model
+(``pipeline.model``), so it sits with the composition rather than in ``sharding``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def plan_cluster(gpus: int, hbm_gb: float, dim: int = 128):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sharding.scale", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="8,16,64", help="comma-separated cluster sizes")
     p.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")

@@ -1,5 +1,7 @@
 """Finds the FBGEMM table-batched embedding kernels (TBEs) inside a TorchRec-sharded model, with their layout.
 
+QAT (``quant``), the touched-rows gradient exchange and the placement policy (here) read a sharded model's tables
+through it; it lives in ``sharding``, the lower of the two packages, because the kernels are what sharding builds.
 QAT needs the raw FP32 rows that a sharded ``EmbeddingBagCollection`` looks up, and TorchRec offers no public path
 to its kernels: they sit in ``ShardedEmbeddingBagCollection._lookups[i]._emb_modules[j]`` (a plain list, so
 ``named_modules()`` does not reach them; data-parallel lookups are wrapped in DDP). This module is the only place

@@ -1,0 +1,128 @@
+"""The job's command line: flags and ``--set`` overrides -> a checked ``JobConfig`` (``python -m pipeline.train
+--help``); ``pipeline.train`` and the launcher behind ``make train`` share it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+from datasets.vocab import vocab_num_embeddings
+from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
+from pipeline.configs import CONFIGS, get_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Train a TorchRec DLRM on Criteo-shaped Parquet data. Run one process per rank "
+                    "(torchrun / `torchx run`); without a launcher it runs at world size 1.",
+    )
+    p.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named experiment (default: default)")
+    p.add_argument("--run-dir", help="where logs, checkpoints and the summary go (resumed if it has checkpoints)")
+    p.add_argument("--data-dir", help="folder with train/val/test Parquet; omit for the bundled synthetic data")
+    p.add_argument("--epochs", type=int, help="passes over the training split (default: the config's)")
+    p.add_argument("--batch-size", type=int, help="training rows per batch per rank (default: the config's)")
+    p.add_argument("--lr", type=float, help="one learning rate for both the MLP and the embedding SGD (default: the "
+                                            "config's optim.lr and optim.embedding_lr, which may differ)")
+    p.add_argument("--limit-train-batches", type=int, help="stop each epoch after N batches (smoke tests)")
+    p.add_argument("--limit-eval-batches", type=int, help="evaluate on at most N batches per rank")
+    p.add_argument("--fields", action="store_true",
+                   help="print every config field --set accepts, with its value in the chosen config (after the "
+                        "other flags) and what it means, then exit")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                   help="override config fields, e.g. --set quant.embedding_bits=8 comm.dense=int8_ef "
+                        "plan.overrides=t_cat_3:row_wise,t_cat_5:column_wise:0,1 (repeatable; an unknown field "
+                        "lists the section's fields)")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> JobConfig:
+    cfg = get_config(args.config)
+    flags = {"run_dir": args.run_dir, "data.data_dir": args.data_dir, "epochs": args.epochs,
+             "data.batch_size": args.batch_size, "optim.lr": args.lr, "optim.embedding_lr": args.lr,
+             "limit_train_batches": args.limit_train_batches, "limit_eval_batches": args.limit_eval_batches}
+    for field, value in flags.items():
+        if value is not None:
+            apply_override(cfg, f"{field}={value}", check=False)
+    for item in args.set:
+        apply_override(cfg, item, check=False)
+    validate(cfg)  # once, after all overrides: fields that must agree can change together
+    if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):
+        raise ValueError(f"--run-dir {cfg.run_dir}: a file is in the way (a run dir must be a folder)")
+    check_same_job(cfg)
+    if cfg.data.vocab_dir:
+        sizes = tuple(vocab_num_embeddings(cfg.data.vocab_dir))
+        if tuple(cfg.model.num_embeddings) != sizes:
+            if any(f.startswith("model.num_embeddings=") for f in args.set):
+                raise ValueError(f"model.num_embeddings was set to {list(cfg.model.num_embeddings)} but the vocabulary "
+                                 f"{cfg.data.vocab_dir} needs {list(sizes)} (its sizes + 1); drop the override")
+            print(f"table sizes from the vocabulary {cfg.data.vocab_dir}: {list(sizes)} (config had "
+                  f"{list(cfg.model.num_embeddings)})", file=sys.stderr)
+            cfg.model.num_embeddings = sizes
+    return cfg
+
+
+# Fields a resumed job may change: how long it runs, how it evaluates and checkpoints, where it is.
+RESUME_MAY_CHANGE = ("epochs", "limit_train_batches", "limit_eval_batches", "eval_every_steps",
+                     "checkpoint_every_steps", "checkpoint_keep", "run_dir", "name", "data.eval_batch_size",
+                     "comm.count_bytes")
+
+
+def check_same_job(cfg: JobConfig) -> None:
+    """A run dir with checkpoints is resumed: refuse when this job's config differs from the one that wrote them
+    (``config.json``) in anything but ``RESUME_MAY_CHANGE``, listing the fields, instead of continuing another job's
+    weights under other settings."""
+    saved_path = cfg.run_path / "config.json"
+    if not saved_path.is_file() or not any((cfg.run_path / "checkpoints").glob("step_*/manifest.json")):
+        return
+    try:
+        saved = _flatten(json.loads(saved_path.read_text()))
+    except ValueError as e:
+        raise ValueError(f"{saved_path}: unreadable ({e}); it records the job the checkpoints beside it belong to. "
+                         f"Restore it, or start in a new --run-dir") from None
+    now = _flatten(json.loads(json.dumps(to_dict(cfg))))
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} in the run dir, {now.get(k)!r} now" for k in differ[:8])
+        more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
+        raise ValueError(f"--run-dir {cfg.run_dir} holds checkpoints of another job; it would be resumed with "
+                         f"different settings: {shown}{more}. Use a new --run-dir, or the same settings to resume "
+                         f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("overrides", "table_bits"):  # dict-valued fields compare whole
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_or_exit(args: argparse.Namespace) -> JobConfig | int:
+    """The job's config, or the exit code after saying why there is none to run: 2 after a bad flag or field
+    (printed as ``error: ...``), 0 after ``--fields`` printed the listing. ``main`` and the launcher share it."""
+    try:
+        cfg = build_config(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.fields:
+        print(fields_table(cfg))
+        return 0
+    return cfg
+
+
+def fields_table(cfg: JobConfig) -> str:
+    """The ``--fields`` listing: one block per field (path = value, then its docstring, wrapped)."""
+    lines = [f"fields of --config {cfg.name} (set any with --set PATH=VALUE; tuples as 1,2,3; dicts as "
+             f"name:value,name:value):", ""]
+    for path, value, doc in describe_fields(cfg):
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        shown = ",".join(f"{k}:{v}" for k, v in value.items()) if isinstance(value, dict) else shown
+        lines.append(f"{path} = {shown}")
+        lines.extend(textwrap.wrap(doc, 100, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(lines)
