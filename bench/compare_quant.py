@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.common import add_out_argument, format_spread, provenance, result_dir, save, spread
 from bench.run_cache import DEFAULT_ROOT, RUN_DEPENDS, DirtyTree, head_commit, run
+from pipeline.report import plot_curves
 
 CONFIGS = {"FP32": "default_fp32", "INT8 QAT": "default_int8", "INT4 QAT": "default", "INT4 PTQ": "default_ptq4"}
 SEEDS = (0, 1, 2)
@@ -197,32 +198,11 @@ def main() -> None:
 
 def plot(per_epoch: dict, path: Path, bayes: dict | None, title: str) -> None:
     """Test AUC and accuracy per epoch: the mean over seeds, the band between the lowest and highest seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "auc", "test AUC"), (axes[1], "accuracy", "test accuracy (%)")):
-        scale = 100 if key == "accuracy" else 1
-        for name, rows in per_epoch.items():
-            x = [r["epoch"] for r in rows]
-            line, = ax.plot(x, [scale * r[key]["mean"] for r in rows], marker="o", label=name)
-            ax.fill_between(x, [scale * r[key]["min"] for r in rows], [scale * r[key]["max"] for r in rows],
-                            color=line.get_color(), alpha=0.2, linewidth=0)
-        if bayes:
-            ax.axhline(scale * bayes[key], color="grey", linestyle="--", label="best achievable")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {name: [{"epoch": r["epoch"], "test": {k: r[k]["mean"] for k in ("auc", "accuracy")}} for r in rows]
+              for name, rows in per_epoch.items()}
+    bands = {name: [{k: (r[k]["min"], r[k]["max"]) for k in ("auc", "accuracy")} for r in rows]
+             for name, rows in per_epoch.items()}
+    plot_curves(series, path, bayes=bayes, title=title, bands=bands)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def epoch_table(history: list[dict[str, Any]], bayes: dict[str, float] | None = 
 
 
 def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: dict[str, float] | None = None,
-                title: str = "") -> None:
-    """Test AUC and accuracy per epoch, one line per run in ``series``."""
+                title: str = "", bands: dict[str, list[dict[str, tuple[float, float]]]] | None = None) -> None:
+    """Test AUC and accuracy per epoch, one line per run in ``series``; ``bands`` (per run, per epoch, per metric a
+    (low, high) pair, e.g. the range over seeds) are shaded around the lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -39,7 +40,11 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: d
     for ax, key, label in ((axes[0], "auc", "test AUC"), (axes[1], "accuracy", "test accuracy (%)")):
         scale = 100 if key == "accuracy" else 1
         for name, history in series.items():
-            ax.plot([s["epoch"] for s in history], [scale * s["test"][key] for s in history], marker="o", label=name)
+            x = [s["epoch"] for s in history]
+            line, = ax.plot(x, [scale * s["test"][key] for s in history], marker="o", label=name)
+            if bands and name in bands:
+                ax.fill_between(x, [scale * b[key][0] for b in bands[name]], [scale * b[key][1] for b in bands[name]],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
         if bayes:
             ax.axhline(scale * bayes[key], color="grey", linestyle="--", label="best achievable")
         ax.set_xlabel("epoch")
@@ -49,6 +54,7 @@ def plot_curves(series: dict[str, list[dict[str, Any]]], path: Path, *, bayes: d
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
