@@ -7,7 +7,8 @@ reported, never dropped silently. Within a row group everything is vectorized wi
 
 Categorical ids are ``hash % num_embeddings[t]`` by default; with ``ReaderConfig.vocab_dir`` they are contiguous
 indices into a frequency-thresholded vocabulary instead (``datasets.vocab``: index + 1, 0 for out-of-vocabulary and
-missing values, so every row has one id per table).
+missing values, so every row has one id per table). With ``ReaderConfig.row_map`` (``datasets.row_map``), the ids
+of a mapped table are then folded onto its kept rows, every other id onto the table's shared row 0.
 
 KJT layout of one batch (B rows, keys cat_0..cat_25; a missing value is an empty bag)::
 
@@ -33,6 +34,7 @@ from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from datasets.row_map import check_tables, load_row_map
 from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SPARSE_COLUMNS, Layout, detect_layout
 from datasets.vocab import load_vocab, lookup, vocab_num_embeddings
 
@@ -55,6 +57,8 @@ class ReaderConfig:
     """Batches decoded ahead by a background thread (0 = decode in the caller's thread)."""
     vocab_dir: str | None = None
     """Folder of per-column vocabularies (vocab/C1.npy..) mapping ids to contiguous indices; None = modulo hashing."""
+    row_map: str | None = None
+    """Row map file (``datasets.row_map``): rare ids of the mapped tables share one row; None = every id its own."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -101,9 +105,15 @@ class ParquetBatches(IterableDataset):
         self.num_embeddings = np.asarray(num_embeddings, dtype=np.uint64)
         self.epoch = 0
         self._vocab: list[np.ndarray] | None = None
+        self.row_map = load_row_map(cfg.row_map) if cfg.row_map is not None else None
+        if self.row_map is not None:
+            check_tables(self.row_map, num_embeddings, cfg.row_map)
+            self.id_space = np.asarray(self.row_map.id_space, dtype=np.uint64)  # what ids are hashed into
+        else:
+            self.id_space = self.num_embeddings
         if cfg.vocab_dir is not None:
             sizes = vocab_num_embeddings(cfg.vocab_dir)
-            small = [(FEATURE_NAMES[t], n, s) for t, (n, s) in enumerate(zip(num_embeddings, sizes)) if n < s]
+            small = [(FEATURE_NAMES[t], int(n), s) for t, (n, s) in enumerate(zip(self.id_space, sizes)) if n < s]
             if small:
                 raise ValueError(f"{cfg.vocab_dir}: tables too small for the vocabulary (feature, rows, needed): "
                                  f"{small}; set num_embeddings to datasets.vocab.vocab_num_embeddings(vocab_dir) = "
@@ -198,9 +208,11 @@ class ParquetBatches(IterableDataset):
             except ValueError as e:
                 raise ValueError(f"{path}: row group {group}, column {c!r}: {e}") from None
             if self._vocab is None:
-                ids[t] = (raw.astype(np.uint64) % self.num_embeddings[t]).astype(np.int64)
+                ids[t] = (raw.astype(np.uint64) % self.id_space[t]).astype(np.int64)
             else:
                 ids[t] = np.where(valid[t], lookup(self._vocab[t], raw), 0)
+            if self.row_map is not None:
+                ids[t] = self.row_map.apply(t, ids[t])
         if self._vocab is not None:
             valid[:] = True  # a missing value is id 0, like an out-of-vocabulary one
         return labels, dense, ids, valid

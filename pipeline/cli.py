@@ -51,6 +51,8 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     validate(cfg)  # once, after all overrides: fields that must agree can change together
     if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):
         raise ValueError(f"--run-dir {cfg.run_dir}: a file is in the way (a run dir must be a folder)")
+    if cfg.quant.has_budget:
+        cfg = _with_saved_budget(cfg)
     check_same_job(cfg)
     if cfg.data.vocab_dir:
         sizes = tuple(vocab_num_embeddings(cfg.data.vocab_dir))
@@ -62,6 +64,23 @@ def build_config(args: argparse.Namespace) -> JobConfig:
                   f"{list(cfg.model.num_embeddings)})", file=sys.stderr)
             cfg.model.num_embeddings = sizes
     return cfg
+
+
+def _with_saved_budget(cfg: JobConfig) -> JobConfig:
+    """A byte-budgeted job whose run dir holds the budget's choice for this request runs with it (bits, table
+    sizes, row map), so that a resume compares like with like; without one, the job searches when it starts."""
+    from pipeline.budget import apply_plan, saved_plan  # torch and torchrec: only for a budgeted job
+
+    if cfg.quant.table_bits:
+        raise ValueError("quant.table_bits and a byte budget both set: the budget chooses every table's bits; drop "
+                         "quant.table_bits (or the budget)")
+    if cfg.data.row_map:
+        raise ValueError("data.row_map and a byte budget both set: the budget writes its own row map; drop "
+                         "data.row_map (or the budget)")
+    if cfg.quant_mode == "fp32":
+        raise ValueError("a byte budget chooses integer bit widths: use quant_mode qat or ptq, not fp32")
+    plan = saved_plan(cfg)
+    return cfg if plan is None else apply_plan(cfg, plan)
 
 
 # Fields a resumed job may change: how long it runs, how it evaluates and checkpoints, where it is.

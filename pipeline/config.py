@@ -66,6 +66,9 @@ class DataConfig:
     vocab_dir: str = ""
     """Vocabulary written by ``datasets.convert --vocab-min-count`` (ids -> contiguous indices, 0 = rare or
     missing); empty = ``hash % num_embeddings``. ``model.num_embeddings`` must then be the vocabulary sizes + 1."""
+    row_map: str = ""
+    """Row map (``datasets.row_map``) folding each mapped table's rare ids onto one shared row; set by a byte budget
+    (``quant.budget_bytes``), which writes it into the run dir; empty = every id its own row."""
 
     def __post_init__(self) -> None:
         for field in ("batch_size", "eval_batch_size"):
@@ -73,10 +76,11 @@ class DataConfig:
                 raise ValueError(f"data.{field} must be at least 1, got {getattr(self, field)}")
 
     def reader(self, *, train: bool, seed: int) -> ReaderConfig:
-        vocab = self.vocab_dir or None
+        vocab, row_map = self.vocab_dir or None, self.row_map or None
         if train:
-            return ReaderConfig(batch_size=self.batch_size, shuffle=self.shuffle, seed=seed, vocab_dir=vocab)
-        return ReaderConfig(batch_size=self.eval_batch_size, vocab_dir=vocab)
+            return ReaderConfig(batch_size=self.batch_size, shuffle=self.shuffle, seed=seed, vocab_dir=vocab,
+                                row_map=row_map)
+        return ReaderConfig(batch_size=self.eval_batch_size, vocab_dir=vocab, row_map=row_map)
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -24,6 +25,11 @@ log = logging.getLogger("dqrm")
 
 def artifact_path(cfg: JobConfig) -> Path:
     return cfg.run_path / f"model_int{cfg.quant.embedding_bits}.pt"
+
+
+def row_map_path(path: Path) -> Path:
+    """The artifact's copy of the row map its model was trained with (``datasets.row_map``), beside it."""
+    return Path(path).with_suffix(".rowmap.npz")
 
 
 def write_integer_rows(cfg: JobConfig, trainer: Trainer, model):
@@ -47,10 +53,17 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
                 "dense_features": NUM_DENSE, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
                 "id_mapping": (f"vocabulary {Path(cfg.data.vocab_dir).resolve()} (index + 1; rare or missing -> 0)"
                                if cfg.data.vocab_dir else "hash % num_embeddings, missing -> empty bag"),
-                "vocab_dir": str(Path(cfg.data.vocab_dir).resolve()) if cfg.data.vocab_dir else None}
+                "vocab_dir": str(Path(cfg.data.vocab_dir).resolve()) if cfg.data.vocab_dir else None,
+                "row_map": row_map_path(path).name if cfg.data.row_map else None}
     with phases("export_module"):
+        if cfg.data.row_map:  # the kept rows of a byte budget ship with the model
+            shutil.copyfile(cfg.data.row_map, row_map_path(path))
         export(parts, FEATURE_NAMES, path, manifest)
     sizes = artifact_sizes(parts, path)
+    if cfg.data.row_map:
+        sizes["files"][row_map_path(path).name] = row_map_path(path).stat().st_size
+        sizes["row_map_bytes"] = sizes["files"][row_map_path(path).name]
+        sizes["artifact_bytes"] = sum(sizes["files"].values())
     del parts
     with phases("artifact_load"):
         module, manifest = load_with_manifest(path)
@@ -71,9 +84,11 @@ def score_like_evaluation(module, cfg: JobConfig, paths: list[Path], world_size:
     gathers them: each rank's slice of the split, its first ``limit_eval_batches`` batches, rank after rank. (With a
     limit, those are not the split's first rows.)"""
     logits, labels = [], []
+    reader = cfg.data.reader(train=False, seed=cfg.seed)
+    if cfg.data.row_map:  # the artifact's copy, as a server reads it
+        reader = dataclasses.replace(reader, row_map=str(row_map_path(artifact_path(cfg))))
     for r in range(world_size):
-        data = ParquetBatches(paths, cfg.model.num_embeddings, cfg.data.reader(train=False, seed=cfg.seed), rank=r,
-                              world_size=world_size)
+        data = ParquetBatches(paths, cfg.model.num_embeddings, reader, rank=r, world_size=world_size)
         for batch in itertools.islice(iter(data), cfg.limit_eval_batches or len(data)):
             kjt = batch.sparse_features
             logits.append(module(batch.dense_features, kjt.values(), kjt.lengths()))

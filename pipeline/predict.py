@@ -18,10 +18,13 @@ from quant.export import load_with_manifest
 
 @torch.no_grad()
 def score(module, paths: list[Path], num_embeddings: list[int], batch_size: int = 4096,
-          limit_rows: int | None = None, vocab_dir: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          limit_rows: int | None = None, vocab_dir: str | None = None,
+          row_map: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every row of ``paths`` (file order) from a loaded artifact; ids are mapped as in
-    training (``vocab_dir``, recorded in the artifact's manifest, or hashing)."""
-    data = ParquetBatches(paths, num_embeddings, ReaderConfig(batch_size=batch_size, vocab_dir=vocab_dir))
+    training (``vocab_dir``, recorded in the artifact's manifest, or hashing; then the artifact's ``row_map``, if
+    its tables share rows)."""
+    data = ParquetBatches(paths, num_embeddings, ReaderConfig(batch_size=batch_size, vocab_dir=vocab_dir,
+                                                              row_map=row_map))
     logits, labels, rows = [], [], 0
     for batch in data:
         kjt = batch.sparse_features
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.data:
             if path.is_dir():
                 raise ValueError(f"{path} is a folder; pass its Parquet files (e.g. {path}/*.parquet)")
-        logits, labels = score(module, args.data, manifest["num_embeddings"], args.batch_size, vocab_dir=vocab)
+        row_map = str(args.model.parent / manifest["row_map"]) if manifest.get("row_map") else None
+        logits, labels = score(module, args.data, manifest["num_embeddings"], args.batch_size, vocab_dir=vocab,
+                               row_map=row_map)
         m = binary_metrics(logits, labels)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

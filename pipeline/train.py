@@ -17,6 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from pipeline.budget import budget_summary, budgeted
 from pipeline.checkpoint import Checkpointer, NotEnoughDiskSpace
 from pipeline.cli import config_or_exit, parse_args
 from pipeline.config import JobConfig
@@ -47,6 +48,10 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
     log.info("job %s: world size %d on %s, run dir %s", cfg.name, world_size, device, run_dir)
     with phases("data"):
         paths, bayes = resolve_data(cfg, rank)
+    if cfg.quant.has_budget:
+        with phases("budget_search"):
+            cfg = budgeted(cfg, paths, rank, world_size, device)
+    with phases("readers"):
         splits = build_splits(cfg, paths, rank, world_size)
 
     with phases("build_shard"):
@@ -70,7 +75,7 @@ def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> di
             exported = finish_export(cfg, parts, ref_logits, paths["test"], world_size, phases)
     summary = {"config": cfg.name, "quant_mode": cfg.quant_mode, "world_size": world_size, "device": str(device),
                "epochs": history, "eval_history": eval_history, "bayes_test": bayes, "export": exported,
-               "test_files": [str(p) for p in paths["test"]],
+               "test_files": [str(p) for p in paths["test"]], "budget": budget_summary(cfg, exported),
                "wall_seconds_this_attempt": time.perf_counter() - t0}
     if rank == 0:
         report(run_dir, cfg.name, summary)
