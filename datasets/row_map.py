@@ -52,10 +52,6 @@ class RowMap:
         k = self.kept[t]
         return rows if k is None else lookup(k.view(np.uint32), rows)
 
-    def nbytes(self) -> int:
-        """Bytes of the kept lists (what the map adds to a served model)."""
-        return sum(k.nbytes for k in self.kept if k is not None)
-
     def save(self, path: Path) -> None:
         arrays = {f"C{t + 1}": k for t, k in enumerate(self.kept) if k is not None}
         tmp = Path(path).with_suffix(".tmp.npz")

@@ -35,7 +35,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from datasets.reader import ParquetBatches, ReaderConfig
 from datasets.row_map import RowMap, kept_by_count
-from datasets.schema import FEATURE_NAMES
+from datasets.schema import FEATURE_NAMES, NUM_DENSE, NUM_SPARSE
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import JobConfig, to_dict
 from pipeline.data import build_splits
@@ -58,8 +58,6 @@ MAP_MIN_ROWS = 1024
 def mlp_layers(cfg: JobConfig) -> list[tuple[int, int]]:
     """``(in, out)`` of every MLP layer of the job's DLRM (TorchRec's: the over arch reads the dense embedding and
     the pairwise dots of the 27 vectors)."""
-    from datasets.schema import NUM_DENSE, NUM_SPARSE
-
     dense = list(zip((NUM_DENSE, *cfg.model.dense_arch[:-1]), cfg.model.dense_arch))
     f = NUM_SPARSE + 1
     over_in = cfg.model.embedding_dim + f * (f - 1) // 2
@@ -97,9 +95,6 @@ def saved_plan(cfg: JobConfig) -> dict | None:
 
 def apply_plan(cfg: JobConfig, plan: dict) -> JobConfig:
     """The job with the plan's bits, table sizes and row map (a copy; ``cfg`` is not changed)."""
-    if cfg.quant.table_bits:
-        raise ValueError("quant.table_bits and a byte budget both set: the budget chooses every table's bits; drop "
-                         "quant.table_bits")
     row_map = str(cfg.run_path / ROW_MAP_NAME) if plan["mapped_tables"] else ""
     return dataclasses.replace(
         cfg, quant=dataclasses.replace(cfg.quant, table_bits=dict(plan["table_bits"])),

@@ -59,11 +59,7 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
         if cfg.data.row_map:  # the kept rows of a byte budget ship with the model
             shutil.copyfile(cfg.data.row_map, row_map_path(path))
         export(parts, FEATURE_NAMES, path, manifest)
-    sizes = artifact_sizes(parts, path)
-    if cfg.data.row_map:
-        sizes["files"][row_map_path(path).name] = row_map_path(path).stat().st_size
-        sizes["row_map_bytes"] = sizes["files"][row_map_path(path).name]
-        sizes["artifact_bytes"] = sum(sizes["files"].values())
+    sizes = artifact_sizes(parts, path, (row_map_path(path),) if cfg.data.row_map else ())
     del parts
     with phases("artifact_load"):
         module, manifest = load_with_manifest(path)

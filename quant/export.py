@@ -216,11 +216,12 @@ setattr(model, rows["buffer"], torch.from_file(str(Path(sys.argv[1]).parent / ro
 """
 
 
-def artifact_sizes(parts: IntegerParts, path: Path) -> Dict[str, Any]:
+def artifact_sizes(parts: IntegerParts, path: Path, extra: Tuple[Path, ...] = ()) -> Dict[str, Any]:
     """What the artifact holds, in bytes: the tables split into codes, fp16 scales and biases, and padding (row
-    alignment and FBGEMM's 128-byte table starts); the stored MLPs; each file on disk; and the float model."""
+    alignment and FBGEMM's 128-byte table starts); the stored MLPs; each file on disk (``extra``: files shipped
+    beside it, e.g. a row map); and the float model."""
     layout = parts.layout
-    files = {p.name: p.stat().st_size for p in (Path(path), rows_path(path))}
+    files = {p.name: p.stat().st_size for p in (Path(path), rows_path(path), *extra)}
     return {"fp32_bytes": parts.fp32_bytes,
             "table_bytes": layout.total_bytes,
             "table_codes_bytes": sum(t.rows * t.code_bytes for t in layout.tables),
