@@ -11,7 +11,10 @@ The measurement, collective over the job's ranks, before training:
    with the ids seen fewer times in training dropped from their bags (a zero vector standing in for the shared row,
    which training will then learn).
 
-A table's damage for (bits, threshold) is the sum of the two losses added; the search's record (every measurement,
+A table's damage for (bits, threshold) is the sum of the two losses added. Damages within the measurement's noise
+(``noise_floor``) count as zero, and each option also carries the share of training lookups it loses
+(``quant.budget.lookups_lost``), so that where the warm-up cannot tell options apart, rows are kept by how often they
+are looked up. The search's record (every measurement,
 the choice, its bytes and seconds) goes to ``budget.json`` in the run dir, the kept rows to ``row_map.npz``. A
 resumed job reads both back instead of searching again.
 """
@@ -42,7 +45,7 @@ from pipeline.data import build_splits
 from pipeline.parallelize import build_sharded_model
 from pipeline.trainer import Trainer
 from quant.api import embedding_quantizer
-from quant.budget import ARTIFACT_OVERHEAD, Option, bit_choices, choose, mlp_bytes, option_bytes
+from quant.budget import ARTIFACT_OVERHEAD, Option, bit_choices, choose, cost, lookups_lost, mlp_bytes, option_bytes
 from sharding.comm import CommConfig
 
 log = logging.getLogger("dqrm")
@@ -237,24 +240,28 @@ def search(cfg: JobConfig, paths: dict[str, list[Path]], rank: int, world_size: 
     gc.collect()
 
     options = []
+    lookups = sum(int(c.sum()) for c in counts)
     for t, name in enumerate(FEATURE_NAMES):
-        table = f"t_{name}"
+        table, n, ct = f"t_{name}", id_space[t], counts[t].numpy()
         opts = []
         for b, db in bits_damage[table].items():
-            opts.append(Option(b, 0, id_space[t], option_bytes(id_space[t], None, d, b, q.row_alignment), db))
+            opts.append(Option(b, 0, n, option_bytes(n, None, d, b, q.row_alignment), db,
+                               lookups_lost(ct, lookups, b, 0)))
             for c, (kept, dk) in keep_damage[table].items():
-                opts.append(Option(b, c, kept + 1, option_bytes(id_space[t], kept, d, b, q.row_alignment), db + dk))
+                opts.append(Option(b, c, kept + 1, option_bytes(n, kept, d, b, q.row_alignment), db + dk,
+                                   lookups_lost(ct, lookups, b, c)))
         options.append(opts)
-    chosen = choose(options, budget - fixed)
+    noise = noise_floor(bits_damage, keep_damage)
+    chosen = choose(options, budget - fixed, noise)
     tables = []
     for t, (name, o) in enumerate(zip(FEATURE_NAMES, chosen)):
         merged = float(counts[t][counts[t] < o.min_count].sum() / max(int(counts[t].sum()), 1)) if o.min_count else 0.0
         tables.append({"table": f"t_{name}", "rows": id_space[t], "kept_rows": o.rows, "dim": d, "bits": o.bits,
-                       "min_count": o.min_count, "bytes": o.bytes, "sensitivity": o.damage,
-                       "merged_lookup_share": merged})
+                       "min_count": o.min_count, "bytes": o.bytes, "sensitivity": o.damage, "prior": o.prior,
+                       "cost": cost(o, noise), "merged_lookup_share": merged})
     plan = {"request": json.loads(json.dumps(request(cfg))), "budget_bytes": budget, "fp32_bytes": fp32,
             "fixed_bytes": fixed, "predicted_bytes": fixed + sum(o.bytes for o in chosen),
-            "baseline_val_logloss": base, "warmup_seconds": t_warm, "evaluations": evaluations,
+            "baseline_val_logloss": base, "noise_floor": noise, "warmup_seconds": t_warm, "evaluations": evaluations,
             "search_seconds": time.perf_counter() - t0, "tables": tables,
             "table_bits": {r["table"]: r["bits"] for r in tables},
             "num_embeddings": [r["kept_rows"] for r in tables],
@@ -272,6 +279,14 @@ def search(cfg: JobConfig, paths: dict[str, list[Path]], rank: int, world_size: 
     if dist.is_initialized():
         dist.barrier()
     return plan
+
+
+def noise_floor(bits_damage: dict, keep_damage: dict) -> float:
+    """The measurement's noise: the largest loss decrease any cheaper option measured (coarser codes or fewer rows
+    do not make a model better; a decrease this large is the eval rows' chance, and increases within it are too)."""
+    measured = [v for m in bits_damage.values() for v in m.values()]
+    measured += [v for m in keep_damage.values() for _, v in m.values()]
+    return max(0.0, -min(measured, default=0.0))
 
 
 def budget_summary(cfg: JobConfig, exported: dict | None) -> dict | None:
@@ -297,9 +312,11 @@ def _epochs(data: ParquetBatches):
 
 
 def choice_table(tables: list[dict]) -> str:
-    head = f"{'table':<10} {'rows':>10} {'kept':>10} {'dim':>4} {'bits':>4} {'MB':>8} {'sensitivity':>12} {'merged':>7}"
+    head = (f"{'table':<10} {'rows':>10} {'kept':>10} {'dim':>4} {'bits':>4} {'MB':>8} {'sensitivity':>12} "
+            f"{'prior':>9} {'merged':>7}")
     lines = [head, "-" * len(head)]
     for r in tables:
         lines.append(f"{r['table']:<10} {r['rows']:>10,} {r['kept_rows']:>10,} {r['dim']:>4} {r['bits']:>4} "
-                     f"{r['bytes'] / 1e6:>8.3f} {r['sensitivity']:>12.2e} {100 * r['merged_lookup_share']:>6.2f}%")
+                     f"{r['bytes'] / 1e6:>8.3f} {r['sensitivity']:>12.2e} {r['prior']:>9.2e} "
+                     f"{100 * r['merged_lookup_share']:>6.2f}%")
     return "\n".join(lines)

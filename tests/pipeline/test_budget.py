@@ -17,7 +17,7 @@ from datasets.row_map import load_row_map
 from pipeline import predict, train
 from pipeline.configs import TINY_CARDINALITIES, tiny
 from pipeline.model import build_dlrm
-from quant.budget import ARTIFACT_OVERHEAD
+from quant.budget import ARTIFACT_OVERHEAD, PRIOR_LOSS
 from quant.export import load_with_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +60,12 @@ def _check_budgeted_run(run_dir: Path) -> dict:
             expected += damage["min_count"][t["table"]][str(t["min_count"])][1]
             assert t["kept_rows"] == damage["min_count"][t["table"]][str(t["min_count"])][0] + 1
         assert t["sensitivity"] == pytest.approx(expected)
+        # the noise is the largest measured gain; the cost adds the share of lookups lost
+        counted = expected if expected > plan["noise_floor"] else 0.0
+        assert t["cost"] == pytest.approx(counted + PRIOR_LOSS * t["prior"])
+    measured = [v for m in plan["damage"]["bits"].values() for v in m.values()]
+    measured += [v for m in plan["damage"]["min_count"].values() for _, v in m.values()]
+    assert plan["noise_floor"] == max(0.0, -min(measured))
     return summary
 
 

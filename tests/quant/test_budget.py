@@ -3,13 +3,14 @@ them out."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import types
 
 import numpy as np
 import pytest
 
-from quant.budget import Option, bit_choices, choose, option_bytes, table_bytes
+from quant.budget import PRIOR_LOSS, Option, bit_choices, choose, cost, lookups_lost, option_bytes, table_bytes
 from quant.convert import RowLayout
 from quant.spec import QuantSpec
 
@@ -20,16 +21,16 @@ def _random_options(rng: np.random.Generator, tables: int) -> list[list[Option]]
         opts = []
         for _ in range(int(rng.integers(1, 5))):
             opts.append(Option(bits=8, min_count=0, rows=1, bytes=int(rng.integers(100, 5000)),
-                               damage=float(rng.uniform(-0.01, 0.1))))
+                               damage=float(rng.uniform(-0.01, 0.1)), prior=float(rng.uniform(0, 1))))
         out.append(opts)
     return out
 
 
-def _brute_force(options: list[list[Option]], budget: int) -> float:
+def _brute_force(options: list[list[Option]], budget: int, noise: float) -> float:
     best = np.inf
     for combo in itertools.product(*options):
         if sum(o.bytes for o in combo) <= budget:
-            best = min(best, sum(max(o.damage, 0.0) for o in combo))
+            best = min(best, sum((o.damage if o.damage > noise else 0.0) + PRIOR_LOSS * o.prior for o in combo))
     return best
 
 
@@ -40,10 +41,11 @@ def test_choice_is_the_least_damage_that_fits(seed):
     smallest, largest = (sum(f(o.bytes for o in opts) for opts in options) for f in (min, max))
     budget = int(rng.integers(smallest, largest + 1))
     # bytes counted in units of budget / resolution, rounded up: a fine resolution loses nothing on these sizes
-    chosen = choose(options, budget, resolution=budget)
+    noise = float(rng.choice([0.0, 0.02]))
+    chosen = choose(options, budget, noise, resolution=budget)
     assert sum(o.bytes for o in chosen) <= budget
     assert [o in opts for o, opts in zip(chosen, options)] == [True] * 5
-    assert sum(max(o.damage, 0.0) for o in chosen) == pytest.approx(_brute_force(options, budget), abs=1e-9)
+    assert sum(cost(o, noise) for o in chosen) == pytest.approx(_brute_force(options, budget, noise), abs=1e-9)
     # a coarse resolution still never exceeds the budget
     assert sum(o.bytes for o in choose(options, budget, resolution=50)) <= budget
 
@@ -55,6 +57,29 @@ def test_bytes_are_only_given_up_for_a_reason():
     assert [o.bits for o in choose(options, 3000)] == [8, 8, 8]
     # 2200 bytes: one table must give up precision; two at INT4 (2200 bytes) beat INT4 + INT2 (2000)
     assert sorted(o.bits for o in choose(options, 2200)) == [4, 4, 8]
+
+
+def test_within_the_noise_rows_are_kept_where_lookups_are():
+    # two tables of 1000 rows; in "hot" 10 rows take 90 % of its lookups, in "flat" every row is looked up alike
+    hot = np.r_[np.full(10, 90.0), np.full(990, 100 / 990)]
+    flat = np.full(1000, 1.0)
+    total = int(hot.sum() + flat.sum())
+    assert lookups_lost(flat, total, 8, 2) == pytest.approx(0.5)  # every flat row seen once: all its lookups lost
+    assert lookups_lost(hot, total, 8, 2) == pytest.approx(0.05 + 0.45 * 4.0 ** -8)  # the 990 rare ones lost
+    assert lookups_lost(hot, total, 4, 0) == pytest.approx(0.5 * 4.0 ** -4)
+    # the whole tables measure nothing; dropping the rare rows measures +1e-5 in "hot" (chance), 0 in "flat"
+    options = [[Option(8, 0, 1000, 1000, 0.0, lookups_lost(counts, total, 8, 0)),
+                Option(8, 2, 11, 60, damage, lookups_lost(counts, total, 8, 2))]
+               for counts, damage in ((hot, 1e-5), (flat, 0.0))]
+    # room for one whole table: within the noise (1e-5), so the hot table gives up its rare rows, not the flat one
+    chosen = choose(options, 1060, noise=1e-5)
+    assert [o.min_count for o in chosen] == [2, 0]
+    # a damage within the noise counts as none, however large the noise
+    options[0][1] = dataclasses.replace(options[0][1], damage=0.008)
+    assert [o.min_count for o in choose(options, 1060, noise=0.01)] == [2, 0]
+    # a damage above the noise outweighs the prior
+    options[0][1] = dataclasses.replace(options[0][1], damage=0.01)
+    assert [o.min_count for o in choose(options, 1060, noise=1e-5)] == [0, 2]
 
 
 def test_a_budget_below_the_smallest_options_is_refused():
