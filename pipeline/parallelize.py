@@ -38,7 +38,7 @@ def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torc
     if cfg.quant_mode != "fp32":
         quantize_(model, QATConfig(spec=cfg.quant, step="prepare"), pg=dist.group.WORLD)
         set_fake_quant(model, cfg.quant_mode == "qat")  # ptq trains in float
-    counter = ByteCounter().install() if cfg.comm.count_bytes and world_size > 1 else None
+    counter = ByteCounter().install(dist.group.WORLD) if cfg.comm.count_bytes and world_size > 1 else None
     hooks = compress_gradients(model, cfg.comm, counter)
     comm_state = {"comm_int8_ef": h for h in hooks if isinstance(h, Int8ErrorFeedbackHook)}
     optimizer = build_optimizer(model, cfg.optim)

@@ -23,7 +23,7 @@ def fp32_allreduce_hook(counter: ByteCounter | None, kind: str):
     def hook(group, bucket):  # DDP checks the annotations: leave them off
         buf = bucket.buffer()
         if counter is not None:
-            counter.add(kind, nbytes(buf))
+            counter.all_reduce(kind, nbytes(buf), dist.get_world_size(group))
         buf.div_(dist.get_world_size(group))
         return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
     return hook
@@ -32,12 +32,12 @@ def fp32_allreduce_hook(counter: ByteCounter | None, kind: str):
 def fp16_hook(counter: ByteCounter | None):
     def hook(group, bucket):  # DDP checks the annotations: leave them off
         if counter is not None:
-            counter.add("all_reduce fp16 (MLP)", bucket.buffer().numel() * 2)
+            counter.all_reduce("all_reduce fp16 (MLP)", bucket.buffer().numel() * 2, dist.get_world_size(group))
         return default_hooks.fp16_compress_hook(group, bucket)
     return hook
 
 
-# torch.distributed's own function object, not the ByteCounter's wrapper: hooks count their bytes themselves.
+# all_gather_single where torch has it (all_gather_into_tensor is deprecated).
 _all_gather_single = getattr(distributed_c10d, "all_gather_single", None) or distributed_c10d.all_gather_into_tensor
 
 
@@ -99,8 +99,8 @@ class Int8ErrorFeedbackHook:
         compiled = out.device.type == "cpu" and out.dtype == torch.float32
         (self._encode_cpu if compiled else self._encode)(b, out)
         if self.counter is not None:
-            self.counter.add("all_gather int8 (MLP)", out.numel())
-            self.counter.add("all_gather scales (MLP)", 4 * b.rows)
+            self.counter.all_gather("all_gather int8 (MLP)", out.numel(), world)
+            self.counter.all_gather("all_gather scales (MLP)", 4 * b.rows, world)
         work = _all_gather_single(b.gathered.view(-1), b.payload, group=group, async_op=True)
 
         def finish(fut):

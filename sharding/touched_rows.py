@@ -84,7 +84,7 @@ class TouchedRowsHook:
             if lay is None or len(set(lay.local_dims)) != 1:
                 # Small (dp_whole_max_rows), or not a table we understand: the plain average, as DDP takes it.
                 if self.counter is not None:
-                    self.counter.add("all_reduce fp32 (DP tables, whole)", nbytes(g))
+                    self.counter.all_reduce("all_reduce fp32 (DP tables, whole)", nbytes(g), dist.get_world_size(group))
                 g.div_(dist.get_world_size(group))
                 dist.all_reduce(g, group=group)
                 continue
@@ -121,12 +121,12 @@ class TouchedRowsHook:
         payload[id_bytes: id_bytes + 2 * steps.numel()] = steps.view(torch.uint8)
         start = id_bytes + step_bytes
         payload[start: start + values.numel() * values.element_size()] = values.reshape(-1).view(torch.uint8)
-        if self.counter is not None:  # what is handed to the collectives, padding to the largest rank included
-            self.counter.add("all_gather counts (DP tables)", nbytes(header))
-            self.counter.add("all_gather ids (DP tables)", id_bytes)
+        if self.counter is not None:  # two all-gathers, the payload's by part (padding to the largest rank included)
+            self.counter.all_gather("all_gather counts (DP tables)", nbytes(header), world)
+            self.counter.all_gather("all_gather ids (DP tables)", id_bytes, world)
             if self.int8:
-                self.counter.add("all_gather row steps (DP tables)", step_bytes)
-            self.counter.add("all_gather rows (DP tables)", row_bytes)
+                self.counter.all_gather("all_gather row steps (DP tables)", step_bytes, world)
+            self.counter.all_gather("all_gather rows (DP tables)", row_bytes, world)
         parts = [torch.empty_like(payload) for _ in range(world)]
         dist.all_gather(parts, payload, group=group)
         rows[idx] = 0  # every other row of the local gradient is zero already
