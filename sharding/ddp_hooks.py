@@ -80,7 +80,7 @@ class Int8ErrorFeedbackHook:
         key = tuple(id(p) for p in params)
         b = self._buckets.get(key)
         if b is None:  # DDP re-buckets after its first step: carry each parameter's error into the new layout
-            b = _Int8Bucket(params, n, world, dev)
+            b = self._new_bucket(params, n, world, dev)
             for i, o, k, _, _ in b.segments:
                 old = self.errors.get(id(params[i]))
                 if old is not None:
@@ -91,6 +91,10 @@ class Int8ErrorFeedbackHook:
                 del self._buckets[old]
             self._buckets[key] = b
         return b
+
+    @staticmethod
+    def _new_bucket(params: list[torch.Tensor], n: int, world: int, dev: torch.device) -> "_Int8Bucket":
+        return _Int8Bucket(params, n, world, dev)
 
     def __call__(self, group, bucket):  # group: the DDP's process group (None: the default one)
         out = bucket.buffer()
@@ -179,8 +183,12 @@ class _Int8Bucket:
         self.segment_array = np.array([s[1:] for s in self.segments], dtype=np.int64).reshape(-1, 4)
         self.err = torch.zeros(n, device=dev)
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # the torch codec's; the compiled one needs none
-        self.payload = torch.empty(4 * first + n, dtype=torch.uint8, device=dev)
-        self.gathered = torch.empty(world, 4 * first + n, dtype=torch.uint8, device=dev)
+        self.exchange_buffers(n, world, dev)
+
+    def exchange_buffers(self, n: int, world: int, dev: torch.device) -> None:
+        """What the all-gather sends (``[steps as bytes][codes]``) and receives (one such row per rank)."""
+        self.payload = torch.empty(4 * self.rows + n, dtype=torch.uint8, device=dev)
+        self.gathered = torch.empty(world, 4 * self.rows + n, dtype=torch.uint8, device=dev)
 
     def scratch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The torch codec's two work buffers of the bucket's size (x and its codes), made on first use."""
