@@ -69,15 +69,16 @@ def _build(cfg, config_name, comm, world_size, counter):
     return model, build_optimizer(model, cfg.optim), dict(kinds)
 
 
-def _worker(rank, world_size, config_name, steps):
-    """All variants built side by side and stepped in turn (round i: every variant's step i, starting from a
-    different variant each round), so that the machine's load drifts over all of them alike; the first two rounds
-    are warm-up."""
+def _worker(rank, world_size, config_name, steps, variants=VARIANTS):
+    """The variants (name -> ``CommConfig``; the first is the baseline of the ratios) built side by side and
+    stepped in turn (round i: every variant's step i, starting from a different variant each round), so that the
+    machine's load drifts over all of them alike; the first two rounds are warm-up."""
     quiet_library_noise()
     cfg = get_config(config_name)
     batches = random_batches(cfg.model.num_embeddings, cfg.data.batch_size, steps + 2, seed=rank)
     counter = ByteCounter().install()
-    built = {name: _build(cfg, config_name, comm, world_size, counter) for name, comm in VARIANTS.items()}
+    built = {name: _build(cfg, config_name, comm, world_size, counter) for name, comm in variants.items()}
+    base = next(iter(variants))
     times = {name: [] for name in built}
     sent = {name: collections.Counter() for name in built}
     for i, b in enumerate(batches):
@@ -98,10 +99,27 @@ def _worker(rank, world_size, config_name, steps):
     for name, (_, _, kinds) in built.items():
         per_step = {k: v / steps for k, v in sorted(sent[name].items())}
         per_step["total"] = sum(sent[name].values()) / steps
-        r = paired_ratio(times[name], times["dense FP32"])
+        r = paired_ratio(times[name], times[base])
         results[name] = {"step_ms": 1e3 * statistics.median(times[name]), "bytes": per_step, "plan": kinds,
                          "ratio_median": r["median"], "ratio_q1": r["q1"], "ratio_q3": r["q3"], "ratio_ci95": r["ci95"]}
     return results
+
+
+def result_rows(model: str, res: dict) -> list[dict]:
+    """One row per variant of ``_worker``'s result: bytes by kind, step time, and both against the first variant."""
+    base = next(iter(res.values()))
+    rows = []
+    for name, r in res.items():
+        b = r["bytes"]
+        rows.append({"model": model, "variant": name, "bytes_per_step": b["total"],
+                     "embedding_bytes": sum(v for k, v in b.items() if "DP tables" in k),
+                     "all_to_all_bytes": sum(v for k, v in b.items() if "all_to_all" in k),
+                     "mlp_bytes": sum(v for k, v in b.items() if "MLP" in k),
+                     "step_ms": r["step_ms"], "bytes_vs_dense": b["total"] / base["bytes"]["total"],
+                     "time_vs_dense": r["ratio_median"], "ratio_q1": r["ratio_q1"], "ratio_q3": r["ratio_q3"],
+                     "ratio_ci95": r["ratio_ci95"],
+                     "median_step_vs_dense": r["step_ms"] / base["step_ms"], "plan": r["plan"], "detail": b})
+    return rows
 
 
 def main() -> None:
@@ -120,18 +138,7 @@ def main() -> None:
         p.error(f"--steps gives {len(steps)} counts for {len(models)} models")
     rows = []
     for model, n in zip(models, steps):
-        res = run_distributed(_worker, model, n, world_size=2)[0]
-        base = res["dense FP32"]
-        for name, r in res.items():
-            b = r["bytes"]
-            rows.append({"model": model, "variant": name, "bytes_per_step": b["total"],
-                         "embedding_bytes": sum(v for k, v in b.items() if "DP tables" in k),
-                         "all_to_all_bytes": sum(v for k, v in b.items() if "all_to_all" in k),
-                         "mlp_bytes": sum(v for k, v in b.items() if "MLP" in k),
-                         "step_ms": r["step_ms"], "bytes_vs_dense": b["total"] / base["bytes"]["total"],
-                         "time_vs_dense": r["ratio_median"], "ratio_q1": r["ratio_q1"], "ratio_q3": r["ratio_q3"],
-                         "ratio_ci95": r["ratio_ci95"],
-                         "median_step_vs_dense": r["step_ms"] / base["step_ms"], "plan": r["plan"], "detail": b})
+        rows += result_rows(model, run_distributed(_worker, model, n, world_size=2)[0])
     report = Report()
     report(f"world size 2 (gloo, CPU, one torch thread per rank); timed steps per model: "
            f"{', '.join(f'{m} {n}' for m, n in zip(models, steps))}; time/dense: median per-round ratio, q1-q3 its "

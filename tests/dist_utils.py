@@ -18,8 +18,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, results: Any, links: Any) -> None:
+    master = links.enter(rank) if links is not None else "127.0.0.1"
+    os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     if world_size > 1:  # as torchrun does: one intra-op thread per process, or the ranks fight over the cores
         torch.set_num_threads(1)
@@ -32,13 +33,16 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, re
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, *args: Any, world_size: int = 2) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return each rank's result (picklable)."""
+def run_distributed(fn: Callable, *args: Any, world_size: int = 2, links: Any = None) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` processes; return each rank's result (picklable).
+    ``links`` (benches only, ``bench.links.Links``): each rank first enters its own network namespace, and the ranks
+    talk over the emulated links instead of loopback."""
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
         port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results)) for r in range(world_size)]
+        procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, results, links))
+                 for r in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:
