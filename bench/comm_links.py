@@ -39,10 +39,12 @@ VARIANTS = {
     QCOMMS[0]: CommConfig(qcomms="int8"),
     FULL: CommConfig(dp_tables="touched_int8", dense="int8_ef"),
     QCOMMS[1]: CommConfig(dp_tables="touched_int8", dense="int8_ef", qcomms="int8"),
+    f"{FULL}, MLP by INT8 reduce-scatter": CommConfig(dp_tables="touched_int8", dense="int8_rs_ag"),
 }
 """Fully compressed: touched rows in INT8 for the data-parallel tables, INT8 with error feedback for the MLPs; the
 model-parallel all-to-alls stay FP32 unless qcomms is named (the default model has none: its qcomms variants are
-not run)."""
+not run). The last variant sends the MLP gradients by the INT8 reduce-scatter and all-gather
+(``sharding.int8_allreduce``) instead of the INT8 all-gather: the same bytes at two ranks, fewer from three on."""
 
 
 def variants_for(model: str, names: list[str] | None) -> dict[str, CommConfig]:
@@ -72,6 +74,59 @@ def crossover(base: tuple[float, float], other: tuple[float, float]) -> float | 
     if a1 <= a0:
         return float("inf")
     return (b0 - b1) / (a1 - a0)
+
+
+PAPER_WORLD_SIZES = (2, 8, 64)
+PAPER_RATES = (1, 10, 25, 100)
+
+
+def codec_seconds(config_name: str, repeats: int = 20) -> dict[str, float]:
+    """Median seconds of the compiled INT8 codec (``sharding.int8_codec``) on one rank for the config's MLP
+    gradients (one bucket): encoding them, and decoding one rank's copy of them."""
+    import time
+
+    from pipeline.budget import mlp_layers
+    from pipeline.configs import get_config
+    from sharding import int8_codec
+
+    segs, offset, first = [], 0, 0
+    for i, o in mlp_layers(get_config(config_name)):
+        segs += [(offset, i * o, first, o), (offset + i * o, o, first + o, 1)]
+        offset, first = offset + i * o + o, first + o + 1
+    segments, n = np.array(segs, dtype=np.int64), offset
+    rng = np.random.default_rng(0)
+    grad, err = rng.standard_normal(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
+    steps, codes, out = np.empty(first, np.float32), np.empty(n, np.int8), np.empty(n, np.float32)
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    enc, dec = [], []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        int8_codec.encode(grad, err, segments, steps, codes, tiny)
+        t1 = time.perf_counter()
+        int8_codec.decode(codes[None], steps[None], segments, out)
+        enc.append(t1 - t0)
+        dec.append(time.perf_counter() - t1)
+    return {"values": n, "rows": first, "encode_s": float(np.median(enc[1:])), "decode_s": float(np.median(dec[1:]))}
+
+
+def paper_model(codec: dict[str, float]) -> list[dict]:
+    """MLP gradient exchange per step at world sizes and link rates not run here: wire bytes per rank by the
+    formulas (``sharding.byte_counter``) over the link, plus the measured codec, not overlapped (an upper bound on
+    the exchange's own time). FP32 ring all-reduce; INT8 all-gather (encode once, decode every rank's copy); INT8
+    reduce-scatter + all-gather (encode, decode and sum W chunks of n/W, re-encode 1/W, decode the gathered n)."""
+    from sharding.byte_counter import all_gather_wire_bytes, all_reduce_wire_bytes
+
+    n, rows, enc, dec = codec["values"], codec["rows"], codec["encode_s"], codec["decode_s"]
+    payload = n + 4 * rows
+    rows_out = []
+    for w in PAPER_WORLD_SIZES:
+        ways = {"FP32 ring all-reduce": (all_reduce_wire_bytes(4 * n, w), 0.0),
+                "INT8 all-gather": (all_gather_wire_bytes(payload, w), enc + w * dec),
+                "INT8 reduce-scatter + all-gather": (all_reduce_wire_bytes(payload, w), enc + dec + enc / w + dec)}
+        for name, (wire, codec_s) in ways.items():
+            rows_out.append({"world_size": w, "exchange": name, "wire_bytes": wire, "codec_ms": 1e3 * codec_s,
+                             **{f"ms_at_{r}g": 1e3 * (wire * 8 / (r * 1e9) + codec_s) for r in PAPER_RATES}})
+    return rows_out
 
 
 def main() -> None:
@@ -144,8 +199,16 @@ def main() -> None:
             where = ("faster at every link speed measured and beyond" if x == float("inf") else
                      "slower at every link speed" if x is None else f"faster below {x:.1f} Gbit/s")
             report(f"{model}: {v}: step = {f['a_ms']:.1f} ms + {f['b_ms_gbit']:.1f} ms x (1 Gbit/s / rate); {where}")
+    codec = codec_seconds("kaggle")
+    paper = paper_model(codec)
+    report(f"on paper, the Kaggle-shaped model's MLP gradients ({codec['values']:,} values, {codec['rows']:,} rows; "
+           f"codec measured here: encode {1e3 * codec['encode_s']:.2f} ms, decode of one rank's copy "
+           f"{1e3 * codec['decode_s']:.2f} ms), exchange time = wire bytes / rate + codec, not overlapped:")
+    report(table(paper, [("world_size", "W", "d"), ("exchange", "exchange", "s"), ("wire_bytes", "wire B/rank", ",.0f"),
+                         ("codec_ms", "codec ms", ".2f"), *((f"ms_at_{r}g", f"ms at {r} Gbit/s", ".2f")
+                                                            for r in PAPER_RATES)]))
     payload = {"world_size": args.world_size, "steps": dict(zip(models, steps)), "links": links, "rows": rows,
-               "fits": crossings}
+               "fits": crossings, "codec": codec, "paper_model": paper}
     print(f"json: {save('comm_links', payload, report.text, out=out)}")
     plot(rows, models, out / "comm_links.png")
 
