@@ -4,8 +4,9 @@ all-gather of the reduced chunks. Wire bytes per rank about 2(W-1)/W * n/4 plus 
 (``sharding.ddp_hooks.Int8ErrorFeedbackHook``) sends (W-1) * n/4 and stops saving at W = 8.
 
 Layout: a bucket's rows (output rows of each parameter, a bias one row) are cut into W chunks of consecutive rows
-with about 1/W of the bucket's wire bytes (codes and steps) each, so every row keeps its own symmetric step (``int8_step``) in both roundings and the
-codec of the all-gather hook (compiled on CPU, ``sharding.int8_codec``) encodes and decodes each chunk unchanged.
+with about 1/W of the bucket's wire bytes (codes and steps) each, so every row keeps its own symmetric step
+(``int8_step``) in both roundings and the codec of the all-gather hook (compiled on CPU, ``sharding.int8_codec``)
+encodes and decodes each chunk unchanged.
 
 No library offers an INT8 reduce-scatter/all-gather inside DDP (torch's hooks are FP16/BF16 casts and PowerSGD;
 gloo has no reduce-scatter), so it is written here.
