@@ -65,15 +65,27 @@ def fit(rates: list[float], times: list[float]) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def crossover(base: tuple[float, float], other: tuple[float, float]) -> float | None:
-    """Gbit/s below which ``other``'s fitted step is shorter than ``base``'s; ``inf`` when it is shorter at every
-    speed, None when at none."""
+def crossover(base: tuple[float, float], other: tuple[float, float]) -> dict:
+    """Where ``other``'s fitted step is shorter than ``base``'s: ``{"faster": "always" | "never" | "below" |
+    "above", "gbit": the crossing rate for "below" / "above", else None}``."""
     (a0, b0), (a1, b1) = base, other
-    if b1 >= b0:  # no fewer seconds per byte over the link
-        return float("inf") if a1 < a0 else None
-    if a1 <= a0:
-        return float("inf")
-    return (b0 - b1) / (a1 - a0)
+    if b1 < b0 and a1 <= a0:
+        return {"faster": "always", "gbit": None}
+    if b1 >= b0 and a1 >= a0:
+        return {"faster": "never", "gbit": None}
+    # the lines cross once: fewer seconds per byte over the link but more compute (faster on slow links), or the
+    # other way round (faster on fast links)
+    return {"faster": "below" if b1 < b0 else "above", "gbit": (b0 - b1) / (a1 - a0)}
+
+
+def measured_verdict(rows: list[dict]) -> str:
+    """Per link, what the paired ratios show: faster or slower where the 95% interval of the median ratio excludes
+    1, else not resolved."""
+    out = []
+    for r in rows:
+        lo, hi = r["ratio_ci95"]
+        out.append(f"{r['link']}: {'faster' if hi < 1 else 'slower' if lo > 1 else 'not resolved'}")
+    return ", ".join(out)
 
 
 PAPER_WORLD_SIZES = (2, 8, 64)
@@ -178,7 +190,7 @@ def main() -> None:
         for v in dict.fromkeys(r["variant"] for r in mine):
             pts = [r for r in mine if r["variant"] == v]
             fits[v] = fit([r["measured_gbit"] for r in pts], [r["step_ms"] for r in pts])
-        crossings[model] = {v: {"a_ms": f[0], "b_ms_gbit": f[1], "crossover_gbit": crossover(fits[BASE], f)}
+        crossings[model] = {v: {"a_ms": f[0], "b_ms_gbit": f[1], "crossover": crossover(fits[BASE], f)}
                             for v, f in fits.items() if v != BASE}
 
     report = Report()
@@ -195,10 +207,12 @@ def main() -> None:
                         ("ci95_text", "95% interval", "s")]))
     for model, c in crossings.items():
         for v, f in c.items():
-            x = f["crossover_gbit"]
-            where = ("faster at every link speed measured and beyond" if x == float("inf") else
-                     "slower at every link speed" if x is None else f"faster below {x:.1f} Gbit/s")
-            report(f"{model}: {v}: step = {f['a_ms']:.1f} ms + {f['b_ms_gbit']:.1f} ms x (1 Gbit/s / rate); {where}")
+            x = f["crossover"]
+            where = {"always": "faster at every link speed", "never": "never faster",
+                     "below": f"faster below {x['gbit']:.1f} Gbit/s", "above": f"faster above {x['gbit']:.1f} Gbit/s"}
+            pts = [r for r in rows if r["model"] == model and r["variant"] == v]
+            report(f"{model}: {v}: fit step = {f['a_ms']:.1f} ms + {f['b_ms_gbit']:.1f} ms x (1 Gbit/s / rate), "
+                   f"{where[x['faster']]}; measured per link (95% interval vs 1): {measured_verdict(pts)}")
     codec = codec_seconds("kaggle")
     paper = paper_model(codec)
     report(f"on paper, the Kaggle-shaped model's MLP gradients ({codec['values']:,} values, {codec['rows']:,} rows; "

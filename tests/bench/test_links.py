@@ -3,7 +3,6 @@ veth links (where root can make them), and the crossover is where the fitted ste
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -20,10 +19,13 @@ def test_fit_and_crossover():
     a, b = fit(rates, [5 + 40 / r for r in rates])
     assert (a, b) == pytest.approx((5, 40))
     # base: 5 ms + 40 ms/(rate in Gbit/s); compressed: 8 ms + 10: equal at 40 - 10 = 30 / (8 - 5) -> 10 Gbit/s
-    assert crossover((5, 40), (8, 10)) == pytest.approx(10)
-    assert crossover((5, 40), (4, 10)) == math.inf  # less compute and fewer bytes: faster at every speed
-    assert crossover((5, 40), (6, 50)) is None  # more of both: never faster
-    assert set(variants_for("default", None)) == {"uncompressed", "touched FP32", "touched INT8", "fully compressed"}
+    assert crossover((5, 40), (8, 10)) == {"faster": "below", "gbit": pytest.approx(10)}
+    # less compute but more bytes: faster on links above (50 - 40) / (5 - 4) = 10 Gbit/s
+    assert crossover((5, 40), (4, 50)) == {"faster": "above", "gbit": pytest.approx(10)}
+    assert crossover((5, 40), (4, 10)) == {"faster": "always", "gbit": None}
+    assert crossover((5, 40), (6, 50)) == {"faster": "never", "gbit": None}
+    assert set(variants_for("default", None)) == {"uncompressed", "touched FP32", "touched INT8", "fully compressed",
+                                                  "fully compressed, MLP by INT8 reduce-scatter"}
     assert list(variants_for("kaggle", ["fully compressed"])) == ["uncompressed", "fully compressed"]
 
 
