@@ -11,9 +11,11 @@ The crossover: each variant's step time is fitted as ``a + b / rate`` (compute p
 squares over the measured rates), and the link speed below which a variant's step is faster than the uncompressed
 one is where the two fits cross.
 
-Needs root (network namespaces, tc); says so and stops otherwise. Writes ``comm_links.{json,txt,png}``.
+Needs root (network namespaces, tc); says so and stops otherwise. Writes ``comm_links.{json,txt,png}``
+(``comm_links_w<W>.*`` at another world size).
 
     sudo python -m bench.comm_links [--rates unlimited,25,10,1] [--models default,kaggle] [--steps 10,300]
+        [--world-size W] [--variants "fully compressed; ..."]
 """
 
 from __future__ import annotations
@@ -149,7 +151,7 @@ def main() -> None:
     p.add_argument("--models", default="default,kaggle", help="named configs giving the model shape and batch")
     p.add_argument("--steps", default="10,300", help="timed rounds per model: one number or one per model")
     p.add_argument("--world-size", type=int, default=2)
-    p.add_argument("--variants", default=None, help=f"comma-separated subset of: {', '.join(VARIANTS)} "
+    p.add_argument("--variants", default=None, help=f"';'-separated subset of: {'; '.join(VARIANTS)} "
                    f"({BASE} always runs)")
     add_out_argument(p, restricted_default=True)
     args = p.parse_args()
@@ -162,7 +164,11 @@ def main() -> None:
     steps = steps * len(models) if len(steps) == 1 else steps
     if len(steps) != len(models):
         p.error(f"--steps gives {len(steps)} counts for {len(models)} models")
-    names = args.variants.split(",") if args.variants else None
+    names = [v.strip() for v in args.variants.split(";")] if args.variants else None
+    unknown = sorted(set(names or ()) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from: {'; '.join(VARIANTS)}")
+    name = "comm_links" if args.world_size == 2 else f"comm_links_w{args.world_size}"
     restricted = [o for o, default in (("--rates", "unlimited,25,10,1"), ("--models", "default,kaggle"),
                                        ("--steps", "10,300"), ("--world-size", 2), ("--variants", None))
                   if getattr(args, o[2:].replace("-", "_")) != default]
@@ -223,8 +229,8 @@ def main() -> None:
                                                             for r in PAPER_RATES)]))
     payload = {"world_size": args.world_size, "steps": dict(zip(models, steps)), "links": links, "rows": rows,
                "fits": crossings, "codec": codec, "paper_model": paper}
-    print(f"json: {save('comm_links', payload, report.text, out=out)}")
-    plot(rows, models, out / "comm_links.png")
+    print(f"json: {save(name, payload, report.text, out=out)}")
+    plot(rows, models, out / f"{name}.png")
 
 
 def plot(rows: list[dict], models: list[str], path) -> None:
