@@ -80,6 +80,13 @@ def crossover(base: tuple[float, float], other: tuple[float, float]) -> dict:
     return {"faster": "below" if b1 < b0 else "above", "gbit": (b0 - b1) / (a1 - a0)}
 
 
+def describe(x: dict) -> str:
+    """``crossover``'s answer in words."""
+    if x["faster"] in ("below", "above"):
+        return f"faster {x['faster']} {x['gbit']:.1f} Gbit/s"
+    return {"always": "faster at every link speed", "never": "never faster"}[x["faster"]]
+
+
 def measured_verdict(rows: list[dict]) -> str:
     """Per link, what the paired ratios show: faster or slower where the 95% interval of the median ratio excludes
     1, else not resolved."""
@@ -213,12 +220,9 @@ def main() -> None:
                         ("ci95_text", "95% interval", "s")]))
     for model, c in crossings.items():
         for v, f in c.items():
-            x = f["crossover"]
-            where = {"always": "faster at every link speed", "never": "never faster",
-                     "below": f"faster below {x['gbit']:.1f} Gbit/s", "above": f"faster above {x['gbit']:.1f} Gbit/s"}
             pts = [r for r in rows if r["model"] == model and r["variant"] == v]
             report(f"{model}: {v}: fit step = {f['a_ms']:.1f} ms + {f['b_ms_gbit']:.1f} ms x (1 Gbit/s / rate), "
-                   f"{where[x['faster']]}; measured per link (95% interval vs 1): {measured_verdict(pts)}")
+                   f"{describe(f['crossover'])}; measured per link (95% interval vs 1): {measured_verdict(pts)}")
     codec = codec_seconds("kaggle")
     paper = paper_model(codec)
     report(f"on paper, the Kaggle-shaped model's MLP gradients ({codec['values']:,} values, {codec['rows']:,} rows; "

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from bench.comm_links import crossover, fit, variants_for
+from bench.comm_links import crossover, describe, fit, variants_for
 from bench.links import Links, unavailable
 from tests.dist_utils import run_distributed
 
@@ -24,6 +24,8 @@ def test_fit_and_crossover():
     assert crossover((5, 40), (4, 50)) == {"faster": "above", "gbit": pytest.approx(10)}
     assert crossover((5, 40), (4, 10)) == {"faster": "always", "gbit": None}
     assert crossover((5, 40), (6, 50)) == {"faster": "never", "gbit": None}
+    assert [describe(crossover((5, 40), other)) for other in ((8, 10), (4, 50), (4, 10), (6, 50))] == [
+        "faster below 10.0 Gbit/s", "faster above 10.0 Gbit/s", "faster at every link speed", "never faster"]
     assert set(variants_for("default", None)) == {"uncompressed", "touched FP32", "touched INT8", "fully compressed",
                                                   "fully compressed, MLP by INT8 reduce-scatter"}
     assert list(variants_for("kaggle", ["fully compressed"])) == ["uncompressed", "fully compressed"]
