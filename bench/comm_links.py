@@ -106,15 +106,17 @@ def codec_seconds(config_name: str, repeats: int = 20) -> dict[str, float]:
     gradients (one bucket): encoding them, and decoding one rank's copy of them."""
     import time
 
+    import torch
+
     from pipeline.budget import mlp_layers
     from pipeline.configs import get_config
     from sharding import int8_codec
+    from sharding.ddp_hooks import _Int8Bucket
 
-    segs, offset, first = [], 0, 0
-    for i, o in mlp_layers(get_config(config_name)):
-        segs += [(offset, i * o, first, o), (offset + i * o, o, first + o, 1)]
-        offset, first = offset + i * o + o, first + o + 1
-    segments, n = np.array(segs, dtype=np.int64), offset
+    params = [p for i, o in mlp_layers(get_config(config_name)) for p in torch.nn.Linear(i, o).parameters()]
+    n = sum(p.numel() for p in params)
+    bucket = _Int8Bucket(params, n, 1, torch.device("cpu"))  # the hook's own row layout of such a bucket
+    segments, first = bucket.segment_array, bucket.rows
     rng = np.random.default_rng(0)
     grad, err = rng.standard_normal(n, dtype=np.float32), np.zeros(n, dtype=np.float32)
     steps, codes, out = np.empty(first, np.float32), np.empty(n, np.int8), np.empty(n, np.float32)
