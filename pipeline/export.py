@@ -1,5 +1,6 @@
 """The job's export stage: every rank's integer rows streamed into the artifact's rows file, then (rank 0, after the
-float model is freed) the serving module beside them, reloaded as a server would and scored on the test split."""
+float model is freed) the serving module and its torch.export program beside them, each reloaded as a server would
+and scored on the test split."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pipeline.metrics import binary_metrics
 from pipeline.phases import PhaseLog
 from pipeline.trainer import Trainer, post_training_quantized
 from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
+from quant.program import program_path
 
 log = logging.getLogger("dqrm")
 
@@ -66,12 +68,20 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
     with phases("predict"):
         logits, labels = score_like_evaluation(module, cfg, test_paths, world_size)
     sizes["loaded_bytes"] = loaded_bytes(module)
+    del module
+    with phases("program_check"):  # the torch.export program beside it serves the same logits
+        program, _ = load_with_manifest(program_path(path))
+        program_logits, _ = score_like_evaluation(program, cfg, test_paths, world_size)
+        del program
     # the reference a server can check itself against in a fresh process (bench.scale_run does)
     torch.save({"logits": ref_logits, "rows": ref_logits.numel()}, cfg.run_path / "export_check.pt")
     log.info("exported %s + %s (%.1f MB on disk)", path, rows_path(path).name, sizes["artifact_bytes"] / 1e6)
     return {"path": str(path), "test": binary_metrics(logits, labels), "bits": cfg.quant.embedding_bits,
-            "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits, "sizes": sizes,
-            "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max())}
+            "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits,
+            "mlp_compute": cfg.quant.mlp_compute, "sizes": sizes,
+            "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max()),
+            "program": {"path": str(program_path(path)), "bytes": program_path(path).stat().st_size,
+                        "max_abs_logit_diff_vs_artifact": float((program_logits - logits).abs().max())}}
 
 
 @torch.no_grad()

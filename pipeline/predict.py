@@ -40,7 +40,9 @@ def score(module, paths: list[Path], num_embeddings: list[int], batch_size: int 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.predict",
                                 description="Score Parquet data (dqrm layout) with an exported integer DLRM.")
-    p.add_argument("--model", type=Path, required=True, help="exported artifact (model_int*.pt in a run dir)")
+    p.add_argument("--model", type=Path, required=True,
+                   help="exported artifact in a run dir: model_int*.pt (TorchScript) or model_int*.pt2 (the same "
+                        "model as a torch.export program); either serves the same logits")
     p.add_argument("--data", type=Path, nargs="+", required=True, help="Parquet file(s) to score")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward call (default: 4096)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

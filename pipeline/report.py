@@ -95,11 +95,15 @@ def report(run_dir: Path, name: str, summary: dict[str, Any]) -> None:
 def export_report(e: dict) -> str:
     t, z = e["test"], e["sizes"]
     mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
-    return (f"exported INT{e['bits']} model ({e['granularity']} grid, INT{e['mlp_bits'] or 32} MLPs): "
+    compute = " computing in bfloat16" if e.get("mlp_compute") == "bfloat16" else ""
+    program = e.get("program")
+    program = (f"\ntorch.export program (same rows): {program['path']}, max |program - artifact logits| "
+               f"{program['max_abs_logit_diff_vs_artifact']:.2e}") if program else ""
+    return (f"exported INT{e['bits']} model ({e['granularity']} grid, INT{e['mlp_bits'] or 32} MLPs{compute}): "
             f"test AUC {t['auc']:.4f} acc {100 * t['accuracy']:.2f}% logloss {t['logloss']:.4f} | "
             f"max |artifact - fake-quant logits| {e['max_abs_logit_diff_vs_fake_quant']:.2e}\n"
             f"sizes: FP32 {mb(z['fp32_bytes'])}; artifact {mb(z['artifact_bytes'])} on disk "
             f"({z['fp32_bytes'] / z['artifact_bytes']:.1f}x smaller), {mb(z['loaded_bytes'])} in memory once "
             f"loaded; tables {mb(z['table_bytes'])} = codes {mb(z['table_codes_bytes'])} + fp16 scale/bias "
             f"{mb(z['table_scale_bias_bytes'])} + padding {mb(z['table_padding_bytes'])} (rows aligned to "
-            f"{z['row_alignment']} B); MLPs {mb(z['mlp_bytes'])}  ->  {e['path']}")
+            f"{z['row_alignment']} B); MLPs {mb(z['mlp_bytes'])}  ->  {e['path']}{program}")

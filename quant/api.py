@@ -9,7 +9,7 @@ from torch import nn
 
 from quant.convert import convert_dlrm
 from quant.embedding_qat import QUANTIZER_NAME, EmbeddingFakeQuantizer, attach_embedding_qat, embedding_quantizer
-from quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears
+from quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears, use_bfloat16
 from quant.spec import QuantSpec
 from sharding.tbe import table_configs
 
@@ -43,6 +43,8 @@ def quantize_(model: nn.Module, config: QATConfig, *, pg: dist.ProcessGroup | No
         group = FakeQuantGroup(spec.mlp_bits)  # both arches' weights fake-quantized in one call per step
         fake_quantize_linears(inner.model.dense_arch, spec.mlp_bits, group)
         fake_quantize_linears(inner.model.over_arch, spec.mlp_bits, group)
+        if spec.mlp_compute == "bfloat16":
+            use_bfloat16(inner.model.dense_arch, inner.model.over_arch)
     names = [t.name for t in table_configs(model)]
     bits = {n: spec.bits_for(n) for n in names}
     if any(bits.values()):

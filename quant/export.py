@@ -11,7 +11,6 @@ The artifact takes ``(dense [B, 13] float, values [N] int64, lengths [26 * B] in
 """
 
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -26,6 +25,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from quant.convert import (CHUNK_ROWS, FileSink, IntegerParts, RowLayout, integer_dlrm, integer_parts, stored_mlp_bytes,
                            stream_integer_rows, the_tbe)
 from quant.mlp_qat import QuantizedLinear
+from quant.manifest import MANIFEST_NAME, sha256, tmp_path
+from quant.program import PROGRAM_SUFFIX, export_program, load_program, program_path
 from quant.spec import QuantSpec
 from sharding.tbe import table_configs
 
@@ -58,7 +59,6 @@ class ServingDLRM(nn.Module):
 
 
 FORMAT_VERSION = 2
-MANIFEST_NAME = "dqrm_manifest.json"
 
 
 def rows_path(path: Path) -> Path:
@@ -75,7 +75,7 @@ def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *,
     rank = dist.get_rank() if dist.is_initialized() else 0
     parts = integer_parts(model, spec) if rank == 0 else None
     layout = parts.layout if parts is not None else RowLayout.of(table_configs(model), spec)
-    sink, tmp = None, _tmp(rows_path(path))
+    sink, tmp = None, tmp_path(rows_path(path))
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         sink = FileSink(tmp, layout.total_bytes)
@@ -92,12 +92,14 @@ def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *,
     return parts
 
 
-def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[str, Any]) -> Path:
+def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[str, Any], *,
+           program: bool = True) -> Path:
     """FX-trace (TorchRec's tracer), TorchScript and save the serving module of ``parts`` (whose rows
     ``write_rows`` put beside ``path``) or of an in-memory integer ``DLRM`` (whose rows are written out here).
     The TorchScript file holds the MLPs and FBGEMM's table metadata, its row buffer left empty; the loader puts
     the rows file in its place. ``manifest`` goes inside the file and, with both files' SHA-256, beside it
-    (``<path>.json``)."""
+    (``<path>.json``). With ``program``, the same model as a ``torch.export`` program beside it
+    (``quant.program``: ``model_int4.pt2``, same rows file)."""
     from torchrec.fx import symbolic_trace
 
     path = Path(path)
@@ -107,10 +109,10 @@ def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[s
     else:
         dlrm = parts_or_dlrm
         rows = the_tbe(dlrm.sparse_arch.embedding_bag_collection).weights_host
-        sink = FileSink(_tmp(rows_path(path)), rows.numel())
+        sink = FileSink(tmp_path(rows_path(path)), rows.numel())
         sink.write(0, rows)
         sink.close()
-        _tmp(rows_path(path)).replace(rows_path(path))
+        tmp_path(rows_path(path)).replace(rows_path(path))
     tbe = the_tbe(dlrm.sparse_arch.embedding_bag_collection)
     host_size = int(tbe.host_size)
     saved_rows = tbe.weights_host
@@ -131,27 +133,21 @@ def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[s
     if rows_file.stat().st_size != host_size:
         raise RuntimeError(f"{rows_file} has {rows_file.stat().st_size} bytes, FBGEMM expects {host_size}")
     full = {"format_version": FORMAT_VERSION, "feature_names": list(feature_names), **manifest,
-            "rows": {"file": rows_file.name, "buffer": buffer[0], "bytes": host_size, "sha256": _sha256(rows_file)}}
-    tmp = _tmp(path)
+            "rows": {"file": rows_file.name, "buffer": buffer[0], "bytes": host_size, "sha256": sha256(rows_file)}}
+    tmp = tmp_path(path)
     torch.jit.save(scripted, str(tmp), _extra_files={MANIFEST_NAME: json.dumps(full)})
     tmp.replace(path)
-    sidecar = dict(full, sha256=_sha256(path), bytes=path.stat().st_size)
+    sidecar = dict(full, sha256=sha256(path), bytes=path.stat().st_size)
     Path(str(path) + ".json").write_text(json.dumps(sidecar, indent=2))
+    if program:
+        export_program(dlrm, feature_names, program_path(path), full)
     return path
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, Any]]:
-    """Load an artifact and its rows file, checking both against the manifest; errors name the file and what is
-    wrong. (Without these checks, loading needs only torch and fbgemm_gpu: see ``STANDALONE_LOAD``.)"""
+def load_with_manifest(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """Load an artifact (TorchScript ``.pt`` or torch.export ``.pt2``) and its rows file, checking both against
+    the manifest; errors name the file and what is wrong. (Without these checks, loading needs only torch and
+    fbgemm_gpu: see ``STANDALONE_LOAD`` and ``quant.program.STANDALONE_LOAD``.)"""
     import fbgemm_gpu  # noqa: F401 - registers the FBGEMM operators the artifact calls
 
     path = Path(path)
@@ -167,18 +163,21 @@ def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, An
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
             raise ValueError(f"{sidecar}: not the JSON export writes beside the model ({e}); restore it or delete "
                              f"it to load without the checksum") from None
-        if expected and _sha256(path) != expected:
+        if expected and sha256(path) != expected:
             raise ValueError(f"{path}: checksum does not match {sidecar.name} (file truncated or modified)")
     else:
         warnings.warn(f"{path}: no {sidecar.name} beside it, so its checksum cannot be verified", stacklevel=2)
-    extra = {MANIFEST_NAME: ""}
-    try:
-        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: not a loadable dqrm model artifact ({str(e).splitlines()[0]})") from None
-    if not extra[MANIFEST_NAME]:
-        raise ValueError(f"{path}: has no {MANIFEST_NAME}; it was not written by dqrm's export")
-    manifest = json.loads(extra[MANIFEST_NAME])
+    if path.suffix == PROGRAM_SUFFIX:
+        module, manifest = load_program(path)
+    else:
+        extra = {MANIFEST_NAME: ""}
+        try:
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"{path}: not a loadable dqrm model artifact ({str(e).splitlines()[0]})") from None
+        if not extra[MANIFEST_NAME]:
+            raise ValueError(f"{path}: has no {MANIFEST_NAME}; it was not written by dqrm's export")
+        manifest = json.loads(extra[MANIFEST_NAME])
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {manifest.get('format_version')} is not {FORMAT_VERSION} "
                          f"(re-export it with this version of dqrm)")
@@ -190,18 +189,21 @@ def load_with_manifest(path: Path) -> Tuple[torch.jit.ScriptModule, Dict[str, An
     if rows_file.stat().st_size != rows["bytes"]:
         raise ValueError(f"{rows_file}: {rows_file.stat().st_size} bytes, the manifest says {rows['bytes']} "
                          f"(truncated or from another export)")
-    if _sha256(rows_file) != rows["sha256"]:
+    if sha256(rows_file) != rows["sha256"]:
         raise ValueError(f"{rows_file}: checksum does not match {path.name}'s manifest (modified or from another "
                          f"export)")
     attach_rows(module, manifest, path.parent)
     return module, manifest
 
 
-def attach_rows(module: torch.jit.ScriptModule, manifest: Dict[str, Any], folder: Path) -> None:
+def attach_rows(module: torch.nn.Module, manifest: Dict[str, Any], folder: Path) -> None:
     """Put the rows file in the serving module's empty row buffer (mapped, so pages load as rows are used)."""
     rows = manifest["rows"]
-    setattr(module, rows["buffer"], torch.from_file(str(Path(folder) / rows["file"]), shared=False,
-                                                     size=rows["bytes"], dtype=torch.uint8))
+    mapped = torch.from_file(str(Path(folder) / rows["file"]), shared=False, size=rows["bytes"], dtype=torch.uint8)
+    if isinstance(module, torch.jit.ScriptModule):
+        setattr(module, rows["buffer"], mapped)
+    else:  # a torch.export program (quant.program)
+        module.lookup.weights_host = mapped
 
 
 # The whole of loading, with nothing but torch and fbgemm_gpu (what a serving box needs; tests run it as is).

@@ -1,4 +1,5 @@
-"""Weight-only MLP QAT: symmetric fake-quant with one scale per output row; activations stay float.
+"""MLP QAT: symmetric weight fake-quant with one scale per output row; activations float32, or bfloat16 when the
+MLPs are trained for bfloat16 serving (``QuantSpec.mlp_compute``, ``use_bfloat16``).
 
 torchao (not in the pinned stack) has a weight-only fake-quant Linear, ``FakeQuantizedLinear`` with
 ``IntxFakeQuantizeConfig(torch.int4, "per_channel", is_symmetric=True)``, but not this grid: its symmetric mapping
@@ -85,27 +86,51 @@ class RowwiseWeightFakeQuant(nn.Module):
         return fake_quant_weight(w, self.bits) if self.enabled else w
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], bf16: bool,
+           float_output: bool) -> torch.Tensor:
+    """The MLP layer of training, evaluation and the artifact alike. Float32: ``F.linear`` (a bfloat16 input from the
+    layer before is widened, exactly). bfloat16: input, weight and bias rounded to bfloat16 and one bfloat16
+    ``F.linear`` (oneDNN on CPU: fp32 accumulation, a bfloat16 result), widened to float32 if ``float_output``.
+    Training differentiates the same op that serving runs, so the served logits are the evaluated ones bit for bit
+    on the same machine (the kernel oneDNN picks depends on the CPU's ISA: check on the serving host,
+    ``tests/quant/test_mlp_compute.py``)."""
+    if not bf16:
+        return F.linear(x.float(), w, bias)
+    b = None if bias is None else bias.to(torch.bfloat16)
+    y = F.linear(x.to(torch.bfloat16), w.to(torch.bfloat16), b)
+    return y.float() if float_output else y
+
+
 class QuantizedLinear(nn.Module):
-    """Integer weights (int8 storage of INT-b codes) and fp32 row scales, dequantized in float (``codes * scale``,
-    the QAT forward's values) on first use and kept in memory, not in the state or the artifact; the artifact stores
-    the codes. (Exported as a leaf of the FX trace, so that TorchScript keeps the cache.)"""
+    """Integer weights (int8 storage of INT-b codes) and fp32 row scales, dequantized (``codes * scale``, the QAT
+    forward's values; then rounded to bfloat16 for a bfloat16 layer) on first use and kept in memory, not in the
+    state or the artifact; the artifact stores the codes. (Exported as a leaf of the FX trace, so that TorchScript
+    keeps the cache.) ``bf16`` and ``float_output`` as in ``linear``, copied from the trained layer."""
 
     dequantized: Optional[torch.Tensor]
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int, *,
+                 bf16: bool = False, float_output: bool = False) -> None:
         super().__init__()
         self.bits = bits
+        self.bf16, self.float_output = bf16, float_output
         self.register_buffer("codes", codes.to(torch.int8).contiguous())
         self.register_buffer("scale", scale.to(torch.float32).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
         self.dequantized = None
 
+    def dequantize(self) -> torch.Tensor:
+        """``codes * scale`` in float32, the values the QAT forward computed."""
+        return self.codes.to(torch.float32) * self.scale.unsqueeze(1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized
         if w is None or w.device != x.device:
-            w = self.codes.to(torch.float32) * self.scale.unsqueeze(1)
+            w = self.dequantize()
+            if self.bf16:
+                w = w.to(torch.bfloat16)
             self.dequantized = w
-        return F.linear(x, w, self.bias)
+        return linear(x, w, self.bias, self.bf16, self.float_output)
 
     def _apply(self, fn, recurse=True):  # moved or cast (.to(), .float(), ...): rebuilt at the next forward
         self.dequantized = None
@@ -119,7 +144,8 @@ class QuantizedLinear(nn.Module):
     def from_linear(cls, linear: nn.Module, bits: int) -> "QuantizedLinear":
         w = linear.weight.detach().float()
         scale = row_scales(w, bits)
-        return cls(row_codes(w, scale, bits), scale, linear.bias, bits)
+        return cls(row_codes(w, scale, bits), scale, linear.bias, bits, bf16=getattr(linear, "bf16", False),
+                   float_output=getattr(linear, "float_output", False))
 
     def packed_bytes(self) -> int:
         """Size in a packed layout: b-bit codes plus one fp32 scale per row, plus the fp32 bias."""
@@ -217,6 +243,7 @@ class FakeQuantLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.fake_quant = RowwiseWeightFakeQuant(bits)
+        self.bf16 = self.float_output = False  # see ``linear`` and ``use_bfloat16``
         self._group = group if group is not None and group.bits == bits else None
         self._index = self._group.add(self) if self._group is not None else -1
 
@@ -228,7 +255,7 @@ class FakeQuantLinear(nn.Module):
             w = self._group.weight(self._index)
         else:
             w = fake_quant_weight(self.weight, fq.bits)
-        return F.linear(x, w, self.bias)
+        return linear(x, w, self.bias, self.bf16, self.float_output)
 
 
 def fake_quantize_linears(module: nn.Module, bits: int, group: FakeQuantGroup | None = None) -> int:
@@ -242,3 +269,16 @@ def fake_quantize_linears(module: nn.Module, bits: int, group: FakeQuantGroup | 
                 setattr(parent, name, FakeQuantLinear(child, bits, group))
                 count += 1
     return count
+
+
+def use_bfloat16(dense_arch: nn.Module, over_arch: nn.Module) -> None:
+    """Make a DLRM's fake-quant MLPs compute in bfloat16 (``linear``): every layer but the over-arch's last, whose
+    one output is the logit (bfloat16 would round logits near 4 to steps of 1/32, and it is 0.1 % of the MACs). The
+    dense arch hands float32 to the interaction; inside an arch, activations stay bfloat16 from layer to layer."""
+    for arch, keep_last in ((dense_arch, False), (over_arch, True)):
+        layers = [m for m in arch.modules() if isinstance(m, FakeQuantLinear)]
+        if not layers:
+            raise ValueError("use_bfloat16 needs fake-quant MLPs: call fake_quantize_linears first")
+        for layer in layers[:-1] if keep_last else layers:
+            layer.bf16 = True
+        layers[-1].float_output = True

@@ -6,6 +6,8 @@ import dataclasses
 
 from quant.fake_quant import SUPPORTED_BITS
 
+MLP_COMPUTE = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(kw_only=True)
 class QuantSpec:
@@ -21,6 +23,11 @@ class QuantSpec:
     """Per-table bit widths overriding embedding_bits, e.g. {'t_cat_3': 8}."""
     mlp_bits: int = 4
     """Bits of the MLP weights, one scale per output row (4 or 8; 0 keeps MLPs FP32)."""
+    mlp_compute: str = "float32"
+    """What the MLP GEMMs compute in, in training, evaluation and the artifact alike: 'float32', or 'bfloat16'
+    (activations, weights and biases rounded to bfloat16, fp32 accumulation inside the kernel; the last layer, whose
+    one output is the logit, stays float32). bfloat16 serves faster on CPUs with AVX512-BF16 or AMX and on GPUs, and
+    the artifact then runs the very kernel training evaluated (``quant.mlp_qat``)."""
     row_alignment: int = 1
     """Bytes every exported table row (fp16 scale and bias, then codes) is padded to. 1 is FBGEMM's CPU default; on
     CPU it measured faster than TorchRec's 16 at INT8 and INT4 and within 4 % at INT2 (bench/row_alignment.py), and
@@ -50,6 +57,11 @@ class QuantSpec:
                 raise ValueError(f"{name}: {b} bits unsupported; FBGEMM offers {SUPPORTED_BITS} (or 0 for FP32)")
         if self.mlp_bits not in (0, 4, 8):
             raise ValueError(f"mlp_bits must be 0, 4 or 8, got {self.mlp_bits}")
+        if self.mlp_compute not in MLP_COMPUTE:
+            raise ValueError(f"mlp_compute must be one of {MLP_COMPUTE}, got {self.mlp_compute!r}")
+        if self.mlp_compute != "float32" and not self.mlp_bits:
+            raise ValueError(f"mlp_compute={self.mlp_compute} needs integer MLP weights (mlp_bits 4 or 8): the "
+                             f"bfloat16 layers are the fake-quantized ones")
         if self.granularity not in ("table", "row"):
             raise ValueError(f"granularity must be 'table' or 'row', got {self.granularity!r}")
         if self.row_alignment < 1 or self.row_alignment & (self.row_alignment - 1):

@@ -15,6 +15,8 @@ from pipeline.optimizer import build_optimizer
 from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.convert import gather_full_state
 from quant.export import STANDALONE_LOAD, export
+from quant.program import STANDALONE_LOAD as PROGRAM_LOAD
+from quant.program import program_path
 from tests.dist_utils import run_distributed
 from tests.helpers import (CARDS, MODEL, batches, concat_batches, initial_state, mixed_placements, sharded_model,
                            tiny_data, train_steps)
@@ -66,6 +68,9 @@ SPECS = {
     # per-table widths, INT2 included, in one model (FBGEMM groups tables of one width into one kernel)
     "mixed": QuantSpec(embedding_bits=4, granularity="table", scale_update_every=4, mlp_bits=8,
                        table_bits={"t_cat_7": 2, "t_cat_12": 2, "t_cat_9": 8, "t_cat_20": 8}),
+    # MLPs computing in bfloat16 (quant.mlp_compute), trained for the kernel they are served with
+    "bf16": QuantSpec(embedding_bits=4, granularity="table", scale_update_every=4, mlp_bits=4,
+                      mlp_compute="bfloat16"),
 }
 
 
@@ -87,25 +92,40 @@ def test_sharded_qat_steps_equal_unsharded(name, data_dir):
         assert (sharded["alpha"] > 0).all()
 
 
-@pytest.mark.parametrize("name", ["table4", "row4", "table8", "row8", "mixed"])
+def _single_rows(dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, rows: int) -> list[tuple]:
+    """The first ``rows`` samples of a batch (key-major lengths) as batches of one."""
+    per_key = lengths.view(len(CARDS), -1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.long().cumsum(0)]).view(-1)
+    out = []
+    for i in range(rows):
+        ids = [values[starts[k * per_key.shape[1] + i]: starts[k * per_key.shape[1] + i + 1]]
+               for k in range(len(CARDS))]
+        out.append((dense[i:i + 1], torch.cat(ids), per_key[:, i].contiguous()))
+    return out
+
+
+@pytest.mark.parametrize("name", ["table4", "row4", "table8", "row8", "mixed", "bf16"])
 def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
     """Prepare equals convert: the artifact, loaded in a fresh process with only torch and fbgemm_gpu, gives the
-    QAT model's eval logits (within 1e-5) and the same predicted classes."""
+    QAT model's eval logits (within 1e-5) and the same predicted classes; the torch.export program beside it
+    (``quant.program``), loaded the same way, gives the artifact's logits bit for bit, at batch 256 and 1."""
     result = run_distributed(_qat_run, data_dir, SPECS[name], tmp_path, world_size=2)[0]
     eval_batches = batches(data_dir / "val.parquet", 256, world_size=1)
     inputs = [(b.dense_features, b.sparse_features.values(), b.sparse_features.lengths()) for b in eval_batches]
-    torch.save(inputs, tmp_path / "inputs.pt")
-    script = STANDALONE_LOAD + (  # the documented load: torch and fbgemm_gpu, nothing else
-        "m = model\n"
-        "inputs = torch.load(sys.argv[2])\n"
+    torch.save((inputs, _single_rows(*inputs[0], rows=3)), tmp_path / "inputs.pt")
+    script = STANDALONE_LOAD + "artifact = model\n" + PROGRAM_LOAD.replace("sys.argv[1]", "sys.argv[4]") + (
+        "inputs, singles = torch.load(sys.argv[2])\n"  # the documented loads: torch and fbgemm_gpu, nothing else
         "with torch.no_grad():\n"
-        "    out = torch.cat([m(*x) for x in inputs])\n"
-        "torch.save(out, sys.argv[3])\n"
-        "print([(n, str(b.dtype), b.numel()) for n, b in m.named_buffers()])\n"
+        "    out = torch.cat([artifact(*x) for x in inputs])\n"
+        "    program = torch.cat([model(*x) for x in inputs])\n"
+        "    singles = [(artifact(*x), model(*x)) for x in singles]\n"
+        "torch.save((out, program, singles), sys.argv[3])\n"
+        "print([(n, str(b.dtype), b.numel()) for n, b in artifact.named_buffers()])\n"
         "print(sorted(k for k in sys.modules if k.split('.')[0] in ('torchrec', 'quant', 'pipeline')))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, result["artifact"], str(tmp_path / "inputs.pt"),
-                           str(tmp_path / "out.pt")], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+                           str(tmp_path / "out.pt"), str(program_path(result["artifact"]))],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", "the artifact must not need torchrec or this repo"
     # It stores integers: the tables as FBGEMM rows of dim * bits / 8 code bytes + 4 bytes of fp16 scale and bias
@@ -120,7 +140,10 @@ def test_exported_artifact_equals_qat_model(name, data_dir, tmp_path):
     assert len(codes) == len(MODEL.dense_arch) + len(MODEL.over_arch) and all(d == "torch.int8" for _, d in codes)
     assert not [n for n, dtype, numel in buffers if dtype == "torch.float32" and numel >= min(sum(CARDS), 32 * 13)
                 and not n.endswith((".scale", ".bias"))], "a float copy of a table or an MLP weight was stored"
-    served = torch.load(tmp_path / "out.pt")
+    served, program, singles = torch.load(tmp_path / "out.pt")
+    assert torch.equal(program, served)
+    assert all(torch.equal(a, b) for a, b in singles) and len(singles) == 3
+    torch.testing.assert_close(torch.cat([a for a, _ in singles]), served[:3], atol=1e-5, rtol=0)
     qat = result["logits"]
     assert served.shape == qat.shape
     torch.testing.assert_close(served, qat, atol=1e-5, rtol=0)
