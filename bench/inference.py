@@ -1,13 +1,19 @@
-"""Serving throughput on CPU: the exported INT4 artifact against the same model with FP32 tables, at batch 2048.
+"""Serving speed on CPU: the exported artifacts of one model at FP32, INT8, INT4 weight-only and INT4 with
+bfloat16 MLPs (``quant.mlp_compute=bfloat16``), each as TorchScript (``model_int4.pt``) and as a torch.export
+program (``model_int4.pt2``); and what the bfloat16 MLPs cost in training.
 
-The INT8, INT4 and FP32 rows are exported by the same code path (TorchRec inference EBC on FBGEMM's IntN TBE,
-``quant.export.ServingDLRM``, TorchScript), so only the precision differs. The last row is the FP32 model run
-through TorchRec's own ``DLRM.forward`` (same modules, scripted the same way), the forward the exported artifacts
-used before ``ServingDLRM`` composed the modules with fewer copies. Same batches, variants alternated, medians over
-repetitions. Then a profile of a few batches splits the FP32 and INT4 artifacts' time into table lookups, MLPs,
-interaction and the rest: precision changes only the lookups' cost, which bounds what INT4 can gain here.
+Every artifact is exported by the same code (TorchRec inference EBC on FBGEMM's IntN TBE, ``quant.export.
+ServingDLRM``, TorchScript; ``quant.program.ProgramDLRM``, torch.export), so only the precision differs. The row
+"fp32, DLRM.forward" is the FP32 model run through TorchRec's own ``DLRM.forward`` (same modules, scripted the same
+way). Reported: samples/s at batch 2048 (same batches, variants alternated, median of repetitions), p50/p99
+latency of one call at batch 1 and 64 (calls alternated between variants in chunks), and a profile of a few
+batches splitting the time into table lookups, MLPs, interaction and the rest. Then training: one DMP process at
+world size 1, the default model, FP32 vs INT4 QAT vs INT4 QAT with bfloat16 MLPs, steps alternated in chunks of 10,
+each variant's median step time and its ratio to FP32 (median of the chunk-by-chunk ratios, bootstrap 95 %
+interval).
 
-    python -m bench.inference [--batches 20] [--reps 9] [--threads N] [--out DIR]
+    python -m bench.inference [--batches 20] [--reps 9] [--latency-calls 400] [--train-steps 100] [--threads N]
+                              [--out DIR]
 
 The model is built from the `default` config with random weights (sizes and speed do not depend on training).
 """
@@ -15,6 +21,7 @@ The model is built from the `default` config with random weights (sizes and spee
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import Report, add_out_argument, median, prepared_model, provenance, save, table
+from bench.common import (Report, add_out_argument, median, paired_ratio, prepared_model, provenance, random_batches,
+                          save, table)
 from datasets.reader import ParquetBatches, ReaderConfig
 from datasets.schema import FEATURE_NAMES
 from datasets.synthetic import ensure_synthetic
@@ -30,18 +38,31 @@ from pipeline.configs import get_config
 from pipeline.quiet import quiet_library_noise
 from quant.api import QATConfig, QuantSpec, quantize_
 from quant.export import export, load_with_manifest, rows_path
+from quant.program import program_path
 
 BATCH = 2048
+LATENCY_BATCHES = (1, 64)
+INT4, BF16 = "int4", "int4 bf16-MLP"
 TORCHREC = "fp32, DLRM.forward"
+PROGRAM = " (.pt2)"
+TRAIN_VARIANTS = {"fp32": None, "int4 QAT": "float32", "int4 QAT bf16-MLP": "bfloat16"}
+TRAIN_CHUNK = 10
 
 
-def _artifacts(cfg, out: Path) -> dict[str, Path]:
+def _artifacts(cfg, out: Path) -> tuple[dict[str, Path], torch.nn.Module]:
+    """The INT8, INT4 and INT4-with-bfloat16-MLPs artifacts (each with its program) of one model's weights."""
     model = prepared_model(cfg)
     paths = {}
-    for name, spec in {"int4": cfg.quant, "int8": QuantSpec(embedding_bits=8, mlp_bits=8)}.items():
+    for name, spec in {INT4: cfg.quant, "int8": QuantSpec(embedding_bits=8, mlp_bits=8)}.items():
         int_model = quantize_(model, QATConfig(spec=spec, step="convert"))
         paths[name] = export(int_model, FEATURE_NAMES, out / f"{name}.pt",
                              {"num_embeddings": list(cfg.model.num_embeddings)})
+    bf16 = dataclasses.replace(cfg, quant=dataclasses.replace(cfg.quant, mlp_compute="bfloat16"))
+    bf16_model = prepared_model(bf16)  # the same seed: the same weights, its MLPs computing in bfloat16
+    int_model = quantize_(bf16_model, QATConfig(spec=bf16.quant, step="convert"))
+    paths[BF16] = export(int_model, FEATURE_NAMES, out / "int4_bf16.pt",
+                         {"num_embeddings": list(cfg.model.num_embeddings)})
+    del bf16_model, int_model
     return paths, model
 
 
@@ -110,7 +131,7 @@ def _time(module, inputs):
 
 # Where a serving batch's time goes, by the ops the profiler names (self CPU time, summed over a few batches).
 _PARTS = {"embedding lookups (FBGEMM TBE)": ("int_nbit_split_embedding", "bounds_check_indices", "cumsum"),
-          "MLPs (addmm, relu)": ("aten::addmm", "aten::clamp_min", "aten::relu"),
+          "MLPs (addmm, relu)": ("aten::addmm", "aten::linear", "aten::mm", "aten::clamp_min", "aten::relu"),
           "interaction (bmm, cat, index_select)": ("aten::bmm", "aten::cat", "aten::index_select")}
 
 
@@ -136,11 +157,97 @@ def _breakdown(module, inputs) -> dict[str, float]:
     return totals
 
 
+def _slice(x: tuple, rows: int, features: int) -> tuple:
+    """The first ``rows`` samples of a serving batch (key-major lengths)."""
+    dense, values, lengths = x
+    per_key = lengths.view(features, -1)
+    starts = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.long().cumsum(0)])
+    b = per_key.shape[1]
+    ids = [values[starts[k * b]: starts[k * b] + per_key[k, :rows].sum()] for k in range(features)]
+    return dense[:rows].contiguous(), torch.cat(ids), per_key[:, :rows].contiguous().view(-1)
+
+
+@torch.no_grad()
+def _latency(modules: dict, inputs: list, rows: int, calls: int, chunk: int = 20) -> dict[str, dict]:
+    """p50/p99 of one call at batch ``rows``, calls alternated between the variants ``chunk`` at a time."""
+    xs = [_slice(x, rows, len(FEATURE_NAMES)) for x in inputs]
+    times = {name: [] for name in modules}
+    for m in modules.values():
+        for x in xs[:3]:
+            m(*x)
+    for start in range(0, calls, chunk):
+        for name, m in modules.items():
+            for i in range(start, min(start + chunk, calls)):
+                x = xs[i % len(xs)]
+                t0 = time.perf_counter()
+                m(*x)
+                times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, t in times.items():
+        q = torch.tensor(t, dtype=torch.float64).quantile(torch.tensor([0.5, 0.99], dtype=torch.float64))
+        out[name] = {"p50_ms": 1e3 * float(q[0]), "p99_ms": 1e3 * float(q[1])}
+    return out
+
+
+def _train_models(cfg) -> dict:
+    """The default model at world size 1 per training variant (same initial weights), with its optimizer."""
+    from pipeline.model import build_dlrm
+    from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+    from sharding.plan import plan_sharding, shard_model
+
+    models = {}
+    for name, compute in TRAIN_VARIANTS.items():
+        torch.manual_seed(0)
+        model = build_dlrm(cfg.model, torch.device("cpu"))
+        fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
+        model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"),
+                                                 pg=dist.group.WORLD), torch.device("cpu"))
+        if compute is not None:
+            spec = dataclasses.replace(cfg.quant, mlp_compute=compute)
+            quantize_(model, QATConfig(spec=spec), pg=dist.group.WORLD)
+        models[name] = (model, build_optimizer(model, cfg.optim))
+    return models
+
+
+def _train_time(model, opt, batches) -> float:
+    model.train()
+    t0 = time.perf_counter()
+    for b in batches:
+        loss, _ = model(b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - t0) / len(batches)
+
+
+def _training(cfg, batch: int, steps: int, reps: int) -> dict:
+    """Median step time per variant and each one's ratio to FP32 (chunks of ``TRAIN_CHUNK`` steps alternated)."""
+    models = _train_models(cfg)
+    batches = random_batches(cfg.model.num_embeddings, batch, steps)
+    for m, o in models.values():
+        _train_time(m, o, batches[:TRAIN_CHUNK])
+    times = {name: [] for name in models}
+    for _ in range(reps):
+        for start in range(0, steps, TRAIN_CHUNK):
+            for name, (m, o) in models.items():
+                times[name].append(_train_time(m, o, batches[start:start + TRAIN_CHUNK]))
+    out = {}
+    for name, t in times.items():
+        r = paired_ratio(t, times["fp32"])
+        out[name] = {"batch": batch, "ms_per_step": 1e3 * median(t), "vs_fp32": r["median"], "ci95": r["ci95"],
+                     "raw_s": t}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, default=20, help="batches of 2048 per repetition")
     p.add_argument("--reps", type=int, default=9, help="repetitions (medians reported)")
+    p.add_argument("--latency-calls", type=int, default=400, help="timed calls per variant and latency batch size")
+    p.add_argument("--train-steps", type=int, default=100, help="timed training steps per variant and repetition")
+    p.add_argument("--train-reps", type=int, default=3, help="training repetitions")
+    p.add_argument("--train-batch", default="128,2048", help="training batch sizes (the default job's is 128)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     add_out_argument(p)
     args = p.parse_args()
@@ -149,50 +256,83 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     cfg = get_config("default")
+    report = Report()
     with tempfile.TemporaryDirectory() as tmp:
         paths, model = _artifacts(cfg, Path(tmp))
         fp32_dlrm, paths["fp32"] = _fp32_artifact(cfg, model, Path(tmp))
+        del model
+        paths = {name: paths[name] for name in ("fp32", "int8", INT4, BF16)}
         modules = {name: load_with_manifest(path)[0] for name, path in paths.items()}
         sizes = {name: path.stat().st_size + rows_path(path).stat().st_size for name, path in paths.items()}
         modules[TORCHREC] = _torchrec_forward(fp32_dlrm)
         sizes[TORCHREC] = sizes["fp32"]
+        del fp32_dlrm
+        for name in ("fp32", INT4, BF16):
+            modules[name + PROGRAM] = load_with_manifest(program_path(paths[name]))[0]
+            sizes[name + PROGRAM] = program_path(paths[name]).stat().st_size + rows_path(paths[name]).stat().st_size
         inputs = _inputs(cfg, args.batches)
-        with torch.no_grad():  # the two FP32 forwards give the same logits
+        with torch.no_grad():  # the two FP32 forwards agree; each program serves its artifact's logits
             a, b = modules["fp32"](*inputs[0]), modules[TORCHREC](*inputs[0])
-        if not torch.equal(a, b):
-            raise AssertionError(f"ServingDLRM and DLRM.forward differ by {(a - b).abs().max().item():.3g}")
+            if not torch.equal(a, b):
+                raise AssertionError(f"ServingDLRM and DLRM.forward differ by {(a - b).abs().max().item():.3g}")
+            for name in ("fp32", INT4, BF16):
+                a, b = modules[name](*inputs[0]), modules[name + PROGRAM](*inputs[0])
+                if not torch.equal(a, b):
+                    raise AssertionError(f"{name}: the program differs from the artifact by "
+                                         f"{(a - b).abs().max().item():.3g}")
+            bf16_shift = float((modules[BF16](*inputs[0]) - modules[INT4](*inputs[0])).abs().max())
         for m in modules.values():
             _time(m, inputs[:2])
         times = {name: [] for name in modules}
         for _ in range(args.reps):
             for name, m in modules.items():
                 times[name].append(_time(m, inputs))
-        shares = {name: _breakdown(modules[name], inputs[:5]) for name in ("fp32", "int4")}
+        latency = {rows: _latency(modules, inputs, rows, args.latency_calls) for rows in LATENCY_BATCHES}
+        shares = {name: _breakdown(modules[name], inputs[:5]) for name in ("fp32", INT4, BF16)}
+        del modules
     rows = []
     fp32 = median(times["fp32"])
-    for name in ("fp32", "int8", "int4", TORCHREC):
+    for name in times:
         t = median(times[name])
         rows.append({"model": name, "samples_per_s": 1 / t, "speedup_vs_fp32": fp32 / t,
+                     **{f"p{q}_b{r}_ms": latency[r][name][f"p{q}_ms"] for r in LATENCY_BATCHES for q in (50, 99)},
                      "artifact_mb": sizes[name] / 1e6, "size_vs_fp32": sizes[name] / sizes["fp32"]})
-    report = Report()
-    report(f"default model, random weights; batch {BATCH}, {args.threads} torch threads; samples/s from the median of "
-           f"{args.reps} repetitions of {args.batches} batches, variants alternated")
-    report(table(rows, [("model", "model", "s"), ("samples_per_s", "samples/s", ".0f"),
-                        ("speedup_vs_fp32", "x FP32", ".2f"), ("artifact_mb", "file MB", ".1f"),
-                        ("size_vs_fp32", "size/FP32", ".3f")]))
+    report(f"default model, random weights; {args.threads} torch threads. samples/s at batch {BATCH}: median of "
+           f"{args.reps} repetitions of {args.batches} batches, variants alternated; latency of one call at batch "
+           f"1 and 64: p50/p99 of {args.latency_calls} calls per variant, alternated in chunks of 20. {PROGRAM.strip()}: "
+           f"the same model as a torch.export program (same rows file)")
+    columns = [("model", "model", "s"), ("samples_per_s", "samples/s", ".0f"), ("speedup_vs_fp32", "x FP32", ".2f")]
+    columns += [(f"p{q}_b{r}_ms", f"p{q} ms b{r}", ".3f") for r in LATENCY_BATCHES for q in (50, 99)]
+    columns += [("artifact_mb", "file MB", ".1f"), ("size_vs_fp32", "size/FP32", ".3f")]
+    report(table(rows, columns))
     by = {r["model"]: r for r in rows}
-    report(f"INT4 artifact / FP32 artifact (same serving path): {by['int4']['speedup_vs_fp32']:.2f}x; "
-           f"INT4 artifact / FP32 model through TorchRec's DLRM.forward: "
-           f"{by['int4']['samples_per_s'] / by[TORCHREC]['samples_per_s']:.2f}x; size {by['int4']['size_vs_fp32']:.3f}")
-    parts = [{"part": part, "fp32": shares["fp32"][part], "int4": shares["int4"][part]} for part in shares["fp32"]]
-    report(table(parts, [("part", "share of the profiled batch time", "s"), ("fp32", "fp32", ".1%"),
-                         ("int4", "int4", ".1%")]))
-    lookups = shares["fp32"]["embedding lookups (FBGEMM TBE)"]
-    report(f"Precision changes only the table lookups (the MLPs run in float from dequantized weights): with lookups "
-           f"{lookups:.0%} of the FP32 batch, even free lookups would make the artifact at most "
-           f"{1 / (1 - lookups):.2f}x faster than FP32 through the same serving path.")
+    goal = by[BF16]["speedup_vs_fp32"] >= 1.3
+    report(f"INT4 weight-only artifact / FP32 artifact (same serving path): {by[INT4]['speedup_vs_fp32']:.2f}x; INT4 "
+           f"with bfloat16 MLPs / FP32 artifact: {by[BF16]['speedup_vs_fp32']:.2f}x (goal >= 1.3x: "
+           f"{'met' if goal else 'MISSED'}); its logits differ from weight-only INT4's on the same weights by up to "
+           f"{bf16_shift:.2e} (the model is trained for them: the artifact equals what its QAT evaluated)")
+    report(f"torch.export programs / their TorchScript artifacts, samples/s: " + ", ".join(
+        f"{name} {by[name + PROGRAM]['samples_per_s'] / by[name]['samples_per_s']:.2f}x" for name in ("fp32", INT4, BF16)))
+    names = ("fp32", INT4, BF16)
+    parts = [{"part": part, **{name: shares[name][part] for name in names}} for part in shares["fp32"]]
+    report(table(parts, [("part", "share of the profiled batch time", "s"),
+                         *((name, name, ".1%") for name in names)]))
+    report("MLPs: addmm/linear and relu; a bfloat16 layer's casts of its input and output count as other")
+    train = {}
+    for batch in [int(b) for b in args.train_batch.split(",") if b]:
+        train[batch] = _training(cfg, batch, args.train_steps, args.train_reps)
+    train_rows = [{"batch": batch, "variant": name, **{k: v for k, v in r.items() if k != "raw_s"},
+                   "ci_lo": r["ci95"][0], "ci_hi": r["ci95"][1]} for batch, by_v in train.items()
+                  for name, r in by_v.items()]
+    report(f"training step, world size 1, default model: median of {args.train_reps} x {args.train_steps} steps, "
+           f"variants alternated every {TRAIN_CHUNK} steps; x FP32 = median of the chunk ratios [95% bootstrap]")
+    report(table(train_rows, [("batch", "batch", "d"), ("variant", "variant", "s"), ("ms_per_step", "ms/step", ".2f"),
+                              ("vs_fp32", "x FP32 time", ".3f"), ("ci_lo", "95% lo", ".3f"),
+                              ("ci_hi", "95% hi", ".3f")]))
     payload = {**prov, "batch": BATCH, "threads": args.threads, "batches": args.batches, "reps": args.reps,
-               "rows": rows, "raw_s": times, "shares": shares}
+               "latency_calls": args.latency_calls, "rows": rows, "raw_s": times, "latency": latency,
+               "shares": shares, "bf16_max_abs_logit_shift_vs_int4": bf16_shift, "goal_1.3x_met": goal,
+               "training": {str(b): v for b, v in train.items()}}
     path = save("inference", payload, report.text, out=args.out)
     print(f"json: {path}")
 
