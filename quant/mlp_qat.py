@@ -93,7 +93,14 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], bf16:
     ``F.linear`` (oneDNN on CPU: fp32 accumulation, a bfloat16 result), widened to float32 if ``float_output``.
     Training differentiates the same op that serving runs, so the served logits are the evaluated ones bit for bit
     on the same machine (the kernel oneDNN picks depends on the CPU's ISA: check on the serving host,
-    ``tests/quant/test_mlp_compute.py``)."""
+    ``tests/quant/test_mlp_compute.py``).
+
+    Why bfloat16 rather than INT8 activations (W4A8/W8A8): torch's dynamic quantized linear
+    (``quantized::linear_dynamic``, FBGEMM/oneDNN) takes one activation scale per batch, so a sample's logit would
+    depend on the rest of its batch, and neither it nor oneDNN's static ``qlinear_pointwise`` (an opaque prepacked
+    weight) can be saved by ``torch.export``; torchao's CPU path is ``torch._int_mm`` plus float epilogues, several
+    elementwise passes per layer unless compiled. bfloat16 ``F.linear`` is one torch op in training and serving,
+    batch-invariant here and exportable."""
     if not bf16:
         return F.linear(x.float(), w, bias)
     b = None if bias is None else bias.to(torch.bfloat16)
