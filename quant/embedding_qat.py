@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from quant.embedding_ste import EmbeddingSTE
-from quant.fake_quant import small_scale_tables
+from quant.fake_quant import small_scale_tables, symmetric_qparams
 from quant.row_maxima import RowMaxima
 from sharding.tbe import TBELayout, find_tbes
 
@@ -92,6 +92,16 @@ class EmbeddingFakeQuantizer(nn.Module):
     @compiled.setter
     def compiled(self, value: bool) -> None:
         self.ste.compiled = value
+
+    @property
+    def layouts(self) -> list[TBELayout]:
+        """The TBEs this quantizer hooks, in order (read-only: for diagnostics of the grid)."""
+        return list(self._layouts)
+
+    def table_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, bias) of every table's symmetric grid (``table`` granularity) as the estimator applies it, in
+        ``table_names`` order: ``symmetric_qparams(alpha, table_bits)``."""
+        return symmetric_qparams(self.alpha, self.table_bits)
 
     @property
     def _seen(self) -> dict[int, torch.Tensor]:
