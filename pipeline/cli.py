@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "config's optim.lr and optim.embedding_lr, which may differ)")
     p.add_argument("--limit-train-batches", type=int, help="stop each epoch after N batches (smoke tests)")
     p.add_argument("--limit-eval-batches", type=int, help="evaluate on at most N batches per rank")
+    p.add_argument("--profile-steps", metavar="START:STOP",
+                   help="record training steps START..STOP-1 (counted from 0) with torch.profiler into "
+                        "RUN_DIR/profile: a trace per rank for Perfetto or TensorBoard and a table of the top ops")
     p.add_argument("--fields", action="store_true",
                    help="print every config field --set accepts, with its value in the chosen config (after the "
                         "other flags) and what it means, then exit")
@@ -42,7 +45,8 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     cfg = get_config(args.config)
     flags = {"run_dir": args.run_dir, "data.data_dir": args.data_dir, "epochs": args.epochs,
              "data.batch_size": args.batch_size, "optim.lr": args.lr, "optim.embedding_lr": args.lr,
-             "limit_train_batches": args.limit_train_batches, "limit_eval_batches": args.limit_eval_batches}
+             "limit_train_batches": args.limit_train_batches, "limit_eval_batches": args.limit_eval_batches,
+             "observe.profile_steps": args.profile_steps}
     for field, value in flags.items():
         if value is not None:
             apply_override(cfg, f"{field}={value}", check=False)
@@ -83,10 +87,10 @@ def _with_saved_budget(cfg: JobConfig) -> JobConfig:
     return cfg if plan is None else apply_plan(cfg, plan)
 
 
-# Fields a resumed job may change: how long it runs, how it evaluates and checkpoints, where it is.
+# Fields a resumed job may change: how long it runs, how it evaluates, checkpoints and logs, where it is.
 RESUME_MAY_CHANGE = ("epochs", "limit_train_batches", "limit_eval_batches", "eval_every_steps",
                      "checkpoint_every_steps", "checkpoint_keep", "run_dir", "name", "data.eval_batch_size",
-                     "comm.count_bytes")
+                     "comm.count_bytes", "observe.tensorboard", "observe.log_every_steps", "observe.profile_steps")
 
 
 def check_same_job(cfg: JobConfig) -> None:

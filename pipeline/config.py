@@ -101,6 +101,40 @@ class OptimConfig:
                 raise ValueError(f"optim.{name} must be a positive number, got {value}")
 
 
+PROFILE_STEPS = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """``"A:B"`` -> ``(A, B)``: the training steps A, A+1, .., B-1 (0-based, as a Python slice); ``""`` -> None."""
+    if not text:
+        return None
+    m = PROFILE_STEPS.match(text.strip())
+    if m is None or int(m[1]) >= int(m[2]):
+        raise ValueError(f"--profile-steps {text!r} (observe.profile_steps): expected START:STOP, two step numbers "
+                         f"with START < STOP naming the training steps to record as a Python slice does, counted "
+                         f"from 0 (e.g. --profile-steps 100:110 records steps 100 to 109)")
+    return int(m[1]), int(m[2])
+
+
+@dataclasses.dataclass(kw_only=True)
+class ObserveConfig:
+    """What a job writes for watching it while it runs: TensorBoard events and a profiler window."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files into RUN_DIR/tensorboard (rank 0): train loss, samples/s, learning rates, QAT
+    grid statistics and wire bytes every log_every_steps, and every evaluation (``tensorboard --logdir runs/``)."""
+    log_every_steps: int = 100
+    """Steps between two TensorBoard logs of the training scalars (the end of an epoch also logs)."""
+    profile_steps: str = ""
+    """START:STOP: record training steps START..STOP-1 (0-based) with torch.profiler into RUN_DIR/profile (a trace
+    for Perfetto or TensorBoard per rank, and a table of the top ops); empty = no profiling."""
+
+    def __post_init__(self) -> None:
+        if self.log_every_steps < 1:
+            raise ValueError(f"observe.log_every_steps must be at least 1, got {self.log_every_steps}")
+        parse_profile_steps(self.profile_steps)
+
+
 @dataclasses.dataclass(kw_only=True)
 class JobConfig:
     """A whole training job."""
@@ -122,6 +156,8 @@ class JobConfig:
     """Table placement policy and overrides."""
     comm: CommConfig = dataclasses.field(default_factory=CommConfig)
     """Gradient and embedding communication compression."""
+    observe: ObserveConfig = dataclasses.field(default_factory=ObserveConfig)
+    """TensorBoard logging and the profiler window."""
     epochs: int = 5
     """Passes over the training split."""
     limit_train_batches: int = 0

@@ -36,10 +36,12 @@ log = logging.getLogger("dqrm")
 def run(cfg: JobConfig) -> dict:
     """One rank of a job; the process group lives exactly as long as this call."""
     with rank_runtime() as (rank, world_size, device):
-        return _run(cfg, rank, world_size, device)
+        return run_rank(cfg, rank, world_size, device)
 
 
-def _run(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> dict:
+def run_rank(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> dict:
+    """One rank of a job in a process group that already exists (``run`` makes one; tests spawn their own); returns
+    this rank's summary."""
     run_dir = cfg.run_path
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"run dir {run_dir} exists and is not a directory")

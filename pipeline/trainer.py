@@ -1,4 +1,5 @@
-"""The train/eval loop: ``train()`` -> ``train_epoch()`` -> ``train_step()`` (one ``TrainPipelineSparseDist.progress``)."""
+"""The train/eval loop: ``train()`` -> ``train_epoch()`` -> ``train_step()`` (one ``TrainPipelineSparseDist.progress``),
+watched through TensorBoard (``pipeline.observe``) and, for a window of steps, the profiler (``pipeline.profile``)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from tqdm import tqdm
 
 from datasets.reader import ParquetBatches
 from pipeline.checkpoint import MANIFEST, Checkpointer
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, parse_profile_steps
 from pipeline.metrics import binary_metrics, gather
+from pipeline.observe import Observer
+from pipeline.profile import PROFILE_DIR, ProfileWindow
 from quant.api import embedding_quantizer, set_fake_quant
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,9 @@ class Trainer:
         self.eval_history: list[dict[str, Any]] = []
         # Position inside a partly trained epoch (restored from a mid-epoch checkpoint).
         self.in_epoch: dict[str, Any] = {"batches_done": 0, "loss_sum": 0.0}
+        # Off until train() opens them (a bench or the budget search may call train_epoch / train_step alone).
+        self.observer = Observer.off()
+        self.profile = ProfileWindow(None, cfg.run_path / PROFILE_DIR, rank)
 
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint in the run dir, if there is one."""
@@ -86,17 +92,26 @@ class Trainer:
                          f"world size can resume (move the newer checkpoints out of {path.parent})")
 
     def train(self) -> list[dict[str, Any]]:
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            stats = self.train_epoch(epoch)
-            stats["val"], stats["test"] = self.evaluate("val"), self.evaluate("test")
-            if self.cfg.quant_mode == "ptq":
-                with post_training_quantized(self.model):
-                    stats["ptq_val"], stats["ptq_test"] = self.evaluate("val"), self.evaluate("test")
-            self.history.append(stats)
-            self._log_epoch(stats)
-            self.in_epoch = {"batches_done": 0, "loss_sum": 0.0}
-            self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1),
-                                   keep=self.cfg.checkpoint_keep)
+        self.observer = Observer.for_job(self.cfg, self.model, self.optimizer, rank=self.rank,
+                                         world_size=_world_size(), device=self.device, counter=self.comm_counter,
+                                         start_step=self.step)
+        self.profile = ProfileWindow(parse_profile_steps(self.cfg.observe.profile_steps),
+                                     self.cfg.run_path / PROFILE_DIR, self.rank)
+        try:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                stats = self.train_epoch(epoch)
+                stats["val"], stats["test"] = self.evaluate("val"), self.evaluate("test")
+                if self.cfg.quant_mode == "ptq":
+                    with post_training_quantized(self.model):
+                        stats["ptq_val"], stats["ptq_test"] = self.evaluate("val"), self.evaluate("test")
+                self.history.append(stats)
+                self._log_epoch(stats)
+                self.in_epoch = {"batches_done": 0, "loss_sum": 0.0}
+                self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch + 1),
+                                       keep=self.cfg.checkpoint_keep)
+        finally:
+            self.profile.close()
+            self.observer.close()
         return self.history
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -112,11 +127,13 @@ class Trainer:
         steps, t0 = skip, time.perf_counter()
         if self.comm_counter is not None:
             self.comm_counter.reset()
+        self.observer.start_epoch()
         with tqdm(total=total, initial=skip, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
                   disable=self.rank != 0, mininterval=1 if sys.stderr.isatty() else 15, file=sys.stderr) as bar:
             while True:
                 try:
-                    loss = self.train_step(batches)
+                    with self.profile.step(self.step):
+                        loss = self.train_step(batches)
                 except StopIteration:
                     break
                 if not torch.isfinite(loss):
@@ -125,6 +142,7 @@ class Trainer:
                 steps += 1
                 self.step += 1
                 bar.update()
+                self.observer.step_done(self.step, loss)
                 _maybe_inject_fault(self.step, self.rank)
                 every = self.cfg.checkpoint_every_steps
                 if every and self.step % every == 0 and steps < total:
@@ -133,8 +151,10 @@ class Trainer:
                                            keep=self.cfg.checkpoint_keep)
                 if self.cfg.eval_every_steps and self.step % self.cfg.eval_every_steps == 0:
                     self.eval_history.append({"step": self.step, "epoch": epoch, "val": self.evaluate("val")})
+                    self.observer.log_eval("val", self.eval_history[-1]["val"], self.step)
                     log.info("step %d: val AUC %.4f", self.step, self.eval_history[-1]["val"]["auc"])
         seconds = time.perf_counter() - t0
+        self.observer.end_epoch(self.step)
         mean_loss = float(loss_sum) / max(steps, 1)
         rows = (steps - skip) * self.data.train.cfg.batch_size * _world_size()
         stats = {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
@@ -185,6 +205,9 @@ class Trainer:
                 "in_epoch": dict(self.in_epoch), "world_size": _world_size()}
 
     def _log_epoch(self, s: dict[str, Any]) -> None:
+        for split in ("val", "test", "ptq_val", "ptq_test"):
+            if split in s:
+                self.observer.log_eval(split, s[split], s["step"])
         if self.rank != 0:
             return
         v, t = s["val"], s["test"]
