@@ -18,7 +18,7 @@ repetition:
 
 An evaluation's scalars (6 per evaluation) are timed too; evaluations are minutes apart, their share is nil.
 
-    python -m bench.logging_overhead [--every 100] [--reps 7] [--out DIR]
+    python -m bench.logging_overhead [--every 200] [--reps 7] [--out DIR]
 """
 
 from __future__ import annotations

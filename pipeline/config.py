@@ -123,8 +123,9 @@ class ObserveConfig:
     tensorboard: bool = True
     """Write TensorBoard event files into RUN_DIR/tensorboard (rank 0): train loss, samples/s, learning rates, QAT
     grid statistics and wire bytes every log_every_steps, and every evaluation (``tensorboard --logdir runs/``)."""
-    log_every_steps: int = 100
-    """Steps between two TensorBoard logs of the training scalars (the end of an epoch also logs)."""
+    log_every_steps: int = 200
+    """Steps between two TensorBoard logs of the training scalars (the end of an epoch also logs); a log costs
+    about 0.5 % of the default job's training time at 200 (bench/results/logging_overhead.txt)."""
     profile_steps: str = ""
     """START:STOP: record training steps START..STOP-1 (0-based) with torch.profiler into RUN_DIR/profile (a trace
     for Perfetto or TensorBoard per rank, and a table of the top ops); empty = no profiling."""

@@ -6,10 +6,10 @@ What is measured, precisely. A forward hook on each TBE of the QAT model keeps a
 last ``KEEP_STEPS`` training forwards on this rank; ``collect`` (at a log) drops them after use, so the rows are
 those looked up by the last ``KEEP_STEPS`` steps before the log, or by all steps since the previous log where fewer
 ran: a sample of the interval's lookups, the most recent ones, which keeps the cost of a log independent of the log
-interval (all of an interval's ids cost about 1 s per log for the default job at 100 steps; these, milliseconds:
-``bench/logging_overhead.py``). ``collect`` takes each table's distinct rows among the kept ids and reads them as
-they are at that moment, on the grid as it is at that moment (the table scales of the latest refresh, or each
-row's own min and max for the ``row`` grid):
+interval (all of an interval's ids would grow with it: 333k per rank for 200 steps of the default job, against
+6,656 here; ``bench/logging_overhead.py`` times a log). ``collect`` takes each table's distinct rows among the kept
+ids and reads them as they are at that moment, on the grid as it is at that moment (the table scales of the latest
+refresh, or each row's own min and max for the ``row`` grid):
 
 * clip share: the values whose code ``round((w - bias) / scale)`` falls outside ``[0, 2^b - 1]``, over all values of
   those rows (FBGEMM's arithmetic, as ``quant.fake_quant`` and the training estimator compute it);
