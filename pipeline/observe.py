@@ -20,8 +20,9 @@ and at each evaluation ``SPLIT/auc``, ``SPLIT/accuracy``, ``SPLIT/logloss`` (``v
 ``quant_mode=qat``, the byte counts where the job counts bytes (``comm.count_bytes`` at world size > 1).
 
 Only rank 0 writes. Each log gathers every rank's loss and QAT statistics to it in one ``all_gather`` (all ranks log
-at the same steps: they step together); everything else is rank 0's own. A resumed job drops the events of steps
-it will repeat (``SummaryWriter(purge_step=...)``). ``bench/logging_overhead.py`` measures the cost.
+at the same steps: they step together); everything else is rank 0's own. A resumed job drops the events of the steps
+it repeats, those after the checkpoint it resumes from (``SummaryWriter(purge_step=...)``).
+``bench/logging_overhead.py`` measures the cost.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ class Observer:
                  device: torch.device, optimizer: Optimizer | None = None, grid: GridStats | None = None,
                  counter: ByteCounter | None = None, purge_step: int | None = None) -> None:
         """``log_dir`` None: off. ``rows_per_step``: rows of all ranks per training step. ``grid``: the QAT grid's
-        statistics, None without QAT. ``purge_step``: the first step this job will train (events from an earlier
-        attempt at or after it are dropped)."""
+        statistics, None without QAT. ``purge_step``: events of an earlier attempt at this step or later are
+        dropped (TensorBoard's reader drops them)."""
         self.enabled = log_dir is not None
         self.every, self.rows_per_step, self.rank, self.world_size = every, rows_per_step, rank, world_size
         self.device, self.optimizer, self.grid, self.counter = device, optimizer, grid, counter
@@ -78,13 +79,15 @@ class Observer:
     @classmethod
     def for_job(cls, cfg: JobConfig, model: nn.Module, optimizer: Optimizer, *, rank: int, world_size: int,
                 device: torch.device, counter: ByteCounter | None, start_step: int) -> "Observer":
+        """The job's observer; ``start_step``: the steps done before (a resumed job's checkpoint), whose events an
+        earlier attempt wrote and which stay; those it wrote after them are of steps this job repeats."""
         if not cfg.observe.tensorboard:
             return cls.off()
         quantizer = embedding_quantizer(model) if cfg.quant_mode == "qat" else None
         return cls(cfg.run_path / TENSORBOARD_DIR, every=cfg.observe.log_every_steps,
                    rows_per_step=cfg.data.batch_size * world_size, rank=rank, world_size=world_size, device=device,
                    optimizer=optimizer, grid=GridStats(quantizer) if quantizer is not None else None,
-                   counter=counter, purge_step=start_step)
+                   counter=counter, purge_step=start_step + 1)
 
     def start_epoch(self) -> None:
         """A new interval starts (the byte counter was just reset, or training starts)."""

@@ -133,6 +133,28 @@ def test_profile_window_holds_the_steps_asked_for(job):
         assert f"training steps {PROFILE[0]} to {PROFILE[1] - 1}" in top and "Self CPU" in top
 
 
+def test_a_resumed_job_keeps_the_events_up_to_its_checkpoint(tmp_path):
+    """An attempt logs steps 4 and 8, evaluates at 8 (its checkpoint) and dies after logging step 12; the job resumed
+    from step 8 logs 12 again: the reader keeps the evaluation and the losses up to 8 and only the new step 12."""
+    cfg = build_config(parse_args(["--config", "tiny", "--run-dir", str(tmp_path), "--set", "quant_mode=fp32",
+                                   "observe.log_every_steps=4"]))
+
+    def attempt(start, stop, loss):
+        observer = Observer.for_job(cfg, None, None, rank=0, world_size=1, device=torch.device("cpu"), counter=None,
+                                    start_step=start)
+        for step in range(start + 1, stop + 1):
+            observer.step_done(step, torch.tensor(loss, dtype=torch.float64))
+            if step == 8:
+                observer.log_eval("val", {"auc": 0.7, "accuracy": 0.8, "logloss": 0.5}, step)
+        observer.close()
+
+    attempt(0, 12, 1.0)
+    attempt(8, 12, 2.0)
+    logged = scalars(tmp_path / TENSORBOARD_DIR)
+    assert logged["train/loss"] == [(4, 1.0), (8, 1.0), (12, 2.0)]
+    assert logged["val/auc"] == [(8, f32(0.7))]
+
+
 @pytest.mark.parametrize("value", ["5:2", "3", "a:b", "-1:4", "2:2"])
 def test_a_malformed_profile_window_is_refused(value, capsys):
     # --fields: a window accepted by mistake prints the fields (exit 0) instead of training
