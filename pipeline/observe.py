@@ -67,7 +67,7 @@ class Observer:
             from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it writes
 
             # A queue that holds a whole log: with the default (10 events) the training thread waits for the
-            # writer thread (and the GIL) every 10 scalars, which made a log ~10x slower on a busy 2-core machine.
+            # writer thread (and the GIL) every 10 scalars, which made a log 3-4x slower on a busy 2-core machine.
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step or None, max_queue=MAX_QUEUE,
                                         flush_secs=30)
         self.start_epoch()
