@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml scripts/requirements.py
 	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
 	$(PYTHON) scripts/requirements.py nodeps > $(VENV)/requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps -r $(VENV)/requirements-nodeps.txt
-	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow; print('environment ready: torch', torch.__version__)"
+	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, tensorboard; print('environment ready: torch', torch.__version__)"
 	touch $(STAMP)
 
 ## train: the default job (2 workers via `torchx run -s local_cwd`); CONFIG=, RUN_DIR=, NPROC=, RETRIES=, ARGS= override

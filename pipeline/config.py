@@ -179,6 +179,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.quant_mode not in QUANT_MODES:
             raise ValueError(f"quant_mode must be one of {QUANT_MODES}, got {self.quant_mode!r}")
+        if self.quant_mode == "fp32" and self.quant.mlp_compute != "float32":
+            raise ValueError(f"quant.mlp_compute={self.quant.mlp_compute} applies to the fake-quantized MLPs of qat "
+                             f"or ptq; quant_mode fp32 trains plain float32 MLPs (drop it, or use quant_mode qat)")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
         for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps", "checkpoint_every_steps"):

@@ -158,8 +158,18 @@ def test_set_reaches_every_field_that_fields_lists():
     ("quant.embedding_bits=3", "3 bits unsupported"),
     ("quant_mode=int3", "quant_mode must be one of"),
     ("quant.granularity=channel", "granularity must be 'table' or 'row'"),
+    ("quant.mlp_compute=fp16", "mlp_compute must be one of"),
     ("epochs", "must look like field.path=value"),
 ])
 def test_bad_overrides_fail_clearly(override, message):
     with pytest.raises(ValueError, match=message):
         apply_override(JobConfig(), override)
+
+
+def test_bfloat16_mlps_are_refused_where_no_mlp_is_fake_quantized():
+    """quant_mode fp32 never prepares the model: its MLPs would silently stay float32."""
+    cfg = JobConfig()
+    apply_override(cfg, "quant.mlp_compute=bfloat16")
+    assert cfg.quant.mlp_compute == "bfloat16"
+    with pytest.raises(ValueError, match="quant_mode fp32 trains plain float32 MLPs"):
+        apply_override(cfg, "quant_mode=fp32")
