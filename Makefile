@@ -12,7 +12,7 @@ ARGS ?=
 # writing bench/results/NAME.{json,txt}; the README names the longer ones (compare_quant, comm_auc, ingest --scale,
 # scale_run, gpu_fake_quant).
 BENCHES ?= reader_headroom artifact_sizes checkpoint_memory comm inference train_throughput serving_limits \
-	row_alignment qat_overhead parse_paths scale_plans
+	row_alignment qat_overhead parse_paths scale_plans logging_overhead
 
 .PHONY: train test bench env clean-env
 
