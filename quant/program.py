@@ -11,7 +11,8 @@ test_program.py``). Written here: neither TorchRec nor FBGEMM exports an inferen
 
 The row buffer is exported empty and attached at load (``attach_rows``), mapped from the rows file. The MLP
 weights are stored as ``codes * scale`` in the layer's compute dtype (float32 or bfloat16): exactly the integer
-grid's values, 0.3 % of the default artifact's bytes, and no dequantization per call.
+grid's values (about 0.5 MB in float32 at the default shape, against 88 MB of INT4 rows), and no dequantization per
+call.
 (No `from __future__ import annotations` here: torch.export reads real annotations.)
 """
 
