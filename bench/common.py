@@ -229,21 +229,44 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def sharded_model(model_cfg, optim_cfg):
+    """A DLRM of ``model_cfg`` (seed 0) with its tables' fused optimizer, sharded at world size 1 (a process group
+    must exist): what the benches time and convert."""
+    import torch.distributed as dist
+
+    from pipeline.model import build_dlrm
+    from pipeline.optimizer import fuse_embedding_optimizer
+    from sharding.plan import plan_sharding, shard_model
+
+    torch.manual_seed(0)
+    model = build_dlrm(model_cfg, torch.device("cpu"))
+    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), optim_cfg)
+    return shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD),
+                       torch.device("cpu"))
+
+
 def prepared_model(cfg):
     """The config's DLRM sharded at world size 1 (a process group must exist), prepared for QAT with its scales
     taken from its initial weights: what the export benches convert."""
     import torch.distributed as dist
 
-    from pipeline.model import build_dlrm
-    from pipeline.optimizer import fuse_embedding_optimizer
     from quant.api import QATConfig, embedding_quantizer, quantize_
-    from sharding.plan import plan_sharding, shard_model
 
-    torch.manual_seed(0)
-    model = build_dlrm(cfg.model, torch.device("cpu"))
-    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-    model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD),
-                        torch.device("cpu"))
+    model = sharded_model(cfg.model, cfg.optim)
     quantize_(model, QATConfig(spec=cfg.quant), pg=dist.group.WORLD)
     embedding_quantizer(model).update_scales()
     return model
+
+
+def train_step_seconds(model, optimizer, batches) -> float:
+    """Mean wall seconds of a training step (forward, backward, optimizer step) over ``batches``."""
+    import time
+
+    model.train()
+    t0 = time.perf_counter()
+    for b in batches:
+        loss, _ = model(b)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return (time.perf_counter() - t0) / len(batches)

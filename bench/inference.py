@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from bench.common import (Report, add_out_argument, median, paired_ratio, prepared_model, provenance, random_batches,
-                          save, table)
+                          save, sharded_model, table, train_step_seconds)
 from datasets.reader import ParquetBatches, ReaderConfig
 from datasets.schema import FEATURE_NAMES
 from datasets.synthetic import ensure_synthetic
@@ -193,17 +193,11 @@ def _latency(modules: dict, inputs: list, rows: int, calls: int, chunk: int = 20
 
 def _train_models(cfg) -> dict:
     """The default model at world size 1 per training variant (same initial weights), with its optimizer."""
-    from pipeline.model import build_dlrm
-    from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-    from sharding.plan import plan_sharding, shard_model
+    from pipeline.optimizer import build_optimizer
 
     models = {}
     for name, compute in TRAIN_VARIANTS.items():
-        torch.manual_seed(0)
-        model = build_dlrm(cfg.model, torch.device("cpu"))
-        fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
-        model = shard_model(model, plan_sharding(model, world_size=1, device=torch.device("cpu"),
-                                                 pg=dist.group.WORLD), torch.device("cpu"))
+        model = sharded_model(cfg.model, cfg.optim)
         if compute is not None:
             spec = dataclasses.replace(cfg.quant, mlp_compute=compute)
             quantize_(model, QATConfig(spec=spec), pg=dist.group.WORLD)
@@ -211,28 +205,17 @@ def _train_models(cfg) -> dict:
     return models
 
 
-def _train_time(model, opt, batches) -> float:
-    model.train()
-    t0 = time.perf_counter()
-    for b in batches:
-        loss, _ = model(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / len(batches)
-
-
 def _training(cfg, batch: int, steps: int, reps: int) -> dict:
     """Median step time per variant and each one's ratio to FP32 (chunks of ``TRAIN_CHUNK`` steps alternated)."""
     models = _train_models(cfg)
     batches = random_batches(cfg.model.num_embeddings, batch, steps)
     for m, o in models.values():
-        _train_time(m, o, batches[:TRAIN_CHUNK])
+        train_step_seconds(m, o, batches[:TRAIN_CHUNK])
     times = {name: [] for name in models}
     for _ in range(reps):
         for start in range(0, steps, TRAIN_CHUNK):
             for name, (m, o) in models.items():
-                times[name].append(_train_time(m, o, batches[start:start + TRAIN_CHUNK]))
+                times[name].append(train_step_seconds(m, o, batches[start:start + TRAIN_CHUNK]))
     out = {}
     for name, t in times.items():
         r = paired_ratio(t, times["fp32"])

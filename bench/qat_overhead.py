@@ -26,26 +26,20 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import Report, add_out_argument, median, paired_ratio, random_batches, save, table
+from bench.common import (Report, add_out_argument, median, paired_ratio, random_batches, save, sharded_model, table,
+                          train_step_seconds)
 from pipeline.config import ModelConfig, OptimConfig
-from pipeline.model import build_dlrm
-from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from pipeline.optimizer import build_optimizer
 from pipeline.quiet import quiet_library_noise
 from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from quant.fake_quant import fake_quantize, symmetric_qparams
-from sharding.plan import plan_sharding, shard_model
 
 REFRESH_EVERY = QuantSpec().scale_update_every
 CHUNK = 10
 
 
 def _build(cards, variant):
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_embeddings=cards)
-    model = build_dlrm(cfg, torch.device("cpu"))
-    fuse_embedding_optimizer(model.model.sparse_arch.parameters(), OptimConfig())
-    plan = plan_sharding(model, world_size=1, device=torch.device("cpu"), pg=dist.group.WORLD)
-    model = shard_model(model, plan, torch.device("cpu"))
+    model = sharded_model(ModelConfig(num_embeddings=cards), OptimConfig())
     if variant != "fp32":
         quantize_(model, QATConfig(spec=QuantSpec(scale_update_every=10**9 if variant == "qat" else 1)),
                   pg=dist.group.WORLD)
@@ -63,23 +57,12 @@ def _build(cards, variant):
     return model, build_optimizer(model, OptimConfig())
 
 
-def _time(model, opt, batches):
-    model.train()
-    t0 = time.perf_counter()
-    for b in batches:
-        loss, _ = model(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (time.perf_counter() - t0) / len(batches)
-
-
 def _measure(models, cards, batch, args, naive: bool, report: Report) -> dict:
     """Step times of the variants at one batch size (variants alternated), and the amortized scale refresh."""
     batches = random_batches(cards, batch, args.steps)
     variants = {v: mo for v, mo in models.items() if naive or v != "naive"}
     for m, o in variants.values():
-        _time(m, o, batches[:10])
+        train_step_seconds(m, o, batches[:10])
     # Variants alternate every CHUNK steps (the machine's load drifts over all of them alike); the median over
     # chunks is reported. The naive variant is slow enough that a few steps per repetition tell.
     times = {v: [] for v in variants}
@@ -87,9 +70,9 @@ def _measure(models, cards, batch, args, naive: bool, report: Report) -> dict:
         for start in range(0, len(batches), CHUNK):
             for v, (m, o) in variants.items():
                 if v != "naive":
-                    times[v].append(_time(m, o, batches[start:start + CHUNK]))
+                    times[v].append(train_step_seconds(m, o, batches[start:start + CHUNK]))
         if "naive" in variants:
-            times["naive"].append(_time(*variants["naive"], batches[:args.naive_steps]))
+            times["naive"].append(train_step_seconds(*variants["naive"], batches[:args.naive_steps]))
     med = {v: median(t) for v, t in times.items()}
     paired = paired_ratio(times["qat"], times["fp32"])  # chunk by chunk: the two ran seconds apart
     # The refresh as training runs it: after REFRESH_EVERY steps, rescan the rows looked up since the last one.
@@ -103,7 +86,7 @@ def _measure(models, cards, batch, args, naive: bool, report: Report) -> dict:
     refresh = []
     for _ in range(2):
         for _ in range(0, REFRESH_EVERY, len(batches)):
-            _time(qat_model, qat_opt, batches)
+            train_step_seconds(qat_model, qat_opt, batches)
         t0 = time.perf_counter()
         quantizer.update_scales(incremental=True)
         refresh.append(time.perf_counter() - t0)
