@@ -7,6 +7,10 @@ resume from an older checkpoint because this one was damaged): DCP's files (``__
 ``.tmp_<name>`` and renamed once every rank has written and hashed its files and rank 0 has written the manifest.
 A folder without a manifest is never loaded, a final name is never reused and older checkpoints are deleted only
 after the new one is in place, so a crash at any moment leaves the newest whole checkpoint under its final name.
+
+A checkpoint that a resume finds damaged gets a ``rejected.json`` (what was wrong, and when): the verdict is kept, so
+it is never loaded again, never counts toward the K kept (pruning keeps the K newest good ones, not the damaged one
+in their place) and is never re-hashed; it is left in place for the operator to inspect or delete.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ from pipeline.dcp_reader import BoundedFileSystemReader
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+REJECTED = "rejected.json"
 DCP_METADATA = ".metadata"
 _NAME = re.compile(r"step_(\d+)(?:-(\d+))?")
 # A checkpoint is a little larger than its tensors (file headers, DCP's metadata); keep this much spare besides.
@@ -190,7 +196,7 @@ def check_disk_space(root: Path, state: dict[str, Any], *, keep: int) -> int:
             f"not enough disk space for a checkpoint in {root}: it needs about {_size(needed)} (the model's and "
             f"optimizer's tensors on all ranks, {_size(total)}, plus {_HEADROOM - 1:.0%}) but {where} has "
             f"{_size(free)} free{on}. Free space there (of the checkpoints in {root}, the newest is all a resume "
-            f"needs), point --run-dir at a bigger disk, or lower checkpoint_keep (now {keep}): a run needs room for "
+            f"needs, and those holding {REJECTED} are damaged), point --run-dir at a bigger disk, or lower checkpoint_keep (now {keep}): a run needs room for "
             f"checkpoint_keep + 1 = {keep + 1} checkpoints, as a new one is written before the oldest is deleted")
     return needed
 
@@ -215,11 +221,34 @@ class Checkpointer:
         self.extra = dict(extra or {})
 
     def complete(self) -> list[Path]:
-        """Checkpoints with a manifest, oldest first."""
+        """Checkpoints with a manifest that no resume has rejected, oldest first."""
         if not self.root.is_dir():
             return []
-        done = [p for p in self.root.glob("step_*") if _order(p) and (p / MANIFEST).is_file()]
+        done = [p for p in self.root.glob("step_*")
+                if _order(p) and (p / MANIFEST).is_file() and not (p / REJECTED).exists()]
         return sorted(done, key=_order)
+
+    def rejected(self) -> list[Path]:
+        """Checkpoints a resume found damaged (``rejected.json``), oldest first."""
+        found = [p for p in self.root.glob("step_*") if _order(p) and (p / REJECTED).exists()] \
+            if self.root.is_dir() else []
+        return sorted(found, key=_order)
+
+    @staticmethod
+    def _reject(path: Path, problem: str) -> None:
+        """Remember that ``path`` is damaged, so that it is neither loaded nor kept in place of a good one."""
+        try:
+            with open(path / REJECTED, "w") as f:
+                f.write(json.dumps({"problem": problem, "rejected_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            # Not remembered: the next resume checks it again and pruning still counts it; say so.
+            log.warning("could not mark %s as rejected (%s): it will be checked again at the next resume and may "
+                        "count toward checkpoint_keep; delete it or make the folder writable", path, e)
+            return
+        log.warning("checkpoint %s is marked rejected (%s): it is never resumed from and does not count toward "
+                    "checkpoint_keep; it is left in place for you to inspect or delete", path, path / REJECTED)
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -253,6 +282,7 @@ class Checkpointer:
                 return path
             if _rank() == 0:
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+                self._reject(path, problem)
         return None
 
     def _verify_together(self, path: Path) -> str | None:
@@ -334,8 +364,9 @@ class Checkpointer:
             os.fsync(f.fileno())
 
     def prune(self, keep: int, newest: Path) -> None:
-        """Delete complete checkpoints older than ``newest`` but the ``keep - 1`` newest of them. Newer ones (a run
-        resumed from before them, as they did not verify) are left for the operator."""
+        """Delete complete checkpoints older than ``newest`` but the ``keep - 1`` newest of them. Rejected ones are
+        not complete: they neither count nor are deleted. Newer ones (a run resumed from before them, as they did not
+        verify) are left for the operator."""
         older = [p for p in self.complete() if _order(p) < _order(newest)]
         for path in older[:max(len(older) - (keep - 1), 0)]:
             doomed = path.with_name(f".deleting_{path.name}")  # renamed first: a half-deleted one is never loaded

@@ -20,7 +20,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import pipeline.checkpoint as checkpoint_module
-from pipeline.checkpoint import (MANIFEST, Checkpointer, InPlaceSavePlanner, NotEnoughDiskSpace, share, tensor_bytes,
+from pipeline.checkpoint import (MANIFEST, REJECTED, Checkpointer, InPlaceSavePlanner, NotEnoughDiskSpace, share, tensor_bytes,
                                  verify)
 from pipeline.config import JobConfig, OptimConfig
 from pipeline.model import build_dlrm
@@ -270,6 +270,33 @@ def test_resumed_checkpoint_survives_until_a_newer_one_is_complete(tmp_path, mon
     checkpointer.save(15, model, optimizer, {"step": 15}, keep=1)
     assert _names(tmp_path) == ["step_00000015", "step_00000020"]
     assert checkpointer.latest_valid() == tmp_path / "step_00000015"
+
+
+@one_process
+def test_a_rejected_checkpoint_never_counts_toward_the_k_kept(tmp_path, caplog):
+    """The sequence of issue 29: step 100 and 200 exist, 200 fails its checksum, the job resumes from 100, saves 150
+    and later 200 again. With keep=2 the two newest good ones (150 and 200-2) stay; the damaged one stays too (left
+    for the operator, marked, never re-hashed), and step 100 is the one pruned."""
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(100, model, optimizer, {"step": 100}, keep=2)
+    damaged = checkpointer.save(200, model, optimizer, {"step": 200}, keep=2)
+    victim = next(damaged.glob("*.distcp"))
+    victim.write_bytes(b"\xff" + victim.read_bytes()[1:])  # same size, one byte flipped
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert checkpointer.latest_valid() == tmp_path / "step_00000100"
+    assert "checksum mismatch" in json.loads((damaged / REJECTED).read_text())["problem"]
+    assert "marked rejected" in caplog.text and "does not count toward checkpoint_keep" in caplog.text
+    assert checkpointer.complete() == [tmp_path / "step_00000100"]
+    assert checkpointer.rejected() == [damaged]
+    checkpointer.save(150, model, optimizer, {"step": 150}, keep=2)
+    again = checkpointer.save(200, model, optimizer, {"step": 200}, keep=2)
+    assert again.name == "step_00000200-2"
+    assert _names(tmp_path) == ["step_00000150", "step_00000200", "step_00000200-2"]
+    assert [p.name for p in checkpointer.complete()] == ["step_00000150", "step_00000200-2"]
+    assert all(verify(p) is None for p in checkpointer.complete())
+    # The verdict is remembered: the next resume does not hash the damaged one again (it is not a candidate).
+    assert checkpointer.latest_valid() == again
 
 
 @one_process
