@@ -40,7 +40,7 @@ from datasets.reader import ParquetBatches, ReaderConfig
 from datasets.row_map import RowMap, kept_by_count
 from datasets.schema import FEATURE_NAMES, NUM_DENSE, NUM_SPARSE
 from pipeline.checkpoint import Checkpointer
-from pipeline.config import JobConfig, to_dict
+from pipeline.config import JobConfig, resume_view, to_dict
 from pipeline.data import build_splits
 from pipeline.parallelize import build_sharded_model
 from pipeline.trainer import Trainer
@@ -93,7 +93,8 @@ def saved_plan(cfg: JobConfig) -> dict | None:
         plan = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path}: unreadable ({e}); delete it to search again") from None
-    return plan if plan.get("request") == json.loads(json.dumps(request(cfg))) else None
+    # compared as a resume compares configs: what a resume may change, and how a path is spelled, do not count
+    return plan if resume_view(plan.get("request", {})) == resume_view(request(cfg)) else None
 
 
 def apply_plan(cfg: JobConfig, plan: dict) -> JobConfig:

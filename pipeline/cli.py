@@ -9,7 +9,8 @@ import sys
 import textwrap
 
 from datasets.vocab import vocab_num_embeddings
-from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
+from pipeline.config import (RESUME_MAY_CHANGE, JobConfig, apply_override, describe_fields, resume_view,
+                             to_dict, validate)
 from pipeline.configs import CONFIGS, get_config
 
 
@@ -55,9 +56,7 @@ def build_config(args: argparse.Namespace) -> JobConfig:
     validate(cfg)  # once, after all overrides: fields that must agree can change together
     if cfg.run_path.exists() and not cfg.run_path.is_dir() or any(p.is_file() for p in cfg.run_path.parents):
         raise ValueError(f"--run-dir {cfg.run_dir}: a file is in the way (a run dir must be a folder)")
-    if cfg.quant.has_budget:
-        cfg = _with_saved_budget(cfg)
-    check_same_job(cfg)
+    # The vocabulary's table sizes first: the run dir's config.json and a saved budget's request were made with them.
     if cfg.data.vocab_dir:
         sizes = tuple(vocab_num_embeddings(cfg.data.vocab_dir))
         if tuple(cfg.model.num_embeddings) != sizes:
@@ -67,6 +66,9 @@ def build_config(args: argparse.Namespace) -> JobConfig:
             print(f"table sizes from the vocabulary {cfg.data.vocab_dir}: {list(sizes)} (config had "
                   f"{list(cfg.model.num_embeddings)})", file=sys.stderr)
             cfg.model.num_embeddings = sizes
+    if cfg.quant.has_budget:
+        cfg = _with_saved_budget(cfg)
+    check_same_job(cfg)
     return cfg
 
 
@@ -87,12 +89,6 @@ def _with_saved_budget(cfg: JobConfig) -> JobConfig:
     return cfg if plan is None else apply_plan(cfg, plan)
 
 
-# Fields a resumed job may change: how long it runs, how it evaluates, checkpoints and logs, where it is.
-RESUME_MAY_CHANGE = ("epochs", "limit_train_batches", "limit_eval_batches", "eval_every_steps",
-                     "checkpoint_every_steps", "checkpoint_keep", "run_dir", "name", "data.eval_batch_size",
-                     "comm.count_bytes", "observe.tensorboard", "observe.log_every_steps", "observe.profile_steps")
-
-
 def check_same_job(cfg: JobConfig) -> None:
     """A run dir with checkpoints is resumed: refuse when this job's config differs from the one that wrote them
     (``config.json``) in anything but ``RESUME_MAY_CHANGE``, listing the fields, instead of continuing another job's
@@ -101,28 +97,18 @@ def check_same_job(cfg: JobConfig) -> None:
     if not saved_path.is_file() or not any((cfg.run_path / "checkpoints").glob("step_*/manifest.json")):
         return
     try:
-        saved = _flatten(json.loads(saved_path.read_text()))
+        saved = resume_view(json.loads(saved_path.read_text()))
     except ValueError as e:
         raise ValueError(f"{saved_path}: unreadable ({e}); it records the job the checkpoints beside it belong to. "
                          f"Restore it, or start in a new --run-dir") from None
-    now = _flatten(json.loads(json.dumps(to_dict(cfg))))
-    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE]
+    now = resume_view(to_dict(cfg))
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} in the run dir, {now.get(k)!r} now" for k in differ[:8])
         more = f" (and {len(differ) - 8} more)" if len(differ) > 8 else ""
         raise ValueError(f"--run-dir {cfg.run_dir} holds checkpoints of another job; it would be resumed with "
                          f"different settings: {shown}{more}. Use a new --run-dir, or the same settings to resume "
                          f"(only {', '.join(RESUME_MAY_CHANGE)} may change)")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("overrides", "table_bits"):  # dict-valued fields compare whole
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_or_exit(args: argparse.Namespace) -> JobConfig | int:

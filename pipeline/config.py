@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import typing
@@ -209,6 +210,33 @@ class JobConfig:
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+RESUME_MAY_CHANGE = ("epochs", "limit_train_batches", "limit_eval_batches", "eval_every_steps",
+                     "checkpoint_every_steps", "checkpoint_keep", "run_dir", "name", "data.eval_batch_size",
+                     "comm.count_bytes", "observe.tensorboard", "observe.log_every_steps", "observe.profile_steps")
+"""Fields a resumed job may change: how long it runs, how it evaluates, checkpoints and logs, where it is."""
+_PATH_FIELDS = ("data.data_dir", "data.vocab_dir", "data.row_map")
+
+
+def resume_view(settings: dict) -> dict:
+    """A (nested) config dict as a resume compares it: flattened to dotted fields (dict-valued fields whole), without
+    ``RESUME_MAY_CHANGE``, and with paths resolved, so that one folder spelled two ways (relative, absolute) is one."""
+    flat = _flatten(json.loads(json.dumps(settings)))
+    for field in _PATH_FIELDS:
+        if flat.get(field):
+            flat[field] = str(Path(flat[field]).resolve())
+    return {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("overrides", "table_bits"):  # dict-valued fields compare whole
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def field_docs(cls: type) -> dict[str, str]:

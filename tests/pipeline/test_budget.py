@@ -69,7 +69,7 @@ def _check_budgeted_run(run_dir: Path) -> dict:
     return summary
 
 
-def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys):
+def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys, monkeypatch):
     run_dir = tmp_path / "run"
     assert train.main([*BUDGET, "--run-dir", str(run_dir)]) == 0
     summary = _check_budgeted_run(run_dir)
@@ -85,9 +85,11 @@ def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys
     capsys.readouterr()
     assert predict.main(["--model", str(run_dir / "model_int4.pt"), "--data", test_file, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["rows"] == 4096
-    # a second run in the same dir (one more epoch) reuses the choice and resumes the checkpoint
+    # a second run in the same dir (one more epoch) reuses the choice and resumes the checkpoint, also with the run
+    # dir spelled relative this time (the saved row map's path is absolute) and another evaluation batch size
     plan_before = (run_dir / "budget.json").read_text()
-    assert train.main([*BUDGET, "--run-dir", str(run_dir), "--epochs", "2"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert train.main([*BUDGET, "--run-dir", "run", "--epochs", "2", "--set", "data.eval_batch_size=512"]) == 0
     assert (run_dir / "budget.json").read_text() == plan_before
     resumed = _check_budgeted_run(run_dir)
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
