@@ -5,14 +5,18 @@ then copies it into the destination, so resuming holds a second copy of the larg
 Terabyte shape (2.6 GB FP32 tables) that raised a rank's peak from 7.6 to 12 GB and two ranks together past 21 GB
 on a 23 GB machine. Each tensor item of a DCP file is a ``torch.save`` archive whose storage is one uncompressed zip
 record, so a plain contiguous tensor can be read from that record in slices and copied into the (possibly narrowed)
-destination rows as they arrive. This reader does that where the record is exactly the tensor's bytes and falls back
-to DCP's own path otherwise (other layouts, transforms, bytes items). No library offers a bounded-memory DCP load.
+destination rows as they arrive. This reader first reads the saved tensor's layout (``torch.load`` onto the meta
+device, which reads no data) and does that only where the copy is exact: a 1-D or 2-D row-major tensor starting at
+its storage's first byte, of the destination's dtype, whose record is exactly its bytes in this machine's byte order.
+Everything else goes to DCP's own path: strided saves (a transpose), a dtype the load converts, 0-D or 3-D and up,
+transforms, bytes items, non-CPU destinations. No library offers a bounded-memory DCP load.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import sys
 import zipfile
 
 import torch
@@ -21,6 +25,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.futures import Future
 
 CHUNK_BYTES = 64 << 20
+_NATIVE_BYTEORDER = sys.byteorder.encode()  # torch.save records the writer's byte order
 
 
 class BoundedFileSystemReader(FileSystemReader):
@@ -51,39 +56,43 @@ class BoundedFileSystemReader(FileSystemReader):
         return done
 
     def _stream_tensor(self, stream, item: ReadItem, planner: LoadPlanner) -> bool:
-        """Copy the item into its destination slice by slice; False (nothing done) where the layout is not the plain
-        one: a 1-D or 2-D contiguous tensor whose storage record is exactly its bytes."""
-        chunk = self._saved_chunk(planner, item)
+        """Copy the item into its destination slice by slice; False (nothing done) where that would not be exact: the
+        saved tensor must be 1-D or 2-D, row-major from its storage's first byte, of the destination's dtype, and
+        stored as one uncompressed record of exactly its bytes in this machine's byte order."""
         target = planner.resolve_tensor(item).detach()
-        if chunk is None or len(chunk) not in (1, 2) or target.device.type != "cpu":
-            return False
-        rows, cols = (chunk[0], 1) if len(chunk) == 1 else chunk
-        dtype = planner.metadata.state_dict_metadata[item.storage_index.fqn].properties.dtype
-        if dtype != target.dtype:
+        if target.device.type != "cpu":
             return False
         info = self.storage_data[item.storage_index]
-        with zipfile.ZipFile(_Window(stream, info.offset, info.length)) as archive:
+        window = _Window(stream, info.offset, info.length)
+        # On the meta device torch.load reads only the pickled layout (shape, strides, offset, dtype), not the bytes.
+        saved = torch.load(window, map_location="meta", weights_only=True)
+        if saved.dtype != target.dtype or saved.dim() not in (1, 2) or not saved.is_contiguous() or \
+                saved.storage_offset() != 0:
+            return False
+        rows, cols = (saved.shape[0], 1) if saved.dim() == 1 else saved.shape
+        row_bytes = cols * saved.element_size()
+        with zipfile.ZipFile(window) as archive:
             records = [i for i in archive.infolist() if "/data/" in i.filename]
-            row_bytes = cols * dtype.itemsize
+            byteorder = [archive.read(i) for i in archive.infolist() if i.filename.endswith("/byteorder")]
             if len(records) != 1 or records[0].compress_type != zipfile.ZIP_STORED or \
-                    records[0].file_size != rows * row_bytes:
-                return False
-            r0 = item.storage_offsets[0]
-            c0 = item.storage_offsets[1] if len(chunk) == 2 else 0
-            n = item.lengths[0]
-            m = item.lengths[1] if len(chunk) == 2 else 1
-            if tuple(target.shape) != ((n, m) if len(chunk) == 2 else (n,)):
+                    records[0].file_size != rows * row_bytes or byteorder != [_NATIVE_BYTEORDER]:
                 return False
             record = records[0]
+        r0 = item.storage_offsets[0]
+        c0 = item.storage_offsets[1] if saved.dim() == 2 else 0
+        n = item.lengths[0]
+        m = item.lengths[1] if saved.dim() == 2 else 1
+        if tuple(target.shape) != ((n, m) if saved.dim() == 2 else (n,)):
+            return False
         # The record's bytes start after its local file header (30 bytes, then its name and extra field).
         stream.seek(info.offset + record.header_offset)
         header = stream.read(30)
         start = info.offset + record.header_offset + 30 + int.from_bytes(header[26:28], "little") + \
             int.from_bytes(header[28:30], "little")
-        dest = target if len(chunk) == 2 else target.view(n, 1)
-        if m == cols and dest.is_contiguous():  # whole rows: read straight into the destination
+        dest = target if saved.dim() == 2 else target.view(n, 1)
+        if m == cols and dest.is_contiguous():  # whole rows: read straight into the destination's bytes
             stream.seek(start + r0 * row_bytes)
-            if stream.readinto(memoryview(dest.numpy()).cast("B")) != n * row_bytes:
+            if stream.readinto(memoryview(dest.view(torch.uint8).numpy()).cast("B")) != n * row_bytes:
                 raise OSError(f"{item.storage_index.fqn}: the checkpoint record ends early (truncated file?)")
         else:  # some columns: whole rows through a bounded buffer
             per_read = max(1, self.chunk_bytes // row_bytes)
@@ -93,20 +102,10 @@ class BoundedFileSystemReader(FileSystemReader):
                 raw = bytearray(k * row_bytes)
                 if stream.readinto(raw) != len(raw):
                     raise OSError(f"{item.storage_index.fqn}: the checkpoint record ends early (truncated file?)")
-                dest[done: done + k].copy_(torch.frombuffer(raw, dtype=dtype).view(k, cols)[:, c0: c0 + m])
+                dest[done: done + k].copy_(torch.frombuffer(raw, dtype=saved.dtype).view(k, cols)[:, c0: c0 + m])
         planner.commit_tensor(item, target)
         self.streamed_items += 1
         return True
-
-    @staticmethod
-    def _saved_chunk(planner: LoadPlanner, item: ReadItem) -> tuple[int, ...] | None:
-        """Shape of the saved chunk the item reads from (DCP's metadata lists each saved shard)."""
-        meta = planner.metadata.state_dict_metadata[item.storage_index.fqn]
-        offsets = tuple(item.storage_index.offset) if item.storage_index.offset is not None else None
-        for c in getattr(meta, "chunks", []):
-            if offsets is None or tuple(c.offsets) == offsets:
-                return tuple(c.sizes)
-        return None
 
 
 class _Window(io.RawIOBase):

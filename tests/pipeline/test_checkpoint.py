@@ -185,7 +185,9 @@ def test_world_size_2_save_adds_no_copy_ranks_share_checksums_and_refuse_togethe
     root = tmp_path / "ckpt"
     out = run_distributed(_save_verify_and_refuse, str(root), world_size=2)
     files = json.loads((root / "step_00000002" / MANIFEST).read_text())["files"]
-    assert set(files) == {p.name for p in (root / "step_00000002").iterdir()} - {MANIFEST}
+    # every file DCP wrote is in the manifest; the damage found on resume is remembered beside them
+    assert set(files) == {p.name for p in (root / "step_00000002").iterdir()} - {MANIFEST, REJECTED}
+    assert "checksum mismatch" in json.loads((root / "step_00000002" / REJECTED).read_text())["problem"]
     for rank, o in enumerate(out):
         # memory: each rank holds 64 MiB of one big table (plus small ones); a save that copied them adds as much
         assert o["local_table_bytes"] > 64 * 2 ** 20
