@@ -6,7 +6,8 @@ the reader maps row ``r`` to ``searchsorted(K, r) + 1`` when ``r`` is in ``K`` a
 so the model's table has ``len(K) + 1`` rows. Tables without a list are read as before. A missing value stays an
 empty bag. The lists are what a byte budget (``quant.budget_bytes``) chose from training-data frequencies; the
 same file is read in training, evaluation and by ``pipeline.predict``, and it ships with the artifact (its bytes
-count in the artifact's size: 4 per kept row).
+count in the artifact's size: 4 per kept row; its SHA-256 is in the artifact's manifest, and loading refuses another
+map, even one with the same kept counts).
 
 File format (``numpy.savez``): ``id_space`` (int64, one entry per table: the rows before mapping) and ``C{t+1}``
 (sorted int32 kept rows) for each mapped table ``t``.

@@ -57,11 +57,12 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
                                if cfg.data.vocab_dir else "hash % num_embeddings, missing -> empty bag"),
                 "vocab_dir": str(Path(cfg.data.vocab_dir).resolve()) if cfg.data.vocab_dir else None,
                 "row_map": row_map_path(path).name if cfg.data.row_map else None}
+    shipped = (row_map_path(path),) if cfg.data.row_map else ()
     with phases("export_module"):
-        if cfg.data.row_map:  # the kept rows of a byte budget ship with the model
+        if cfg.data.row_map:  # the kept rows of a byte budget ship with the model, hashed in its manifest
             shutil.copyfile(cfg.data.row_map, row_map_path(path))
-        export(parts, FEATURE_NAMES, path, manifest)
-    sizes = artifact_sizes(parts, path, (row_map_path(path),) if cfg.data.row_map else ())
+        export(parts, FEATURE_NAMES, path, manifest, shipped=shipped)
+    sizes = artifact_sizes(parts, path, shipped)
     del parts
     with phases("artifact_load"):
         module, manifest = load_with_manifest(path)

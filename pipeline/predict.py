@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.data:
             if path.is_dir():
                 raise ValueError(f"{path} is a folder; pass its Parquet files (e.g. {path}/*.parquet)")
-        row_map = str(args.model.parent / manifest["row_map"]) if manifest.get("row_map") else None
+        row_map = None
+        if manifest.get("row_map"):  # load_with_manifest checked it against the SHA-256 recorded at export
+            if manifest["row_map"] not in manifest.get("shipped", {}):
+                raise ValueError(f"{args.model}: its manifest names the row map {manifest['row_map']} but not its "
+                                 f"SHA-256 (exported before row maps were hashed), so the map cannot be verified; "
+                                 f"re-export the model")
+            row_map = str(args.model.parent / manifest["row_map"])
         logits, labels = score(module, args.data, manifest["num_embeddings"], args.batch_size, vocab_dir=vocab,
                                row_map=row_map)
         m = binary_metrics(logits, labels)

@@ -50,7 +50,9 @@ class ServingDLRM(nn.Module):
         self.register_buffer("pairs", rows * f + cols)
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        kjt = KeyedJaggedTensor(keys=self.feature_names, values=values, lengths=lengths)
+        # FBGEMM's bounds check sets out-of-range ids to 0 in place, and on CPU TorchRec hands it ``values``
+        # uncopied: the lookup gets a copy of the ids (8 bytes an id), so that the caller's tensor is left alone
+        kjt = KeyedJaggedTensor(keys=self.feature_names, values=values.clone(), lengths=lengths)
         embedded = self.dlrm.dense_arch(dense)
         pooled = self.dlrm.sparse_arch.embedding_bag_collection(kjt).values()  # features in config order
         combined = torch.cat([embedded, pooled], dim=1).view(embedded.shape[0], -1, embedded.shape[1])
@@ -93,17 +95,24 @@ def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *,
 
 
 def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[str, Any], *,
-           program: bool = True) -> Path:
+           shipped: Tuple[Path, ...] = (), program: bool = True) -> Path:
     """FX-trace (TorchRec's tracer), TorchScript and save the serving module of ``parts`` (whose rows
     ``write_rows`` put beside ``path``) or of an in-memory integer ``DLRM`` (whose rows are written out here).
     The TorchScript file holds the MLPs and FBGEMM's table metadata, its row buffer left empty; the loader puts
     the rows file in its place. ``manifest`` goes inside the file and, with both files' SHA-256, beside it
-    (``<path>.json``). With ``program``, the same model as a ``torch.export`` program beside it
-    (``quant.program``: ``model_int4.pt2``, same rows file)."""
+    (``<path>.json``). ``shipped``: files already beside ``path`` that serve with the model (a row map); their
+    names and SHA-256 go in the manifest (``"shipped"``), and loading refuses a file that differs. With
+    ``program``, the same model as a ``torch.export`` program beside it (``quant.program``: ``model_int4.pt2``,
+    same rows file and shipped files)."""
     from torchrec.fx import symbolic_trace
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    beside = {}
+    for file in map(Path, shipped):
+        if file.resolve() != (path.parent / file.name).resolve() or not file.is_file():
+            raise ValueError(f"{file}: a shipped file must be a file beside {path} (loading looks for it there)")
+        beside[file.name] = sha256(file)
     if isinstance(parts_or_dlrm, IntegerParts):
         dlrm = integer_dlrm(parts_or_dlrm, with_rows=False)
     else:
@@ -133,7 +142,8 @@ def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[s
     if rows_file.stat().st_size != host_size:
         raise RuntimeError(f"{rows_file} has {rows_file.stat().st_size} bytes, FBGEMM expects {host_size}")
     full = {"format_version": FORMAT_VERSION, "feature_names": list(feature_names), **manifest,
-            "rows": {"file": rows_file.name, "buffer": buffer[0], "bytes": host_size, "sha256": sha256(rows_file)}}
+            "rows": {"file": rows_file.name, "buffer": buffer[0], "bytes": host_size, "sha256": sha256(rows_file)},
+            "shipped": beside}
     tmp = tmp_path(path)
     torch.jit.save(scripted, str(tmp), _extra_files={MANIFEST_NAME: json.dumps(full)})
     tmp.replace(path)
@@ -192,6 +202,14 @@ def load_with_manifest(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     if sha256(rows_file) != rows["sha256"]:
         raise ValueError(f"{rows_file}: checksum does not match {path.name}'s manifest (modified or from another "
                          f"export)")
+    for name, digest in manifest.get("shipped", {}).items():  # e.g. the row map its ids are read with
+        file = path.parent / name
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: shipped with {path.name} and named in its manifest, but missing (copy "
+                                    f"it beside the model)")
+        if sha256(file) != digest:
+            raise ValueError(f"{file}: checksum does not match {path.name}'s manifest (modified or from another "
+                             f"export); put back the {name} exported with {path.name}, or re-export the model")
     attach_rows(module, manifest, path.parent)
     return module, manifest
 

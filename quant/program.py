@@ -5,9 +5,11 @@ its rows file: loadable with torch and fbgemm_gpu only, no TorchRec, no pickled 
 fake class), nor TorchRec's quantized EBC without pickling each table as a ``UInt4Tensor`` subclass (each pickle
 writes the whole row buffer, and loading needs TorchRec). So ``ProgramDLRM`` holds FBGEMM's table metadata as plain
 tensors and calls the lookup operator the TBE module calls (``int_nbit_split_embedding_codegen_lookup_function``,
-after the same ``bounds_check_indices``), and composes the MLPs and the interaction as ``ServingDLRM`` does: the same
-kernels on the same values, so its logits equal the TorchScript artifact's bit for bit (``tests/quant/
-test_program.py``). Written here: neither TorchRec nor FBGEMM exports an inference model this way.
+after the same ``bounds_check_indices``, on a copy of the ids), and composes the MLPs and the interaction as
+``ServingDLRM`` does: the same kernels on the same values, so its logits equal the TorchScript artifact's bit for
+bit (``tests/quant/test_program.py``; trained models of every grid, in a fresh process:
+``tests/quant/test_embedding_qat.py``). Written here: neither TorchRec nor FBGEMM exports an inference model this
+way.
 
 The row buffer is exported empty and attached at load (``attach_rows``), mapped from the rows file. The MLP
 weights are stored as ``codes * scale`` in the layer's compute dtype (float32 or bfloat16): exactly the integer
@@ -83,6 +85,7 @@ class ProgramLookup(nn.Module):
         self.ints["output_dtype"] = int(tbe.output_dtype)
 
     def forward(self, indices: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        indices = indices.clone()  # the bounds check sets out-of-range ids to 0 in place: not in the caller's tensor
         torch.ops.fbgemm.bounds_check_indices(self.rows_per_table, indices, offsets, self.bounds_check_mode,
                                               self.bounds_check_warning, None,
                                               bounds_check_version=self.bounds_check_version)
