@@ -7,7 +7,9 @@ import argparse
 import json
 import sys
 import textwrap
+from pathlib import Path
 
+from datasets.schema import parquet_files
 from datasets.vocab import vocab_num_embeddings
 from pipeline.config import (RESUME_MAY_CHANGE, JobConfig, apply_override, describe_fields, resume_view,
                              to_dict, validate)
@@ -116,6 +118,8 @@ def config_or_exit(args: argparse.Namespace) -> JobConfig | int:
     (printed as ``error: ...``), 0 after ``--fields`` printed the listing. ``main`` and the launcher share it."""
     try:
         cfg = build_config(args)
+        if not args.fields:
+            check_inputs(cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -123,6 +127,23 @@ def config_or_exit(args: argparse.Namespace) -> JobConfig | int:
         print(fields_table(cfg))
         return 0
     return cfg
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """Raise ``FileNotFoundError`` naming the first input the job would read and not find: the data dir's splits,
+    the vocabulary (read by ``build_config``) and a row map. Cheap (paths only, nothing is read), so that the
+    launcher refuses before torchx and the workers start; a synthetic config's data are made by the job itself."""
+    if cfg.data.data_dir:
+        root = Path(cfg.data.data_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"--data-dir {root}: no such folder; give the folder holding train/val/test "
+                                    f"Parquet (convert raw Criteo first with `python -m datasets.convert`), or omit "
+                                    f"--data-dir for the bundled synthetic data")
+        for split in ("train", "val", "test"):
+            parquet_files(root, split)
+    if cfg.data.row_map and not Path(cfg.data.row_map).is_file():
+        raise FileNotFoundError(f"data.row_map {cfg.data.row_map}: no such file; give the row map the budget wrote "
+                                f"(RUN_DIR/row_map.npz) or drop data.row_map")
 
 
 def fields_table(cfg: JobConfig) -> str:

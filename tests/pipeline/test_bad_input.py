@@ -85,7 +85,7 @@ def test_unknown_config_name(capsys):
 
 def test_missing_data_dir(capsys, tmp_path):
     _check(train.main([*TINY, "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "none")]), capsys,
-           "no train.parquet", "datasets.convert")
+           "no such folder", "datasets.convert", code=2)
 
 
 def test_run_dir_is_a_file(capsys, tmp_path):

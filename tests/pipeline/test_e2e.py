@@ -81,10 +81,28 @@ def test_rerun_resumes_from_latest_checkpoint(finished_run):
     assert summary["epochs"][2]["step"] == 192
 
 
+def test_missing_inputs_are_refused_before_anything_starts(tmp_path):
+    run = tmp_path / "run"
+    proc = _launch(run, tmp_path / "cache", "--data-dir", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --data-dir {tmp_path / 'nowhere'}: no such folder")
+    assert not run.exists() and "torchx" not in proc.stdout  # neither torchx nor a worker was started
+    (tmp_path / "empty").mkdir()
+    proc = _launch(run, tmp_path / "cache", "--data-dir", str(tmp_path / "empty"))
+    assert proc.returncode == 2 and "no train.parquet" in proc.stderr and not run.exists()
+    proc = _launch(run, tmp_path / "cache", "--set", f"data.row_map={tmp_path / 'gone.npz'}")
+    assert proc.returncode == 2 and "data.row_map" in proc.stderr and "no such file" in proc.stderr
+
+
 def test_failed_job_exits_nonzero(tmp_path):
-    proc = _launch(tmp_path / "run", tmp_path / "cache", "--data-dir", str(tmp_path / "nowhere"))
+    # inputs that exist but that a worker cannot read: the job fails in the workers, and says where their logs are
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "val", "test"):
+        (data / f"{split}.parquet").write_text("not parquet")
+    proc = _launch(tmp_path / "run", tmp_path / "cache", "--data-dir", str(data))
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
-    assert "no train.parquet" in out
+    assert "train.parquet" in out and "Parquet" in out
     run = tmp_path / "run"
     assert f"rank logs are in {run / 'torchx'} and {run / 'logs'}" in out, out[-2000:]
