@@ -88,22 +88,29 @@ def report(run_dir: Path, name: str, summary: dict[str, Any]) -> None:
         print(f"best test AUC {best['test']['auc']:.4f} (epoch {best['epoch']}) is "
               f"{bayes['auc'] - best['test']['auc']:.4f} below the best achievable {bayes['auc']:.4f}")
     if exported:
-        print(export_report(exported), flush=True)
+        budget = summary.get("budget")
+        print(export_report(exported, configured_fp32_bytes=budget["fp32_bytes"] if budget else None), flush=True)
     print(f"summary: {run_dir / 'summary.json'}  plot: {run_dir / 'metrics.png'}", flush=True)
 
 
-def export_report(e: dict) -> str:
+def export_report(e: dict, *, configured_fp32_bytes: int | None = None) -> str:
+    """The export's lines. Sizes compare with the FP32 model as configured (every row of every table):
+    ``configured_fp32_bytes`` where the trained float model is smaller than that (a byte budget's shared rows),
+    which is then shown beside it."""
     t, z = e["test"], e["sizes"]
     mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
     compute = " computing in bfloat16" if e.get("mlp_compute") == "bfloat16" else ""
+    fp32 = configured_fp32_bytes or z["fp32_bytes"]
+    trained = (f" as configured (the float model trained with the budget's shared rows: {mb(z['fp32_bytes'])})"
+               if fp32 != z["fp32_bytes"] else "")
     program = e.get("program")
     program = (f"\ntorch.export program (same rows): {program['path']}, max |program - artifact logits| "
                f"{program['max_abs_logit_diff_vs_artifact']:.2e}") if program else ""
     return (f"exported INT{e['bits']} model ({e['granularity']} grid, INT{e['mlp_bits'] or 32} MLPs{compute}): "
             f"test AUC {t['auc']:.4f} acc {100 * t['accuracy']:.2f}% logloss {t['logloss']:.4f} | "
             f"max |artifact - fake-quant logits| {e['max_abs_logit_diff_vs_fake_quant']:.2e}\n"
-            f"sizes: FP32 {mb(z['fp32_bytes'])}; artifact {mb(z['artifact_bytes'])} on disk "
-            f"({z['fp32_bytes'] / z['artifact_bytes']:.1f}x smaller), {mb(z['loaded_bytes'])} in memory once "
+            f"sizes: FP32 {mb(fp32)}{trained}; artifact {mb(z['artifact_bytes'])} on disk "
+            f"({fp32 / z['artifact_bytes']:.1f}x smaller than FP32), {mb(z['loaded_bytes'])} in memory once "
             f"loaded; tables {mb(z['table_bytes'])} = codes {mb(z['table_codes_bytes'])} + fp16 scale/bias "
             f"{mb(z['table_scale_bias_bytes'])} + padding {mb(z['table_padding_bytes'])} (rows aligned to "
             f"{z['row_alignment']} B); MLPs {mb(z['mlp_bytes'])}  ->  {e['path']}{program}")

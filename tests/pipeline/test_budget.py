@@ -74,6 +74,11 @@ def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys
     assert train.main([*BUDGET, "--run-dir", str(run_dir)]) == 0
     summary = _check_budgeted_run(run_dir)
     assert summary["budget"]["search_seconds"] > 0 and summary["budget"]["evaluations"] > 26
+    # the size line compares the artifact with the FP32 model the user configured, not the budget's smaller one
+    configured, artifact = summary["budget"]["fp32_bytes"], summary["export"]["sizes"]["artifact_bytes"]
+    sizes_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sizes: "))
+    assert sizes_line.startswith(f"sizes: FP32 {configured / 1e6:.1f} MB as configured"), sizes_line
+    assert f"({configured / artifact:.1f}x smaller than FP32)" in sizes_line, sizes_line
     # predict's reading of the artifact (its manifest names the row map beside it) gives the QAT model's logits
     test_file = summary["test_files"][0]
     module, manifest = load_with_manifest(run_dir / "model_int4.pt")
