@@ -20,7 +20,7 @@ class QuantSpec:
     scale_update_every: int = 200
     """Training steps between recomputations of the per-table scale (table granularity)."""
     table_bits: dict[str, int] = dataclasses.field(default_factory=dict)
-    """Per-table bit widths overriding embedding_bits, e.g. {'t_cat_3': 8}."""
+    """Per-table bit widths overriding embedding_bits, e.g. ``--set quant.table_bits=t_cat_3:8,t_cat_5:2``."""
     mlp_bits: int = 4
     """Bits of the MLP weights, one scale per output row (4 or 8; 0 keeps MLPs FP32)."""
     mlp_compute: str = "float32"
@@ -37,7 +37,7 @@ class QuantSpec:
     """Bytes the served artifact may take (tables with scale, bias and padding, MLPs, the row map): each table's
     bits and kept rows are then chosen by measured sensitivity (``quant.budget``); 0 = no budget."""
     budget_ratio: float = 0.0
-    """The budget as a fraction of the FP32 model's bytes (e.g. 0.0833 for 1/12); 0 = none. Not with budget_bytes."""
+    """The budget as a fraction of the FP32 model's bytes (e.g. ``--set quant.budget_ratio=0.0833`` for 1/12); 0 = none. Not with budget_bytes."""
     budget_warmup_steps: int = 1000
     """Training steps (INT8 QAT) before the budget search measures each table's sensitivity."""
     budget_eval_rows: int = 16384

@@ -27,7 +27,8 @@ class PlanConfig:
     row_wise_min_rows: int = 0
     """Tables with at least this many rows are split by rows over all ranks (0 = never automatically)."""
     overrides: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Per table: 'data_parallel', 'table_wise:RANK', 'row_wise' or 'column_wise:R0,R1,...'."""
+    """Per table: data_parallel, table_wise:RANK, row_wise or column_wise:R0,R1,..., e.g.
+    ``--set plan.overrides=t_cat_3:row_wise,t_cat_5:column_wise:0,1``."""
 
     def __post_init__(self) -> None:
         for table, spec in self.overrides.items():

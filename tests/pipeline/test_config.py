@@ -1,14 +1,17 @@
 """Every shipped config builds its model and runs from the CLI as named; overrides parse by type and reject what
 does not exist; ``--set`` reaches every field ``--fields`` lists."""
 
+import contextlib
 import dataclasses
+import io
 import json
+import re
 
 import pytest
 import torch
 
 from pipeline.cli import build_config, fields_table, parse_args
-from pipeline.config import JobConfig, apply_override, describe_fields, to_dict
+from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
 from pipeline.configs import CONFIGS, get_config
 from pipeline.model import build_dlrm, embedding_tables
 from pipeline.train import main
@@ -148,6 +151,26 @@ def test_set_reaches_every_field_that_fields_lists():
         changed = [p for (p, v, _), (_, v0, _) in zip(after, base) if v != v0]
         assert changed == [path], (path, changed)
         assert f"\n{path} = {new}\n" in fields_table(cfg), path
+
+
+def test_every_example_in_the_help_is_what_set_accepts():
+    """Each field's help shows values as ``--set`` takes them: every ``--set PATH=VALUE`` example in the field
+    docstrings and the ``--help`` text applies as written and sets that field, and no help shows a Python literal
+    (a dict or list, which ``--set`` would refuse)."""
+    examples = []
+    for path, _, doc in describe_fields(get_config("tiny")):
+        assert not re.search(r"[{}\[\]]", doc), (path, doc)
+        examples += re.findall(r"--set (\S+?=\S+?)(?:``|\s|$)", doc)
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as out:
+        parse_args(["--help"])
+    examples += [e for e in re.findall(r"(\S+?=\S+)", " ".join(out.getvalue().split())) if "." in e.split("=")[0]]
+    assert {e.split("=")[0] for e in examples} >= {"quant.table_bits", "plan.overrides", "quant.embedding_bits"}
+    for example in examples:
+        cfg = get_config("tiny")
+        apply_override(cfg, example, check=False)
+        validate(cfg)
+        path, raw = example.split("=", 1)
+        assert f"\n{path} = {raw}\n" in fields_table(cfg) + "\n", example
 
 
 @pytest.mark.parametrize("override, message", [
