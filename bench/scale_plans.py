@@ -1,5 +1,5 @@
 """The planner's answer for the MLPerf DLRMv2 tables on 8, 16 and 64 GPUs (``python -m pipeline.scale``), saved with
-its command, commit and machine as ``bench/results/scale.{json,txt}``; seconds, no GPU needed.
+its command, commit and machine as ``bench/results/scale_plans.{json,txt}``; seconds, no GPU needed.
 
     python -m bench.scale_plans [--out DIR]
 """
@@ -29,7 +29,7 @@ def main() -> None:
                 raise SystemExit("pipeline.scale failed")
         payload = json.loads(numbers.read_text())
     print(printed.getvalue(), end="")
-    print(f"json: {save('scale', payload, printed.getvalue(), out=args.out)}")
+    print(f"json: {save('scale_plans', payload, printed.getvalue(), out=args.out)}")
 
 
 if __name__ == "__main__":

@@ -322,7 +322,7 @@ def the_tbe(qebc: QuantEmbeddingBagCollection) -> nn.Module:
 
 def convert_dlrm(model: nn.Module, spec: QuantSpec, *, pg: dist.ProcessGroup | None = None) -> DLRM | None:
     """The integer DLRM in memory on rank 0 (``None`` elsewhere); collective. For models whose integer rows fit
-    one process; ``quant.export.export_sharded`` streams them to a file instead."""
+    one process; ``quant.export.write_rows`` streams them to a file instead (what the job exports through)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     parts = integer_parts(model, spec) if rank == 0 else None
     dlrm = integer_dlrm(parts) if rank == 0 else None
