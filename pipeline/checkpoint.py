@@ -215,7 +215,8 @@ class Checkpointer:
     def __init__(self, root: Path, *, timed=None, extra: dict[str, Any] | None = None) -> None:
         """``timed(name)``: a context manager around each save (e.g. ``pipeline.phases.PhaseLog``). ``extra``:
         more training state saved and restored with the model, each an object with ``state_dict()`` (tensors under
-        keys unique to the rank where they are the rank's own) and ``load_state_dict()``."""
+        keys unique to the rank where they are the rank's own) and ``load_state_dict()``, which receives every saved
+        rank's entries under the object's name (so that it can carry them over to another world size)."""
         self.root = Path(root)
         self.timed = timed or (lambda name: contextlib.nullcontext())
         self.extra = dict(extra or {})
@@ -386,12 +387,15 @@ class Checkpointer:
         if has_optim_state:
             state["optim"] = optimizer.state_dict()
         extra = {}
-        for name, obj in self.extra.items():
-            wanted = obj.state_dict()
-            if all(f"{name}.{k}" in saved for k in wanted):
-                extra[name] = wanted
-            else:  # e.g. another world size, or a checkpoint from before this state was saved
-                log.warning("%s has no %s state for this rank; it starts afresh", path, name)
+        for name in self.extra:
+            # Every rank reads every rank's entries: its object takes its own or, at another world size, carries
+            # them over (e.g. INT8 error-feedback residuals).
+            entries = {k[len(name) + 1:]: torch.empty(md.size, dtype=md.properties.dtype)
+                       for k, md in saved.items() if k.startswith(f"{name}.")}
+            if entries:
+                extra[name] = entries
+            elif _rank() == 0:  # e.g. a checkpoint from before this state was saved
+                log.warning("%s has no %s state; it starts afresh", path, name)
         state.update(extra)
         reader = BoundedFileSystemReader(str(path))  # tables read into place, not through a second copy
         dcp.load(state, storage_reader=reader)

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from sharding.byte_counter import ByteCounter
-from sharding.ddp_hooks import Int8ErrorFeedbackHook, fp16_hook, fp32_allreduce_hook
+from sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
 from sharding.int8_allreduce import Int8ReduceScatterHook
 from sharding.tbe import find_tbes
 from sharding.touched_rows import TouchedRowsHook
@@ -122,7 +122,8 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
             dense.register_comm_hook(dense.process_group, int8.__call__)
             hooks.append(int8)
         elif counter is not None:
-            dense.register_comm_hook(dense.process_group, fp32_allreduce_hook(counter, "all_reduce fp32 (MLP)"))
+            fp32 = Fp32AllReduceHook(counter, "all_reduce fp32 (MLP)", dense.module.parameters())
+            dense.register_comm_hook(dense.process_group, fp32.__call__)
     layouts = {}
     for lay in find_tbes(model):
         weights = getattr(lay.tbe, "weights", None)
@@ -131,7 +132,8 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
     for ddp in _dp_table_ddps(model):
         if cfg.dp_tables == "dense":
             if counter is not None:
-                ddp.register_comm_hook(ddp.process_group, fp32_allreduce_hook(counter, "all_reduce fp32 (DP tables)"))
+                fp32 = Fp32AllReduceHook(counter, "all_reduce fp32 (DP tables)", ddp.module.parameters())
+                ddp.register_comm_hook(ddp.process_group, fp32.__call__)
         else:
             own = {id(p): layouts[id(p)] for p in ddp.module.parameters() if id(p) in layouts}
             own = {k: lay for k, lay in own.items() if sum(lay.local_rows) > cfg.dp_whole_max_rows}

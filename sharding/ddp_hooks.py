@@ -1,12 +1,15 @@
-"""DDP comm hooks that reduce a whole gradient bucket: DDP's averaging all-reduce (counted), the stock FP16 hook
-(counted), and INT8 with error feedback (``Int8ErrorFeedbackHook``: one scale per output row, each rank's own, sent
-with its codes; the quantization error is carried into the next step).
+"""DDP comm hooks that reduce a whole gradient bucket: DDP's averaging all-reduce (``Fp32AllReduceHook``: counted, bit
+for bit DDP's own), the stock FP16 hook (counted), and INT8 with error feedback (``Int8ErrorFeedbackHook``: one
+scale per output row, each rank's own, sent with its codes; the quantization error is carried into the next step).
 
 No library has INT8 with error feedback inside TorchRec's data parallelism, so that hook is written here; on CPU its
 arithmetic runs as compiled loops (``sharding.int8_codec``).
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -17,16 +20,46 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from sharding import int8_codec
 from sharding.byte_counter import ByteCounter, nbytes
 
+log = logging.getLogger(__name__)
 
-def fp32_allreduce_hook(counter: ByteCounter | None, kind: str):
-    """DDP's own averaging all-reduce (asynchronous, as DDP's built-in one), counted."""
-    def hook(group, bucket):  # DDP checks the annotations: leave them off
-        buf = bucket.buffer()
-        if counter is not None:
-            counter.all_reduce(kind, nbytes(buf), dist.get_world_size(group))
-        buf.div_(dist.get_world_size(group))
+
+class Fp32AllReduceHook:
+    """DDP's own averaging all-reduce, bit for bit, counted: counting must not change a bit of training.
+
+    Without a comm hook, DDP (``Reducer::mark_variable_ready_dense``) scales each gradient before its SUM all-reduce,
+    in one of two ways: a gradient autograd wrote to a tensor of its own is multiplied by ``1.0 / W`` as it is copied
+    into the bucket; one autograd accumulated in place in the bucket (``gradient_as_bucket_view``, which TorchRec
+    turns on, with an optimizer that zeroes gradients rather than dropping them, as TorchRec's ``CombinedOptimizer``
+    does, so from the second step on) is divided by W. The two round differently unless W is a power of two. With a
+    comm hook DDP only copies, so this hook records where autograd left each gradient (a post-accumulate-grad hook,
+    which runs before DDP's) and scales each as DDP would have, then sums, as DDP does, asynchronously."""
+
+    def __init__(self, counter: ByteCounter | None, kind: str, params: Iterable[torch.Tensor]) -> None:
+        self.counter, self.kind = counter, kind
+        self._grad_storage: dict[int, int] = {}  # id(param) -> storage of its gradient, after its last accumulation
+        self.handles = [p.register_post_accumulate_grad_hook(self._accumulated) for p in params if p.requires_grad]
+
+    def _accumulated(self, param: torch.Tensor) -> None:
+        self._grad_storage[id(param)] = param.grad.untyped_storage().data_ptr()
+
+    def __call__(self, group, bucket):  # DDP checks the annotations: leave them off
+        buf, world = bucket.buffer(), dist.get_world_size(group)
+        if self.counter is not None:
+            self.counter.all_reduce(self.kind, nbytes(buf), world)
+        # DDP's test, grad.is_alias_of(bucket view); a gradient not computed this step is zero either way
+        home = buf.untyped_storage().data_ptr()
+        in_place = [self._grad_storage.pop(id(p), None) == home for p in bucket.parameters()]
+        if all(in_place):
+            buf.div_(world)
+        elif not any(in_place):
+            buf.mul_(1.0 / world)
+        else:
+            for g, accumulated in zip(bucket.gradients(), in_place):
+                if accumulated:
+                    g.div_(world)
+                else:
+                    g.mul_(1.0 / world)
         return dist.all_reduce(buf, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
-    return hook
 
 
 def fp16_hook(counter: ByteCounter | None):
@@ -66,15 +99,34 @@ class Int8ErrorFeedbackHook:
                 for name, p in self.params.items() if p.requires_grad}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Carry the saved errors on: into the buckets' buffers, or (before the first step) to where the buckets
-        will pick them up when they are made."""
-        prefix = f"rank{dist.get_rank() if dist.is_initialized() else 0}."
+        """Carry the saved errors on, from every saved rank's (``Checkpointer.load`` reads them all): at the world
+        size that saved them each rank takes its own; at another every rank takes their mean. What the applied
+        gradients still owe is the mean over ranks of the carried errors (the sums telescope, see the class
+        docstrings; the reduce-scatter hook's W * e2 included), and a mean carried by every one of W' ranks owes
+        exactly that at any W'. Into the buckets' buffers, or (before the first step) to where the buckets will pick
+        them up when they are made."""
+        if not state:
+            return
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        saved: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in state.items():
-            p = self.params[key[len(prefix):]]
+            head, _, name = key.partition(".")
+            saved.setdefault(int(head.removeprefix("rank")), {})[name] = value.reshape(-1)
+        if sorted(saved) == list(range(world)):
+            errors = saved[rank]
+        else:
+            names = set.intersection(*(set(errs) for errs in saved.values()))
+            errors = {name: (sum(errs[name].double() for errs in saved.values()) / len(saved)).float()
+                      for name in names}
+            if rank == 0:
+                log.info("INT8 error-feedback residuals saved by %d ranks carried over to %d as their mean",
+                         len(saved), world)
+        for name, value in errors.items():
+            p = self.params[name]
             if id(p) in self.errors:
-                self.errors[id(p)].copy_(value.reshape(-1))
+                self.errors[id(p)].copy_(value)
             else:
-                self.errors[id(p)] = value.reshape(-1).clone()
+                self.errors[id(p)] = value.clone()
 
     def _bucket(self, params: list[torch.Tensor], n: int, world: int, dev: torch.device) -> "_Int8Bucket":
         key = tuple(id(p) for p in params)

@@ -1,5 +1,5 @@
 """Compressed gradient communication at world size 2 (gloo): exact where it claims to be, smaller where it claims
-to be, and counted by instrumenting the collectives."""
+to be, and counted by instrumenting the collectives (which changes no bit of training, at world size 3 too)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from sharding.ddp_hooks import int8_step
 from sharding.plan import TablePlacement
 from sharding.touched_rows import TouchedRowsHook, decode_ids, encode_ids, row_steps
 from tests.dist_utils import run_distributed
-from tests.helpers import TABLES, batches, concat_batches, mixed_placements, sharded_model, tiny_data
+from tests.helpers import TABLES, batches, concat_batches, mixed_placements, sharded_model, tiny_data, train_steps
 
 STEPS, LOCAL = 5, 64
 
@@ -88,6 +88,31 @@ def test_uncompressed_matches_single_process(runs, qat):
         torch.testing.assert_close(two["state"][key], value, atol=1e-6, rtol=0, msg=key)
     if qat:  # and QAT changed the training (the fake-quantized forward is not the float one)
         assert max(abs(a - b) for a, b in zip(runs["dense_qat"]["losses"], runs["dense"]["losses"])) > 1e-4
+
+
+def _counted_and_not(rank, world_size, data_dir):
+    """The sharded DLRM trained by the job's optimizer (which zeroes gradients in place), without counting bytes and
+    with (comm.count_bytes, on by default): the counting hooks then reduce the MLP and data-parallel tables."""
+    local = batches(data_dir / "train.parquet", LOCAL, rank=rank, world_size=world_size, limit=STEPS)
+    out = {}
+    for count in (False, True):
+        model, _ = sharded_model(world_size, mixed_placements(world_size, with_column_wise=False))
+        counter = ByteCounter().install() if count else None
+        compress_gradients(model, CommConfig(count_bytes=count), counter)
+        train_steps(model, build_optimizer(model, OptimConfig()), local)
+        if counter is not None:
+            counter.uninstall()
+        out[count] = {"state": gather_full_state(model), "bytes": dict(counter.bytes) if counter else None}
+    return out if rank == 0 else None
+
+
+def test_counting_bytes_changes_no_bit_of_training_at_three_ranks(data_dir):
+    # DDP scales by 1/W in two ways, which round differently at W = 3 (sharding.ddp_hooks.Fp32AllReduceHook)
+    runs = run_distributed(_counted_and_not, data_dir, world_size=3)[0]
+    sent = runs[True]["bytes"]
+    assert sent["all_reduce fp32 (MLP)"] > 0 and sent["all_reduce fp32 (DP tables)"] > 0
+    for key, value in runs[False]["state"].items():
+        assert torch.equal(runs[True]["state"][key], value), key
 
 
 def test_touched_rows_come_from_the_forward_not_a_scan_of_the_table(runs):

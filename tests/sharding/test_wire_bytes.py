@@ -30,7 +30,7 @@ def _hooks(rank, world_size):
     """One DDP step of a small MLP under each hook, with the bytes counted."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from sharding.ddp_hooks import Int8ErrorFeedbackHook, fp16_hook, fp32_allreduce_hook
+    from sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
 
     out = {}
     for name in ("fp32", "fp16", "int8_ef"):
@@ -38,8 +38,8 @@ def _hooks(rank, world_size):
         net = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 1))
         ddp = DistributedDataParallel(net)
         counter = ByteCounter()
-        hook = {"fp32": fp32_allreduce_hook(counter, "all_reduce fp32 (MLP)"), "fp16": fp16_hook(counter),
-                "int8_ef": Int8ErrorFeedbackHook(counter).__call__}[name]
+        hook = {"fp32": Fp32AllReduceHook(counter, "all_reduce fp32 (MLP)", net.parameters()).__call__,
+                "fp16": fp16_hook(counter), "int8_ef": Int8ErrorFeedbackHook(counter).__call__}[name]
         ddp.register_comm_hook(None, hook)
         ddp(torch.randn(8, 13)).sum().backward()
         out[name] = dict(counter.bytes)
