@@ -11,16 +11,19 @@ FROM ${BASE_IMAGE}
 ARG FLAVOR=cpu
 WORKDIR /dqrm
 
-# The stack before the code, so that a change to the code reuses this layer. Nothing installs the repository
-# itself: its top-level `datasets` package would shadow Hugging Face's.
+# The stack before the code, so that a change to the code reuses this layer: dqrm's documented install (README,
+# "Install") of the pinned stack, then the repository itself. It installs as `dqrm` (dqrm.datasets, dqrm.pipeline, ...),
+# so nothing shadows another package.
 COPY pyproject.toml ./
 COPY scripts/requirements.py scripts/
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/python -m pip install --quiet --no-cache-dir --upgrade pip \
  && python3 scripts/requirements.py deps --fbgemm "$FLAVOR" > /opt/venv/requirements.txt \
  && /opt/venv/bin/python -m pip install --quiet --no-cache-dir -r /opt/venv/requirements.txt \
- && python3 scripts/requirements.py nodeps > /opt/venv/requirements-nodeps.txt \
+ && python3 scripts/requirements.py torchrec > /opt/venv/requirements-nodeps.txt \
  && /opt/venv/bin/python -m pip install --quiet --no-cache-dir --no-deps -r /opt/venv/requirements-nodeps.txt
 ENV PATH=/opt/venv/bin:$PATH
 
 COPY . .
+RUN /opt/venv/bin/python -m pip install --quiet --no-cache-dir --no-deps . \
+ && /opt/venv/bin/python -c "import torch, fbgemm_gpu, torchrec, dqrm.pipeline.train"

@@ -21,16 +21,14 @@ env: $(STAMP)
 $(STAMP): pyproject.toml scripts/requirements.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PYTHON) scripts/requirements.py deps > $(VENV)/requirements.txt
-	$(PY) -m pip install --quiet -r $(VENV)/requirements.txt
-	$(PYTHON) scripts/requirements.py nodeps > $(VENV)/requirements-nodeps.txt
-	$(PY) -m pip install --quiet --no-deps -r $(VENV)/requirements-nodeps.txt
-	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, tensorboard; print('environment ready: torch', torch.__version__)"
+	$(PY) -m pip install --quiet -e ".[$$($(PYTHON) scripts/requirements.py flavor),test]"
+	$(PY) -m pip install --quiet --no-deps "$$($(PYTHON) scripts/requirements.py torchrec)"
+	$(PY) -c "import torch, fbgemm_gpu, torchrec, torchx, pyarrow, tensorboard, dqrm.pipeline; print('environment ready: torch', torch.__version__)"
 	touch $(STAMP)
 
 ## train: the default job (2 workers via `torchx run -s local_cwd`); CONFIG=, RUN_DIR=, NPROC=, RETRIES=, ARGS= override
 train: $(STAMP)
-	$(PY) -m pipeline.launch --run-dir $(RUN_DIR) --nproc $(NPROC) --max-retries $(RETRIES) -- --config $(CONFIG) $(ARGS)
+	$(PY) -m dqrm.pipeline.launch --run-dir $(RUN_DIR) --nproc $(NPROC) --max-retries $(RETRIES) -- --config $(CONFIG) $(ARGS)
 
 ## test: the whole test suite
 test: $(STAMP)

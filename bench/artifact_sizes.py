@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from bench.common import add_out_argument, prepared_model, provenance, save, table
-from datasets.schema import FEATURE_NAMES
-from pipeline.configs import get_config
-from pipeline.quiet import quiet_library_noise
-from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, write_rows
+from dqrm.datasets.schema import FEATURE_NAMES
+from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, write_rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,13 +42,13 @@ def _worker(rank: int, world_size: int, variant: str, table_gb: float, where: st
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from pipeline.checkpoint import Checkpointer, tensor_bytes
-    from pipeline.config import ModelConfig, OptimConfig
-    from pipeline.model import build_dlrm
-    from pipeline.phases import reset_peak, status_bytes
-    from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-    from pipeline.quiet import quiet_library_noise
-    from sharding.plan import TablePlacement, manual_plan, shard_model
+    from dqrm.pipeline.checkpoint import Checkpointer, tensor_bytes
+    from dqrm.pipeline.config import ModelConfig, OptimConfig
+    from dqrm.pipeline.model import build_dlrm
+    from dqrm.pipeline.phases import reset_peak, status_bytes
+    from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+    from dqrm.pipeline.quiet import quiet_library_noise
+    from dqrm.sharding.plan import TablePlacement, manual_plan, shard_model
 
     quiet_library_noise()
     rows = int(table_gb * 1e9 / (26 * DIM * 4))

@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 
 from bench.common import Report, add_out_argument, paired_ratio, random_batches, save, table
-from pipeline.configs import get_config
-from pipeline.model import build_dlrm
-from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-from pipeline.quiet import quiet_library_noise
-from sharding.byte_counter import ByteCounter
-from sharding.comm import CommConfig, compress_gradients, sharders_for
-from sharding.plan import TablePlacement, describe_plan, manual_plan, shard_model
-from sharding.policy import plan_by_policy
+from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.model import build_dlrm
+from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.sharding.byte_counter import ByteCounter
+from dqrm.sharding.comm import CommConfig, compress_gradients, sharders_for
+from dqrm.sharding.plan import TablePlacement, describe_plan, manual_plan, shard_model
+from dqrm.sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
 FULL = "touched INT8 + MLP INT8 EF"  # the fully compressed step the issue times against dense

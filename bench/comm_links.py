@@ -28,7 +28,7 @@ import numpy as np
 from bench import comm
 from bench.common import Report, add_out_argument, result_dir, save, table
 from bench.links import Links, unavailable
-from sharding.comm import CommConfig
+from dqrm.sharding.comm import CommConfig
 from tests.dist_utils import run_distributed
 
 BASE = "uncompressed"
@@ -108,10 +108,10 @@ def codec_seconds(config_name: str, repeats: int = 20) -> dict[str, float]:
 
     import torch
 
-    from pipeline.budget import mlp_layers
-    from pipeline.configs import get_config
-    from sharding import int8_codec
-    from sharding.ddp_hooks import _Int8Bucket
+    from dqrm.pipeline.budget import mlp_layers
+    from dqrm.pipeline.configs import get_config
+    from dqrm.sharding import int8_codec
+    from dqrm.sharding.ddp_hooks import _Int8Bucket
 
     params = [p for i, o in mlp_layers(get_config(config_name)) for p in torch.nn.Linear(i, o).parameters()]
     n = sum(p.numel() for p in params)
@@ -137,7 +137,7 @@ def paper_model(codec: dict[str, float]) -> list[dict]:
     formulas (``sharding.byte_counter``) over the link, plus the measured codec, not overlapped (an upper bound on
     the exchange's own time). FP32 ring all-reduce; INT8 all-gather (encode once, decode every rank's copy); INT8
     reduce-scatter + all-gather (encode, decode and sum W chunks of n/W, re-encode 1/W, decode the gathered n)."""
-    from sharding.byte_counter import all_gather_wire_bytes, all_reduce_wire_bytes
+    from dqrm.sharding.byte_counter import all_gather_wire_bytes, all_reduce_wire_bytes
 
     n, rows, enc, dec = codec["values"], codec["rows"], codec["encode_s"], codec["decode_s"]
     payload = n + 4 * rows

@@ -24,7 +24,7 @@ def random_batches(cards, batch: int, n: int, seed: int = 0) -> list:
     from torchrec.datasets.utils import Batch
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from datasets.schema import FEATURE_NAMES
+    from dqrm.datasets.schema import FEATURE_NAMES
 
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -234,9 +234,9 @@ def sharded_model(model_cfg, optim_cfg):
     must exist): what the benches time and convert."""
     import torch.distributed as dist
 
-    from pipeline.model import build_dlrm
-    from pipeline.optimizer import fuse_embedding_optimizer
-    from sharding.plan import plan_sharding, shard_model
+    from dqrm.pipeline.model import build_dlrm
+    from dqrm.pipeline.optimizer import fuse_embedding_optimizer
+    from dqrm.sharding.plan import plan_sharding, shard_model
 
     torch.manual_seed(0)
     model = build_dlrm(model_cfg, torch.device("cpu"))
@@ -250,7 +250,7 @@ def prepared_model(cfg):
     taken from its initial weights: what the export benches convert."""
     import torch.distributed as dist
 
-    from quant.api import QATConfig, embedding_quantizer, quantize_
+    from dqrm.quant.api import QATConfig, embedding_quantizer, quantize_
 
     model = sharded_model(cfg.model, cfg.optim)
     quantize_(model, QATConfig(spec=cfg.quant), pg=dist.group.WORLD)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.common import add_out_argument, format_spread, provenance, result_dir, save, spread
 from bench.run_cache import DEFAULT_ROOT, RUN_DEPENDS, DirtyTree, head_commit, run
-from pipeline.report import plot_curves
+from dqrm.pipeline.report import plot_curves
 
 CONFIGS = {"FP32": "default_fp32", "INT8 QAT": "default_int8", "INT4 QAT": "default", "INT4 PTQ": "default_ptq4"}
 SEEDS = (0, 1, 2)

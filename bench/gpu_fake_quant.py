@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from bench.common import RESULTS, save
-from quant.embedding_qat import EmbeddingFakeQuantizer
-from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
-from quant.mlp_qat import RowwiseWeightFakeQuant
-from sharding.tbe import TBELayout
+from dqrm.quant.embedding_qat import EmbeddingFakeQuantizer
+from dqrm.quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
+from dqrm.quant.mlp_qat import RowwiseWeightFakeQuant
+from dqrm.sharding.tbe import TBELayout
 
 
 class _FlatTBE(nn.Module):

@@ -31,14 +31,14 @@ import torch.distributed as dist
 
 from bench.common import (Report, add_out_argument, median, paired_ratio, prepared_model, provenance, random_batches,
                           save, sharded_model, table, train_step_seconds)
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.schema import FEATURE_NAMES
-from datasets.synthetic import ensure_synthetic
-from pipeline.configs import get_config
-from pipeline.quiet import quiet_library_noise
-from quant.api import QATConfig, QuantSpec, quantize_
-from quant.export import export, load_with_manifest, rows_path
-from quant.program import program_path
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.schema import FEATURE_NAMES
+from dqrm.datasets.synthetic import ensure_synthetic
+from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.quant.api import QATConfig, QuantSpec, quantize_
+from dqrm.quant.export import export, load_with_manifest, rows_path
+from dqrm.quant.program import program_path
 
 BATCH = 2048
 LATENCY_BATCHES = (1, 64)
@@ -72,8 +72,8 @@ def _fp32_artifact(cfg, model, out: Path) -> tuple[torch.nn.Module, Path]:
     from torchrec.models.dlrm import DLRM
     from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
-    from quant.convert import gather_full_state, integer_mlp
-    from sharding.tbe import table_configs
+    from dqrm.quant.convert import gather_full_state, integer_mlp
+    from dqrm.sharding.tbe import table_configs
 
     state = gather_full_state(model)
     tables, weights = [], {}
@@ -193,7 +193,7 @@ def _latency(modules: dict, inputs: list, rows: int, calls: int, chunk: int = 20
 
 def _train_models(cfg) -> dict:
     """The default model at world size 1 per training variant (same initial weights), with its optimizer."""
-    from pipeline.optimizer import build_optimizer
+    from dqrm.pipeline.optimizer import build_optimizer
 
     models = {}
     for name, compute in TRAIN_VARIANTS.items():

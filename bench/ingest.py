@@ -43,7 +43,7 @@ SAMPLE = ROOT.parent / "shared" / "data" / "criteo-samples" / "terabyte_day0_0.0
 # parent's peak into ru_maxrss across the exec, so every child would report at least this bench's own RSS.
 _PEAK = r'''
 import json, resource, sys, time
-from pipeline.phases import status_bytes
+from dqrm.pipeline.phases import status_bytes
 def peak_mb():
     return status_bytes("VmHWM") / 2**20
 '''
@@ -53,7 +53,7 @@ kind, src, out = sys.argv[1:4]
 if kind == "torchrec":
     from torchrec.datasets.criteo import BinaryCriteoUtils
 else:
-    from datasets.convert import main
+    from dqrm.datasets.convert import main
 imports = peak_mb()
 cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 if kind == "torchrec":
@@ -71,9 +71,9 @@ _READ = _PEAK + r'''
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.schema import parquet_files
-from pipeline.configs import TERABYTE_CARDINALITIES
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.schema import parquet_files
+from dqrm.pipeline.configs import TERABYTE_CARDINALITIES
 folder, name, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 imports = peak_mb()
 data = ParquetBatches(parquet_files(Path(folder), name), TERABYTE_CARDINALITIES,

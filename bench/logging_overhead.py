@@ -33,12 +33,12 @@ import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from bench.common import Report, add_out_argument, paired_ratio, random_batches, save, table
-from pipeline.configs import get_config
-from pipeline.observe import Observer
-from pipeline.parallelize import build_sharded_model
-from pipeline.qat_stats import GridStats
-from pipeline.quiet import quiet_library_noise
-from quant.api import embedding_quantizer
+from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.observe import Observer
+from dqrm.pipeline.parallelize import build_sharded_model
+from dqrm.pipeline.qat_stats import GridStats
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.quant.api import embedding_quantizer
 from tests.dist_utils import run_distributed
 
 USED = ("pipeline", "quant", "sharding")

@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from bench.common import add_out_argument, provenance, save, table
 from bench.ingest import SAMPLE
-from datasets import criteo_text
-from datasets.tsv_blocks import parse_tsv_block
+from dqrm.datasets import criteo_text
+from dqrm.datasets.tsv_blocks import parse_tsv_block
 
 
 def _arrow(text: bytes, general: bool) -> pa.Table:

@@ -28,11 +28,11 @@ import torch.distributed as dist
 
 from bench.common import (Report, add_out_argument, median, paired_ratio, random_batches, save, sharded_model, table,
                           train_step_seconds)
-from pipeline.config import ModelConfig, OptimConfig
-from pipeline.optimizer import build_optimizer
-from pipeline.quiet import quiet_library_noise
-from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
-from quant.fake_quant import fake_quantize, symmetric_qparams
+from dqrm.pipeline.config import ModelConfig, OptimConfig
+from dqrm.pipeline.optimizer import build_optimizer
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from dqrm.quant.fake_quant import fake_quantize, symmetric_qparams
 
 REFRESH_EVERY = QuantSpec().scale_update_every
 CHUNK = 10

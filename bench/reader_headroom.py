@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 
 from bench.common import add_out_argument, paired_ratio, save, table
-from datasets.reader import ParquetBatches
-from pipeline.checkpoint import Checkpointer
-from pipeline.configs import get_config
-from pipeline.data import resolve_data
-from pipeline.parallelize import build_sharded_model
-from pipeline.quiet import quiet_library_noise
-from pipeline.trainer import Splits, Trainer
+from dqrm.datasets.reader import ParquetBatches
+from dqrm.pipeline.checkpoint import Checkpointer
+from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.data import resolve_data
+from dqrm.pipeline.parallelize import build_sharded_model
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.pipeline.trainer import Splits, Trainer
 from tests.dist_utils import run_distributed
 
 LARGE_BATCH = 4096

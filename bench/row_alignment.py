@@ -40,8 +40,8 @@ import torch
 
 from bench.common import add_out_argument, median, paired_ratio, provenance, save, table
 from bench.serving_limits import _ids  # the same uniform and Zipf ids as the lookups there
-from pipeline.configs import KAGGLE_CARDINALITIES
-from pipeline.quiet import quiet_library_noise
+from dqrm.pipeline.configs import KAGGLE_CARDINALITIES
+from dqrm.pipeline.quiet import quiet_library_noise
 
 ALIGNMENTS = (1, 4, 8, 16)
 BASE = 16
@@ -161,8 +161,8 @@ def torchrec_check(bits_list: list[int], seed: int) -> list[dict]:
     from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
     from bench.common import random_batches
-    from datasets.schema import FEATURE_NAMES
-    from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams
+    from dqrm.datasets.schema import FEATURE_NAMES
+    from dqrm.quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams
 
     def quantized(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         scale, bias = rowwise_qparams(w, bits)  # FBGEMM's row-wise grid, as the exported tables hold it

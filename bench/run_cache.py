@@ -98,7 +98,7 @@ def dirty_paths() -> list[str]:
 
 def run(config: str, args: list[str] | tuple[str, ...] = (), *, seed: int = 0, nproc: int = 2,
         root: Path = DEFAULT_ROOT, allow_dirty: bool = False, launch=None) -> CachedRun:
-    """The summary of ``python -m pipeline.launch --nproc NPROC -- --config CONFIG ARGS --set seed=SEED``: reused
+    """The summary of ``python -m dqrm.pipeline.launch --nproc NPROC -- --config CONFIG ARGS --set seed=SEED``: reused
     from the cache if this key finished there, otherwise launched (resuming an unfinished run of the key).
     ``launch(cmd) -> exit code`` runs the launcher (tests pass a stand-in)."""
     launch, root = launch or _launch, Path(root).resolve()
@@ -159,7 +159,7 @@ def reusable_summary(run_dir: Path, key: RunKey) -> dict | None:
 
 
 def _launch_and_read(key: RunKey, run_dir: Path, launch) -> dict:
-    cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", str(key.nproc), "--",
+    cmd = [sys.executable, "-m", "dqrm.pipeline.launch", "--run-dir", str(run_dir), "--nproc", str(key.nproc), "--",
            *key.train_args()]
     rc = launch(cmd)
     if rc != 0:

@@ -1,5 +1,5 @@
-"""The planner's answer for the MLPerf DLRMv2 tables on 8, 16 and 64 GPUs (``python -m pipeline.scale``), saved with
-its command, commit and machine as ``bench/results/scale_plans.{json,txt}``; seconds, no GPU needed.
+"""The planner's answer for the MLPerf DLRMv2 tables on 8, 16 and 64 GPUs (``python -m dqrm.pipeline.scale``),
+saved with its command, commit and machine as ``bench/results/scale_plans.{json,txt}``; seconds, no GPU needed.
 
     python -m bench.scale_plans [--out DIR]
 """
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import add_out_argument, save
-from pipeline import scale
+from dqrm.pipeline import scale
 
 
 def main() -> None:
@@ -26,7 +26,7 @@ def main() -> None:
         numbers = Path(tmp) / "scale.json"
         with contextlib.redirect_stdout(printed):  # the planner's report, as it prints it (warnings go to stderr)
             if scale.main(["--gpus", "8,16,64", "--json", str(numbers)]) != 0:
-                raise SystemExit("pipeline.scale failed")
+                raise SystemExit("dqrm.pipeline.scale failed")
         payload = json.loads(numbers.read_text())
     print(printed.getvalue(), end="")
     print(f"json: {save('scale_plans', payload, printed.getvalue(), out=args.out)}")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from bench.common import Report, add_out_argument, median, save, table
-from pipeline.configs import KAGGLE_CARDINALITIES
+from dqrm.pipeline.configs import KAGGLE_CARDINALITIES
 
 BATCH = 2048
 OVER_ARCHES = {"default (367-256-128-1)": (367, 256, 128, 1), "kaggle (367-512-256-1)": (367, 512, 256, 1)}

@@ -18,18 +18,18 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from bench.common import Report, add_out_argument, median, paired_ratio, save, table
-from datasets.reader import ParquetBatches
-from datasets.synthetic import ensure_synthetic
-from pipeline.checkpoint import Checkpointer
-from pipeline.configs import get_config
-from pipeline.model import build_dlrm
-from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-from pipeline.quiet import quiet_library_noise
-from pipeline.trainer import Splits, Trainer
-from sharding.byte_counter import ByteCounter
-from sharding.comm import compress_gradients
-from sharding.plan import plan_sharding, shard_model
-from sharding.policy import plan_by_policy
+from dqrm.datasets.reader import ParquetBatches
+from dqrm.datasets.synthetic import ensure_synthetic
+from dqrm.pipeline.checkpoint import Checkpointer
+from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.model import build_dlrm
+from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.pipeline.trainer import Splits, Trainer
+from dqrm.sharding.byte_counter import ByteCounter
+from dqrm.sharding.comm import compress_gradients
+from dqrm.sharding.plan import plan_sharding, shard_model
+from dqrm.sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
 

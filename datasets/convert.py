@@ -1,4 +1,4 @@
-"""Raw Criteo -> the project's Parquet layout: ``python -m datasets.convert INPUT... --out DIR``.
+"""Raw Criteo -> the project's Parquet layout: ``python -m dqrm.datasets.convert INPUT... --out DIR``.
 
 Reads raw TSV (Kaggle ``train.txt``/``test.txt``, Terabyte ``day_N``, gzip too) and the Kaggle competition CSV
 (``Id,Label,I1..I13,C1..C26`` header), streaming in blocks (bounded memory), and writes Parquet with row groups sized
@@ -52,10 +52,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.chunks import count_newlines, ends_with_newline, line_ranges
-from datasets.criteo_text import BadInputError, describe_expected, detect_format, parsed_batches
-from datasets.schema import SCHEMA, parquet_files
-from datasets.vocab import write_vocabulary
+from dqrm.datasets.chunks import count_newlines, ends_with_newline, line_ranges
+from dqrm.datasets.criteo_text import BadInputError, describe_expected, detect_format, parsed_batches
+from dqrm.datasets.schema import SCHEMA, parquet_files
+from dqrm.datasets.vocab import write_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def _merge_manifest(path: Path, manifest: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m datasets.convert", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dqrm.datasets.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", type=Path, nargs="*",
                    help="raw Criteo files (.txt, day_N, .csv, optionally .gz); none with --vocab-min-count builds "

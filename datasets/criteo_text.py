@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
-from datasets.schema import DENSE_COLUMNS, LABEL, SCHEMA, SPARSE_COLUMNS
-from datasets.tsv_blocks import HEX as _HEX, PAD, parse_tsv_block
+from dqrm.datasets.schema import DENSE_COLUMNS, LABEL, SCHEMA, SPARSE_COLUMNS
+from dqrm.datasets.tsv_blocks import HEX as _HEX, PAD, parse_tsv_block
 
 _INT_RE = r"^-?[0-9]+$"
 

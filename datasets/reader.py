@@ -34,9 +34,9 @@ from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from datasets.row_map import check_tables, load_row_map
-from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SPARSE_COLUMNS, Layout, detect_layout
-from datasets.vocab import load_vocab, lookup, vocab_num_embeddings
+from dqrm.datasets.row_map import check_tables, load_row_map
+from dqrm.datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SPARSE_COLUMNS, Layout, detect_layout
+from dqrm.datasets.vocab import load_vocab, lookup, vocab_num_embeddings
 
 log = logging.getLogger(__name__)
 

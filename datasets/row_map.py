@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from datasets.schema import FEATURE_NAMES, SPARSE_COLUMNS
-from datasets.vocab import lookup
+from dqrm.datasets.schema import FEATURE_NAMES, SPARSE_COLUMNS
+from dqrm.datasets.vocab import lookup
 
 
 @dataclasses.dataclass(frozen=True)

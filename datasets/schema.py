@@ -94,7 +94,7 @@ def check_schema(schema: pa.Schema, path: str) -> None:
         if idx < 0:
             raise ValueError(
                 f"{path}: column {field.name!r} is missing; expected the dqrm layout "
-                f"(label, I1..I13, C1..C26); convert raw Criteo with `python -m datasets.convert`"
+                f"(label, I1..I13, C1..C26); convert raw Criteo with `python -m dqrm.datasets.convert`"
             )
         got = schema.field(idx).type
         if got != field.type:
@@ -112,7 +112,7 @@ def parquet_files(root: Path, name: str) -> list[Path]:
     files = sorted(folder.rglob("*.parquet"), key=lambda p: _natural(p.relative_to(folder))) if folder.is_dir() else []
     if not files:
         raise FileNotFoundError(f"{root}: no {name}.parquet or {name}/*.parquet; convert raw Criteo first with "
-                                f"`python -m datasets.convert`")
+                                f"`python -m dqrm.datasets.convert`")
     return files
 
 

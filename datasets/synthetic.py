@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.schema import DENSE_COLUMNS, LABEL, NUM_DENSE, SCHEMA, SPARSE_COLUMNS
+from dqrm.datasets.schema import DENSE_COLUMNS, LABEL, NUM_DENSE, SCHEMA, SPARSE_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,12 @@ def bayes_metrics(prob: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DQRM_CACHE_DIR", Path(__file__).resolve().parent.parent / ".cache"))
+    if "DQRM_CACHE_DIR" in os.environ:
+        return Path(os.environ["DQRM_CACHE_DIR"])
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "datasets").is_dir():  # a source checkout (make env)
+        return checkout / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dqrm"  # an installed dqrm
 
 
 def ensure_synthetic(cfg: SyntheticConfig, cache_dir: Path | None = None) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from numba import njit
 
-from datasets.schema import NUM_DENSE, NUM_SPARSE, SCHEMA
+from dqrm.datasets.schema import NUM_DENSE, NUM_SPARSE, SCHEMA
 
 PAD = 8
 """Zero bytes after the lines (and before, for symmetry) in a block buffer: the hash loop reads 9 bytes ahead."""

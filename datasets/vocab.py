@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from datasets.schema import NUM_SPARSE, SPARSE_COLUMNS, detect_layout
+from dqrm.datasets.schema import NUM_SPARSE, SPARSE_COLUMNS, detect_layout
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def load_vocab(vocab_dir: str | Path) -> list[np.ndarray]:
         path = vocab_dir / f"{name}.npy"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no vocabulary file; build one with "
-                                    f"`python -m datasets.convert --out DIR --vocab-min-count N`")
+                                    f"`python -m dqrm.datasets.convert --out DIR --vocab-min-count N`")
         v = np.load(path, mmap_mode="r")
         if v.dtype != np.uint32 or v.ndim != 1:
             raise ValueError(f"{path}: expected a 1-d uint32 array, got {v.dtype} with shape {v.shape}")

@@ -36,17 +36,18 @@ import torch.nn.functional as F
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.row_map import RowMap, kept_by_count
-from datasets.schema import FEATURE_NAMES, NUM_DENSE, NUM_SPARSE
-from pipeline.checkpoint import Checkpointer
-from pipeline.config import JobConfig, resume_view, to_dict
-from pipeline.data import build_splits
-from pipeline.parallelize import build_sharded_model
-from pipeline.trainer import Trainer
-from quant.api import embedding_quantizer
-from quant.budget import ARTIFACT_OVERHEAD, Option, bit_choices, choose, cost, lookups_lost, mlp_bytes, option_bytes
-from sharding.comm import CommConfig
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.row_map import RowMap, kept_by_count
+from dqrm.datasets.schema import FEATURE_NAMES, NUM_DENSE, NUM_SPARSE
+from dqrm.pipeline.checkpoint import Checkpointer
+from dqrm.pipeline.config import JobConfig, resume_view, to_dict
+from dqrm.pipeline.data import build_splits
+from dqrm.pipeline.parallelize import build_sharded_model
+from dqrm.pipeline.trainer import Trainer
+from dqrm.quant.api import embedding_quantizer
+from dqrm.quant.budget import (ARTIFACT_OVERHEAD, Option, bit_choices, choose, cost, lookups_lost, mlp_bytes,
+                               option_bytes)
+from dqrm.sharding.comm import CommConfig
 
 log = logging.getLogger("dqrm")
 

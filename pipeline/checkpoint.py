@@ -34,7 +34,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
-from pipeline.dcp_reader import BoundedFileSystemReader
+from dqrm.pipeline.dcp_reader import BoundedFileSystemReader
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

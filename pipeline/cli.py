@@ -1,4 +1,4 @@
-"""The job's command line: flags and ``--set`` overrides -> a checked ``JobConfig`` (``python -m pipeline.train
+"""The job's command line: flags and ``--set`` overrides -> a checked ``JobConfig`` (``python -m dqrm.pipeline.train
 --help``); ``pipeline.train`` and the launcher behind ``make train`` share it."""
 
 from __future__ import annotations
@@ -9,16 +9,16 @@ import sys
 import textwrap
 from pathlib import Path
 
-from datasets.schema import parquet_files
-from datasets.vocab import vocab_num_embeddings
-from pipeline.config import (RESUME_MAY_CHANGE, JobConfig, apply_override, describe_fields, resume_view,
-                             to_dict, validate)
-from pipeline.configs import CONFIGS, get_config
+from dqrm.datasets.schema import parquet_files
+from dqrm.datasets.vocab import vocab_num_embeddings
+from dqrm.pipeline.config import (RESUME_MAY_CHANGE, JobConfig, apply_override, describe_fields, resume_view, to_dict,
+                                  validate)
+from dqrm.pipeline.configs import CONFIGS, get_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.train",
+        prog="python -m dqrm.pipeline.train",
         description="Train a TorchRec DLRM on Criteo-shaped Parquet data. Run one process per rank "
                     "(torchrun / `torchx run`); without a launcher it runs at world size 1.",
     )
@@ -77,7 +77,7 @@ def build_config(args: argparse.Namespace) -> JobConfig:
 def _with_saved_budget(cfg: JobConfig) -> JobConfig:
     """A byte-budgeted job whose run dir holds the budget's choice for this request runs with it (bits, table
     sizes, row map), so that a resume compares like with like; without one, the job searches when it starts."""
-    from pipeline.budget import apply_plan, saved_plan  # torch and torchrec: only for a budgeted job
+    from dqrm.pipeline.budget import apply_plan, saved_plan  # torch and torchrec: only for a budgeted job
 
     if cfg.quant.table_bits:
         raise ValueError("quant.table_bits and a byte budget both set: the budget chooses every table's bits; drop "
@@ -137,8 +137,8 @@ def check_inputs(cfg: JobConfig) -> None:
         root = Path(cfg.data.data_dir)
         if not root.is_dir():
             raise FileNotFoundError(f"--data-dir {root}: no such folder; give the folder holding train/val/test "
-                                    f"Parquet (convert raw Criteo first with `python -m datasets.convert`), or omit "
-                                    f"--data-dir for the bundled synthetic data")
+                                    f"Parquet (convert raw Criteo first with `python -m dqrm.datasets.convert`), "
+                                    f"or omit --data-dir for the bundled synthetic data")
         for split in ("train", "val", "test"):
             parquet_files(root, split)
     if cfg.data.row_map and not Path(cfg.data.row_map).is_file():

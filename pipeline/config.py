@@ -10,12 +10,12 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from datasets.reader import ReaderConfig
-from datasets.schema import FEATURE_NAMES, NUM_SPARSE
-from datasets.synthetic import SyntheticConfig
-from quant.api import QuantSpec
-from sharding.comm import CommConfig
-from sharding.policy import PlanConfig
+from dqrm.datasets.reader import ReaderConfig
+from dqrm.datasets.schema import FEATURE_NAMES, NUM_SPARSE
+from dqrm.datasets.synthetic import SyntheticConfig
+from dqrm.quant.api import QuantSpec
+from dqrm.sharding.comm import CommConfig
+from dqrm.sharding.policy import PlanConfig
 
 QUANT_MODES = ("fp32", "qat", "ptq")
 

@@ -6,9 +6,9 @@ from typing import Callable
 
 import dataclasses
 
-from datasets.synthetic import SyntheticConfig
-from quant.api import QuantSpec
-from pipeline.config import DataConfig, JobConfig, ModelConfig, OptimConfig
+from dqrm.datasets.synthetic import SyntheticConfig
+from dqrm.quant.api import QuantSpec
+from dqrm.pipeline.config import DataConfig, JobConfig, ModelConfig, OptimConfig
 
 # MLPerf DLRM shapes (REFERENCE.md §3).
 KAGGLE_CARDINALITIES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,

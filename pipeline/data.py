@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from datasets.reader import ParquetBatches
-from datasets.schema import parquet_files
-from datasets.synthetic import ensure_synthetic
-from pipeline.config import JobConfig
-from pipeline.trainer import Splits
+from dqrm.datasets.reader import ParquetBatches
+from dqrm.datasets.schema import parquet_files
+from dqrm.datasets.synthetic import ensure_synthetic
+from dqrm.pipeline.config import JobConfig
+from dqrm.pipeline.trainer import Splits
 
 log = logging.getLogger("dqrm")
 

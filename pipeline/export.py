@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from datasets.reader import ParquetBatches
-from datasets.schema import FEATURE_NAMES, NUM_DENSE
-from pipeline.config import JobConfig
-from pipeline.metrics import binary_metrics
-from pipeline.phases import PhaseLog
-from pipeline.trainer import Trainer, post_training_quantized
-from quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
-from quant.program import program_path
+from dqrm.datasets.reader import ParquetBatches
+from dqrm.datasets.schema import FEATURE_NAMES, NUM_DENSE
+from dqrm.pipeline.config import JobConfig
+from dqrm.pipeline.metrics import binary_metrics
+from dqrm.pipeline.phases import PhaseLog
+from dqrm.pipeline.trainer import Trainer, post_training_quantized
+from dqrm.quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
+from dqrm.quant.program import program_path
 
 log = logging.getLogger("dqrm")
 

@@ -1,18 +1,24 @@
 """``make train``: launch ``pipeline.train`` through ``torchx run -s local_cwd`` and fail when the job fails.
 
-Everything after ``--`` goes to ``python -m pipeline.train``. torchx's own logs (one folder per attempt, with each
+Everything after ``--`` goes to ``python -m dqrm.pipeline.train``. torchx's own logs (one folder per attempt, with each
 rank's stdout/stderr) are kept in ``RUN_DIR/torchx``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-COMPONENT = "./torchx_components/dlrm.py:train"
+
+
+def component() -> str:
+    """The torchx component ``dqrm.torchx_components.dlrm:train`` as torchx takes it, a file path: where dqrm is
+    installed, so that the launcher runs from any working directory."""
+    return f"{importlib.util.find_spec('dqrm.torchx_components.dlrm').origin}:train"
 
 
 def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, scheduler: str = "local_cwd",
@@ -20,7 +26,7 @@ def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, schedule
     torchx = str(Path(sys.executable).with_name("torchx"))
     return [torchx, "run", "-s", scheduler, "--wait", "--log",
             "--scheduler_args", f"log_dir={run_dir / 'torchx'}",
-            COMPONENT, "--nproc_per_node", str(nproc), "--max_retries", str(max_retries),
+            component(), "--nproc_per_node", str(nproc), "--max_retries", str(max_retries),
             "--", "--run-dir", str(run_dir), *train_args]
 
 
@@ -49,10 +55,10 @@ def merge_overrides(train_args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     split = argv.index("--") if "--" in argv else len(argv)
-    p = argparse.ArgumentParser(prog="python -m pipeline.launch", usage="%(prog)s --run-dir DIR [options] -- "
-                                "[python -m pipeline.train flags]",
+    p = argparse.ArgumentParser(prog="python -m dqrm.pipeline.launch", usage="%(prog)s --run-dir DIR [options] -- "
+                                "[python -m dqrm.pipeline.train flags]",
                                 description="Run a training job locally through torchx (local_cwd scheduler); "
-                                            "everything after -- goes to python -m pipeline.train.")
+                                            "everything after -- goes to python -m dqrm.pipeline.train.")
     p.add_argument("--run-dir", type=Path, required=True, help="run directory (logs, checkpoints, summary)")
     p.add_argument("--nproc", type=int, default=2, help="worker processes (ranks; default: %(default)s)")
     p.add_argument("--max-retries", type=int, default=0,
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1 or args.max_retries < 0:
         p.error(f"--nproc must be at least 1 and --max-retries at least 0, got {args.nproc} and {args.max_retries}")
     train_args = merge_overrides(argv[split + 1:])
-    from pipeline.cli import config_or_exit, parse_args as parse_train_args  # torch: after --help
+    from dqrm.pipeline.cli import config_or_exit, parse_args as parse_train_args  # torch: after --help
 
     # the workers would each refuse a bad flag or field: say it once, before torchx makes anything
     checked = config_or_exit(parse_train_args([*train_args, "--run-dir", str(args.run_dir)]))

@@ -7,8 +7,8 @@ from torchrec.models.dlrm import DLRM, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-from datasets.schema import FEATURE_NAMES, NUM_DENSE
-from pipeline.config import ModelConfig
+from dqrm.datasets.schema import FEATURE_NAMES, NUM_DENSE
+from dqrm.pipeline.config import ModelConfig
 
 
 def embedding_tables(cfg: ModelConfig) -> list[EmbeddingBagConfig]:

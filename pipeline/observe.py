@@ -36,10 +36,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
-from pipeline.config import JobConfig
-from pipeline.qat_stats import GridStats
-from quant.api import embedding_quantizer
-from sharding.byte_counter import ByteCounter
+from dqrm.pipeline.config import JobConfig
+from dqrm.pipeline.qat_stats import GridStats
+from dqrm.quant.api import embedding_quantizer
+from dqrm.sharding.byte_counter import ByteCounter
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from torch.distributed.optim import _apply_optimizer_in_backward as apply_optimi
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from pipeline.config import OptimConfig
+from dqrm.pipeline.config import OptimConfig
 
 
 def fuse_embedding_optimizer(sparse_params, cfg: OptimConfig) -> None:

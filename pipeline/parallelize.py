@@ -9,15 +9,15 @@ import logging
 import torch
 import torch.distributed as dist
 
-from pipeline.config import JobConfig, to_dict
-from pipeline.model import build_dlrm
-from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-from quant.api import QATConfig, quantize_, set_fake_quant
-from sharding.byte_counter import ByteCounter
-from sharding.comm import check_qcomms, compress_gradients, sharders_for
-from sharding.ddp_hooks import Int8ErrorFeedbackHook
-from sharding.plan import describe_plan, plan_table, save_plan, shard_model
-from sharding.policy import placements_from_plan, plan_by_policy, save_placements
+from dqrm.pipeline.config import JobConfig, to_dict
+from dqrm.pipeline.model import build_dlrm
+from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from dqrm.quant.api import QATConfig, quantize_, set_fake_quant
+from dqrm.sharding.byte_counter import ByteCounter
+from dqrm.sharding.comm import check_qcomms, compress_gradients, sharders_for
+from dqrm.sharding.ddp_hooks import Int8ErrorFeedbackHook
+from dqrm.sharding.plan import describe_plan, plan_table, save_plan, shard_model
+from dqrm.sharding.policy import placements_from_plan, plan_by_policy, save_placements
 
 log = logging.getLogger("dqrm")
 

@@ -1,4 +1,5 @@
-"""``python -m pipeline.predict``: score a Parquet file with an exported integer model; print AUC, accuracy, log loss."""
+"""``python -m dqrm.pipeline.predict``: score a Parquet file with an exported integer model; print AUC, accuracy and
+log loss."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from datasets.reader import ParquetBatches, ReaderConfig
-from pipeline.metrics import binary_metrics
-from pipeline.quiet import quiet_library_noise
-from pipeline.report import strict_json
-from quant.export import load_with_manifest
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.pipeline.metrics import binary_metrics
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.pipeline.report import strict_json
+from dqrm.quant.export import load_with_manifest
 
 
 @torch.no_grad()
@@ -38,7 +39,7 @@ def score(module, paths: list[Path], num_embeddings: list[int], batch_size: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.predict",
+    p = argparse.ArgumentParser(prog="python -m dqrm.pipeline.predict",
                                 description="Score Parquet data (dqrm layout) with an exported integer DLRM.")
     p.add_argument("--model", type=Path, required=True,
                    help="exported artifact in a run dir: model_int*.pt (TorchScript) or model_int*.pt2 (the same "

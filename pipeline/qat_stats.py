@@ -28,8 +28,8 @@ import collections
 
 import torch
 
-from quant.embedding_qat import EmbeddingFakeQuantizer
-from quant.fake_quant import rowwise_qparams
+from dqrm.quant.embedding_qat import EmbeddingFakeQuantizer
+from dqrm.quant.fake_quant import rowwise_qparams
 
 KEEP_STEPS = 4
 """Training forwards whose ids each TBE keeps for the next log (the most recent ones)."""

@@ -1,5 +1,5 @@
 """Plan a Terabyte-scale DLRM for simulated GPU clusters, without the hardware:
-``python -m pipeline.scale [--gpus 8,16,64] [--hbm-gb 80]``.
+``python -m dqrm.pipeline.scale [--gpus 8,16,64] [--hbm-gb 80]``.
 
 TorchRec's planner places the MLPerf DLRMv2 tables (40M-row cap, dim 128) for each simulated topology; the table
 then gives each rank's embedding storage at FP32 and, for the same placement, in FBGEMM's INT4 row format (4-bit
@@ -22,9 +22,9 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingType
 
-from pipeline.config import ModelConfig
-from pipeline.model import build_dlrm
-from quant.convert import CHUNK_ROWS
+from dqrm.pipeline.config import ModelConfig
+from dqrm.pipeline.model import build_dlrm
+from dqrm.quant.convert import CHUNK_ROWS
 
 DLRMV2_CARDINALITIES = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
                         11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36)
@@ -82,7 +82,7 @@ def plan_cluster(gpus: int, hbm_gb: float, dim: int = 128):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.scale", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m dqrm.pipeline.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", default="8,16,64", help="comma-separated cluster sizes")
     p.add_argument("--hbm-gb", type=float, default=80.0, help="memory per GPU")

@@ -1,4 +1,4 @@
-"""Entry point of a training job: ``python -m pipeline.train --config NAME [overrides]`` (one process per rank).
+"""Entry point of a training job: ``python -m dqrm.pipeline.train --config NAME [overrides]`` (one process per rank).
 
 A job is a sequence of named stages, each in the module that owns it: the config from the command line
 (``pipeline.cli``), the rank's process group and logs (``pipeline.runtime``), the data (``pipeline.data``), the
@@ -17,18 +17,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from pipeline.budget import budget_summary, budgeted
-from pipeline.checkpoint import Checkpointer, NotEnoughDiskSpace
-from pipeline.cli import config_or_exit, parse_args
-from pipeline.config import JobConfig
-from pipeline.data import build_splits, resolve_data
-from pipeline.export import finish_export, write_integer_rows
-from pipeline.parallelize import build_sharded_model
-from pipeline.phases import PhaseLog
-from pipeline.quiet import quiet_library_noise
-from pipeline.report import report
-from pipeline.runtime import rank_runtime, setup_logging
-from pipeline.trainer import NonFiniteLossError, Trainer
+from dqrm.pipeline.budget import budget_summary, budgeted
+from dqrm.pipeline.checkpoint import Checkpointer, NotEnoughDiskSpace
+from dqrm.pipeline.cli import config_or_exit, parse_args
+from dqrm.pipeline.config import JobConfig
+from dqrm.pipeline.data import build_splits, resolve_data
+from dqrm.pipeline.export import finish_export, write_integer_rows
+from dqrm.pipeline.parallelize import build_sharded_model
+from dqrm.pipeline.phases import PhaseLog
+from dqrm.pipeline.quiet import quiet_library_noise
+from dqrm.pipeline.report import report
+from dqrm.pipeline.runtime import rank_runtime, setup_logging
+from dqrm.pipeline.trainer import NonFiniteLossError, Trainer
 
 log = logging.getLogger("dqrm")
 

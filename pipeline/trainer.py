@@ -21,13 +21,13 @@ from torch.optim import Optimizer
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
-from datasets.reader import ParquetBatches
-from pipeline.checkpoint import MANIFEST, Checkpointer
-from pipeline.config import JobConfig, parse_profile_steps
-from pipeline.metrics import binary_metrics, gather
-from pipeline.observe import Observer
-from pipeline.profile import PROFILE_DIR, ProfileWindow
-from quant.api import embedding_quantizer, set_fake_quant
+from dqrm.datasets.reader import ParquetBatches
+from dqrm.pipeline.checkpoint import MANIFEST, Checkpointer
+from dqrm.pipeline.config import JobConfig, parse_profile_steps
+from dqrm.pipeline.metrics import binary_metrics, gather
+from dqrm.pipeline.observe import Observer
+from dqrm.pipeline.profile import PROFILE_DIR, ProfileWindow
+from dqrm.quant.api import embedding_quantizer, set_fake_quant
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import dataclasses
 import torch.distributed as dist
 from torch import nn
 
-from quant.convert import convert_dlrm
-from quant.embedding_qat import QUANTIZER_NAME, EmbeddingFakeQuantizer, attach_embedding_qat, embedding_quantizer
-from quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears, use_bfloat16
-from quant.spec import QuantSpec
-from sharding.tbe import table_configs
+from dqrm.quant.convert import convert_dlrm
+from dqrm.quant.embedding_qat import QUANTIZER_NAME, EmbeddingFakeQuantizer, attach_embedding_qat, embedding_quantizer
+from dqrm.quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears, use_bfloat16
+from dqrm.quant.spec import QuantSpec
+from dqrm.sharding.tbe import table_configs
 
 # The public face of quant/: the verb, its config, and what a prepared model holds.
 __all__ = ["QATConfig", "QuantSpec", "embedding_quantizer", "quantize_", "set_fake_quant"]

@@ -20,9 +20,9 @@ import types
 
 import numpy as np
 
-from quant.convert import RowLayout
-from quant.fake_quant import SUPPORTED_BITS
-from quant.spec import QuantSpec
+from dqrm.quant.convert import RowLayout
+from dqrm.quant.fake_quant import SUPPORTED_BITS
+from dqrm.quant.spec import QuantSpec
 
 TABLE_ALIGNMENT = 128
 """FBGEMM starts every table of its row buffer on a 128-byte boundary."""

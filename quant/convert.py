@@ -35,12 +35,12 @@ from torchrec.models.dlrm import DLRM
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
-from quant import qat_kernels
-from quant.embedding_qat import embedding_quantizer
-from quant.fake_quant import pack_rows, quantize_codes, scale_bias_bytes, symmetric_qparams
-from quant.mlp_qat import FakeQuantLinear, QuantizedLinear
-from quant.spec import QuantSpec
-from sharding.tbe import table_configs
+from dqrm.quant import qat_kernels
+from dqrm.quant.embedding_qat import embedding_quantizer
+from dqrm.quant.fake_quant import pack_rows, quantize_codes, scale_bias_bytes, symmetric_qparams
+from dqrm.quant.mlp_qat import FakeQuantLinear, QuantizedLinear
+from dqrm.quant.spec import QuantSpec
+from dqrm.sharding.tbe import table_configs
 
 _DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
 _SPARSE_TYPES = {8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}

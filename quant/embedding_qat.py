@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from quant.embedding_ste import EmbeddingSTE
-from quant.fake_quant import small_scale_tables, symmetric_qparams
-from quant.row_maxima import RowMaxima
-from sharding.tbe import TBELayout, find_tbes
+from dqrm.quant.embedding_ste import EmbeddingSTE
+from dqrm.quant.fake_quant import small_scale_tables, symmetric_qparams
+from dqrm.quant.row_maxima import RowMaxima
+from dqrm.sharding.tbe import TBELayout, find_tbes
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant import qat_kernels
-from quant.fake_quant import rowwise_qparams, symmetric_qparams
-from quant.row_maxima import RowMaxima
-from sharding.tbe import TBELayout
+from dqrm.quant import qat_kernels
+from dqrm.quant.fake_quant import rowwise_qparams, symmetric_qparams
+from dqrm.quant.row_maxima import RowMaxima
+from dqrm.sharding.tbe import TBELayout
 
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 _EMPTY_U8 = np.zeros(0, dtype=np.uint8)

@@ -22,13 +22,13 @@ from torch import nn
 from torchrec.models.dlrm import DLRM, InteractionArch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from quant.convert import (CHUNK_ROWS, FileSink, IntegerParts, RowLayout, integer_dlrm, integer_parts, stored_mlp_bytes,
-                           stream_integer_rows, the_tbe)
-from quant.mlp_qat import QuantizedLinear
-from quant.manifest import MANIFEST_NAME, sha256, tmp_path
-from quant.program import PROGRAM_SUFFIX, export_program, load_program, program_path
-from quant.spec import QuantSpec
-from sharding.tbe import table_configs
+from dqrm.quant.convert import (CHUNK_ROWS, FileSink, IntegerParts, RowLayout, integer_dlrm, integer_parts,
+                                stored_mlp_bytes, stream_integer_rows, the_tbe)
+from dqrm.quant.mlp_qat import QuantizedLinear
+from dqrm.quant.manifest import MANIFEST_NAME, sha256, tmp_path
+from dqrm.quant.program import PROGRAM_SUFFIX, export_program, load_program, program_path
+from dqrm.quant.spec import QuantSpec
+from dqrm.sharding.tbe import table_configs
 
 
 class ServingDLRM(nn.Module):

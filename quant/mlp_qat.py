@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quant import qat_kernels
+from dqrm.quant import qat_kernels
 
 _TINY = np.float32(torch.finfo(torch.float32).tiny)
 

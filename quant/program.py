@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Tuple
 import torch
 from torch import nn
 
-from quant.manifest import MANIFEST_NAME, sha256, tmp_path
-from quant.mlp_qat import QuantizedLinear, linear
+from dqrm.quant.manifest import MANIFEST_NAME, sha256, tmp_path
+from dqrm.quant.mlp_qat import QuantizedLinear, linear
 
 PROGRAM_SUFFIX = ".pt2"
 MAX_BATCH = 1 << 20
@@ -103,7 +103,7 @@ class ProgramDLRM(nn.Module):
 
     def __init__(self, dlrm: nn.Module, num_features: int) -> None:
         super().__init__()
-        from quant.convert import the_tbe
+        from dqrm.quant.convert import the_tbe
 
         self.num_features = num_features
         self.dense_arch = _program_mlp(dlrm.dense_arch)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from quant import qat_kernels
-from sharding.tbe import TBELayout
+from dqrm.quant import qat_kernels
+from dqrm.sharding.tbe import TBELayout
 
 _EMPTY_U8 = np.zeros(0, dtype=np.uint8)
 

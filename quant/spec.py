@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from quant.fake_quant import SUPPORTED_BITS
+from dqrm.quant.fake_quant import SUPPORTED_BITS
 
 MLP_COMPUTE = ("float32", "bfloat16")
 

@@ -22,11 +22,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sharding.byte_counter import ByteCounter
-from sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
-from sharding.int8_allreduce import Int8ReduceScatterHook
-from sharding.tbe import find_tbes
-from sharding.touched_rows import TouchedRowsHook
+from dqrm.sharding.byte_counter import ByteCounter
+from dqrm.sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
+from dqrm.sharding.int8_allreduce import Int8ReduceScatterHook
+from dqrm.sharding.tbe import find_tbes
+from dqrm.sharding.touched_rows import TouchedRowsHook
 
 QCOMMS = ("none", "fp16", "int8")
 DP_TABLES = ("dense", "touched", "touched_int8")

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from torch.distributed import distributed_c10d
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from sharding import int8_codec
-from sharding.byte_counter import ByteCounter, nbytes
+from dqrm.sharding import int8_codec
+from dqrm.sharding.byte_counter import ByteCounter, nbytes
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sharding.byte_counter import ByteCounter
-from sharding.ddp_hooks import Int8ErrorFeedbackHook, _all_gather_single, _Int8Bucket
+from dqrm.sharding.byte_counter import ByteCounter
+from dqrm.sharding.ddp_hooks import Int8ErrorFeedbackHook, _all_gather_single, _Int8Bucket
 
 
 def _pad4(n: int) -> int:

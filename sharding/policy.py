@@ -13,8 +13,8 @@ from torch import nn
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingPlan, ShardingType
 
-from sharding.plan import TablePlacement, manual_plan, plan_sharding
-from sharding.tbe import table_configs
+from dqrm.sharding.plan import TablePlacement, manual_plan, plan_sharding
+from dqrm.sharding.tbe import table_configs
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from sharding.byte_counter import ByteCounter, nbytes
-from sharding.ddp_hooks import int8_step
+from dqrm.sharding.byte_counter import ByteCounter, nbytes
+from dqrm.sharding.ddp_hooks import int8_step
 
 
 def _done(t: torch.Tensor) -> torch.futures.Future:

@@ -10,12 +10,12 @@ import torch.distributed as dist
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.synthetic import SyntheticConfig, ensure_synthetic
-from pipeline.config import ModelConfig, OptimConfig
-from pipeline.model import build_dlrm
-from pipeline.optimizer import fuse_embedding_optimizer
-from sharding.plan import TablePlacement, manual_plan, plan_sharding, shard_model
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.synthetic import SyntheticConfig, ensure_synthetic
+from dqrm.pipeline.config import ModelConfig, OptimConfig
+from dqrm.pipeline.model import build_dlrm
+from dqrm.pipeline.optimizer import fuse_embedding_optimizer
+from dqrm.sharding.plan import TablePlacement, manual_plan, plan_sharding, shard_model
 
 CARDS = (3, 4, 10, 14, 24, 27, 60, 100, 200, 300, 600, 1000, 1500, 2500, 5000, 8000, 100, 200, 300, 400, 500, 600,
          700, 800, 900, 1000)

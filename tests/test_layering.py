@@ -1,5 +1,6 @@
 """The import graph the packages declare in their docstrings: every import (those inside functions included) goes
-down the order below, and no module imports itself back through others."""
+down the order below, and no module imports itself back through others. The installed packages are imported by
+their installed names (``dqrm.quant``, not ``quant``), everywhere: the source folders install under ``dqrm``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # Which project packages each package may import (besides itself): the order each package's __init__ declares.
+# bench and tests are not installed; the other five install as dqrm.<folder>.
 ALLOWED = {
     "datasets": set(),
     "sharding": set(),
@@ -29,30 +31,46 @@ def modules() -> dict[str, Path]:
     return out
 
 
-def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The project modules ``path`` imports anywhere in its body (a ``from P import name`` of a submodule counts as
-    importing that submodule)."""
+INSTALLED = {"datasets", "sharding", "quant", "pipeline", "torchx_components"}
+
+
+def imported_names(path: Path) -> list[str]:
+    """Every dotted name ``path`` imports, as written (relative imports resolved), anywhere in its body."""
     this = ".".join(path.relative_to(ROOT).with_suffix("").parts)
-    found = set()
+    out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
+            out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level:  # relative: resolved against this module's package
-                package = this.split(".")[: -node.level]
+            if node.level:  # relative: resolved against this module's installed package
+                package = ["dqrm", *this.split(".")][: -node.level]
                 base = ".".join([*package, base] if base else package)
-            names = [base, *(f"{base}.{a.name}" for a in node.names)]
-        else:
+            out += [base, *(f"{base}.{a.name}" for a in node.names)]
+    return out
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports anywhere in its body (a ``from P import name`` of a submodule counts as
+    importing that submodule), by folder name (``dqrm.quant.api`` is ``quant.api``)."""
+    found = set()
+    for name in imported_names(path):
+        name = name.removeprefix("dqrm.")
+        if name.split(".")[0] not in ALLOWED:
             continue
-        for name in names:
-            if name.split(".")[0] not in ALLOWED:
-                continue
-            while name not in known and "." in name:  # quant.api.QuantSpec -> quant.api
-                name = name.rsplit(".", 1)[0]
-            if name in known:
-                found.add(name)
+        while name not in known and "." in name:  # quant.api.QuantSpec -> quant.api
+            name = name.rsplit(".", 1)[0]
+        if name in known:
+            found.add(name)
     return found
+
+
+def test_installed_packages_are_imported_by_their_installed_names():
+    """``import quant`` works only inside a checkout (and ``import datasets`` there would be ours, not Hugging
+    Face's): the code, its tests and benches import ``dqrm.quant``."""
+    bare = [f"{path.relative_to(ROOT)}: {name}" for path in sorted(ROOT.glob("*/**/*.py"))
+            if ".venv" not in path.parts for name in imported_names(path) if name.split(".")[0] in INSTALLED]
+    assert not bare, "imports of a package by its folder name instead of dqrm.<folder>:\n" + "\n".join(bare)
 
 
 def graph() -> dict[str, set[str]]:

@@ -21,10 +21,10 @@ def train(
     env: Optional[Dict[str, str]] = None,
     rdzv_port: int = 29500,
 ) -> specs.AppDef:
-    """Train a (quantized) DLRM with ``python -m pipeline.train``, one process per rank.
+    """Train a (quantized) DLRM with ``python -m dqrm.pipeline.train``, one process per rank.
 
     Args:
-        script_args: arguments to ``python -m pipeline.train`` (e.g. ``--config default --epochs 5``)
+        script_args: arguments to ``python -m dqrm.pipeline.train`` (e.g. ``--config default --epochs 5``)
         image: container image (Kubernetes) or working directory (local_cwd, Slurm) holding this repository
         nnodes: number of hosts
         nproc_per_node: processes (ranks) per host; one per GPU on GPU hosts
@@ -38,7 +38,7 @@ def train(
     """
     return dist.ddp(
         *script_args,
-        m="pipeline.train",
+        m="dqrm.pipeline.train",
         image=image,
         name="dqrm",
         cpu=cpu,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from datasets import criteo_text
-from datasets.convert import main as convert
-from datasets.schema import DENSE_COLUMNS, SPARSE_COLUMNS, parquet_files
+from dqrm.datasets import criteo_text
+from dqrm.datasets.convert import main as convert
+from dqrm.datasets.schema import DENSE_COLUMNS, SPARSE_COLUMNS, parquet_files
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"Criteo samples not found at {SAMPLES}")
@@ -275,7 +275,7 @@ def test_fast_field_parsers_agree_with_the_general_ones(sliced):
     import numpy as np
     import pyarrow as pa
 
-    from datasets import criteo_text as ct
+    from dqrm.datasets import criteo_text as ct
 
     def column(values):
         return pa.array(["9"] * 3 + values)[3:] if sliced else pa.array(values)

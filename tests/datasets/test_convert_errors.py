@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from datasets.convert import main as convert
+from dqrm.datasets.convert import main as convert
 
 
 def _lines(n: int, seed: int = 0) -> bytes:

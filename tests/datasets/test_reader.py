@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SCHEMA, SPARSE_COLUMNS
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SCHEMA, SPARSE_COLUMNS
 
 SIZES = [7 + 3 * i for i in range(26)]
 

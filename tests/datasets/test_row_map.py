@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.row_map import RowMap, kept_by_count, load_row_map
-from datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SCHEMA, SPARSE_COLUMNS
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.row_map import RowMap, kept_by_count, load_row_map
+from dqrm.datasets.schema import DENSE_COLUMNS, FEATURE_NAMES, SCHEMA, SPARSE_COLUMNS
 
 SIZES = [50 + 7 * i for i in range(26)]
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from datasets.schema import parquet_files
+from dqrm.datasets.schema import parquet_files
 
 
 def test_single_file_wins_and_folders_are_read_nested_in_natural_order(tmp_path):

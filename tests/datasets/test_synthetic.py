@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.schema import DENSE_COLUMNS, SCHEMA, SPARSE_COLUMNS
-from datasets.synthetic import SyntheticConfig, ensure_synthetic
+from dqrm.datasets.schema import DENSE_COLUMNS, SCHEMA, SPARSE_COLUMNS
+from dqrm.datasets.synthetic import SyntheticConfig, ensure_synthetic
 
 CARDS = (3, 4, 10, 14, 24, 27, 60, 100, 200, 300, 600, 1000, 1500, 2500, 5000, 8000, 10000, 20000, 40000, 90000,
          150000, 300000, 500000, 800000, 1000000, 1000000)

@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from datasets import criteo_text as ct
-from datasets.schema import SCHEMA
-from datasets.tsv_blocks import PAD, parse_tsv_block
+from dqrm.datasets import criteo_text as ct
+from dqrm.datasets.schema import SCHEMA
+from dqrm.datasets.tsv_blocks import PAD, parse_tsv_block
 
 SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "criteo-samples"
 needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"Criteo samples not found at {SAMPLES}")

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from datasets.convert import main as convert
-from datasets.reader import ParquetBatches, ReaderConfig
-from datasets.schema import FEATURE_NAMES, SCHEMA, SPARSE_COLUMNS
-from datasets.vocab import count_ids, lookup, vocab_num_embeddings
+from dqrm.datasets.convert import main as convert
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.datasets.schema import FEATURE_NAMES, SCHEMA, SPARSE_COLUMNS
+from dqrm.datasets.vocab import count_ids, lookup, vocab_num_embeddings
 
 # Seven rows; with --split kaggle rows 1-6 are train, row 7 is test (val gets none).
 # C1 in train: 0000000a x3, 000000ff x2, deadbeef x1 (and once more in the test row, which must not count).

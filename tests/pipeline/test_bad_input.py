@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import cli, predict, train
-from pipeline.checkpoint import Checkpointer
+from dqrm.pipeline import cli, predict, train
+from dqrm.pipeline.checkpoint import Checkpointer
 
 TINY = ["--config", "tiny", "--epochs", "1", "--limit-train-batches", "4", "--limit-eval-batches", "1"]
 
@@ -32,8 +32,8 @@ def _data_dir(done_run):
 
 
 def _synthetic_test_file(done_run) -> Path:
-    from datasets.synthetic import ensure_synthetic
-    from pipeline.configs import get_config
+    from dqrm.datasets.synthetic import ensure_synthetic
+    from dqrm.pipeline.configs import get_config
 
     return ensure_synthetic(get_config("tiny").data.synthetic) / "test.parquet"
 
@@ -85,7 +85,7 @@ def test_unknown_config_name(capsys):
 
 def test_missing_data_dir(capsys, tmp_path):
     _check(train.main([*TINY, "--run-dir", str(tmp_path / "r"), "--data-dir", str(tmp_path / "none")]), capsys,
-           "no such folder", "datasets.convert", code=2)
+           "no such folder", "dqrm.datasets.convert", code=2)
 
 
 def test_run_dir_is_a_file(capsys, tmp_path):

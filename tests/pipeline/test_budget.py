@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.row_map import load_row_map
-from pipeline import predict, train
-from pipeline.configs import TINY_CARDINALITIES, tiny
-from pipeline.model import build_dlrm
-from quant.budget import ARTIFACT_OVERHEAD, PRIOR_LOSS
-from quant.export import load_with_manifest
+from dqrm.datasets.row_map import load_row_map
+from dqrm.pipeline import predict, train
+from dqrm.pipeline.configs import TINY_CARDINALITIES, tiny
+from dqrm.pipeline.model import build_dlrm
+from dqrm.quant.budget import ARTIFACT_OVERHEAD, PRIOR_LOSS
+from dqrm.quant.export import load_with_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 RATIO = 0.15
@@ -103,7 +103,7 @@ def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys
 def test_budget_at_world_size_2_serves_exactly(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "DQRM_CACHE_DIR": str(tmp_path / "cache")}
-    cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--", *BUDGET]
+    cmd = [sys.executable, "-m", "dqrm.pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--", *BUDGET]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = _check_budgeted_run(run_dir)

@@ -19,15 +19,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-import pipeline.checkpoint as checkpoint_module
-from pipeline.checkpoint import (MANIFEST, REJECTED, Checkpointer, InPlaceSavePlanner, NotEnoughDiskSpace, share, tensor_bytes,
-                                 verify)
-from pipeline.config import JobConfig, OptimConfig
-from pipeline.model import build_dlrm
-from pipeline.phases import reset_peak, status_bytes
-from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-from quant.convert import gather_full_state
-from sharding.plan import manual_plan, shard_model
+import dqrm.pipeline.checkpoint as checkpoint_module
+from dqrm.pipeline.checkpoint import (MANIFEST, REJECTED, Checkpointer, InPlaceSavePlanner, NotEnoughDiskSpace, share,
+                                      tensor_bytes, verify)
+from dqrm.pipeline.config import JobConfig, OptimConfig
+from dqrm.pipeline.model import build_dlrm
+from dqrm.pipeline.phases import reset_peak, status_bytes
+from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from dqrm.quant.convert import gather_full_state
+from dqrm.sharding.plan import manual_plan, shard_model
 from tests.dist_utils import run_distributed
 from tests.helpers import CARDS, MODEL, batches, mixed_placements, sharded_model, tiny_data, train_steps
 
@@ -148,7 +148,7 @@ def _save_verify_and_refuse(rank, world_size, root):
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("pipeline.checkpoint").addHandler(handler)
+    logging.getLogger("dqrm.pipeline.checkpoint").addHandler(handler)
     out["after_damage"] = str(checkpointer.latest_valid())
     out["victim"], out["messages"] = victim, messages
 
@@ -285,7 +285,7 @@ def test_a_rejected_checkpoint_never_counts_toward_the_k_kept(tmp_path, caplog):
     damaged = checkpointer.save(200, model, optimizer, {"step": 200}, keep=2)
     victim = next(damaged.glob("*.distcp"))
     victim.write_bytes(b"\xff" + victim.read_bytes()[1:])  # same size, one byte flipped
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dqrm.pipeline.checkpoint"):
         assert checkpointer.latest_valid() == tmp_path / "step_00000100"
     assert "checksum mismatch" in json.loads((damaged / REJECTED).read_text())["problem"]
     assert "marked rejected" in caplog.text and "does not count toward checkpoint_keep" in caplog.text
@@ -353,7 +353,7 @@ def test_a_load_reads_the_tables_into_place(tmp_path):
     """DCP's reader deserializes each tensor whole and then copies it into the model, so a resume briefly holds a
     second copy of the largest table; the bounded reader adds next to nothing and loads the same bits. (Column
     slices, which resharding to column-wise shards reads, are checked by the world-size tests above.)"""
-    from pipeline.dcp_reader import BoundedFileSystemReader
+    from dqrm.pipeline.dcp_reader import BoundedFileSystemReader
 
     tables = {f"t{i}": torch.randn(1 << 18, 64) for i in range(4)}  # 4 x 64 MiB
     dcp.save(tables, checkpoint_id=str(tmp_path))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from datasets.convert import main as convert
-from pipeline import train
+from dqrm.datasets.convert import main as convert
+from dqrm.pipeline import train
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT.parent / "shared" / "data" / "criteo-samples" / "kaggle_dac_train_head900.tsv"

@@ -10,12 +10,12 @@ import re
 import pytest
 import torch
 
-from pipeline.cli import build_config, fields_table, parse_args
-from pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
-from pipeline.configs import CONFIGS, get_config
-from pipeline.model import build_dlrm, embedding_tables
-from pipeline.train import main
-from quant.convert import RowLayout
+from dqrm.pipeline.cli import build_config, fields_table, parse_args
+from dqrm.pipeline.config import JobConfig, apply_override, describe_fields, to_dict, validate
+from dqrm.pipeline.configs import CONFIGS, get_config
+from dqrm.pipeline.model import build_dlrm, embedding_tables
+from dqrm.pipeline.train import main
+from dqrm.quant.convert import RowLayout
 
 META = torch.device("meta")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-import pipeline.dcp_reader as dcp_reader
-from pipeline.dcp_reader import BoundedFileSystemReader
+import dqrm.pipeline.dcp_reader as dcp_reader
+from dqrm.pipeline.dcp_reader import BoundedFileSystemReader
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 

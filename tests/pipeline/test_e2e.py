@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _launch(run_dir: Path, cache: Path, *train_args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "DQRM_CACHE_DIR": str(cache)}
-    cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--",
+    cmd = [sys.executable, "-m", "dqrm.pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--",
            "--config", "tiny", *train_args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -64,7 +64,7 @@ def test_torchx_job_trains_checkpoints_and_reports(finished_run):
 
 
 def test_repeated_overrides_travel_as_one_flag():
-    from pipeline.launch import merge_overrides
+    from dqrm.pipeline.launch import merge_overrides
 
     args = ["--config", "tiny", "--set", "a=1", "--epochs", "2", "--set", "b=2", "c=3"]
     assert merge_overrides(args) == ["--config", "tiny", "--set", "a=1", "b=2", "c=3", "--epochs", "2"]

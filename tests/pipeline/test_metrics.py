@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from pipeline.metrics import binary_metrics
+from dqrm.pipeline.metrics import binary_metrics
 
 
 def test_auc_accuracy_logloss_match_definitions():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline import train
+from dqrm.pipeline import train
 
 TINY = ["--config", "tiny", "--epochs", "1", "--limit-train-batches", "8", "--limit-eval-batches", "1"]
 

@@ -12,14 +12,14 @@ import torch
 import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from datasets.schema import FEATURE_NAMES
-from datasets.synthetic import ensure_synthetic
-from pipeline import train
-from pipeline.cli import build_config, parse_args
-from pipeline.observe import TENSORBOARD_DIR, Observer
-from pipeline.profile import PROFILE_DIR
-from pipeline.qat_stats import GridStats
-from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from dqrm.datasets.schema import FEATURE_NAMES
+from dqrm.datasets.synthetic import ensure_synthetic
+from dqrm.pipeline import train
+from dqrm.pipeline.cli import build_config, parse_args
+from dqrm.pipeline.observe import TENSORBOARD_DIR, Observer
+from dqrm.pipeline.profile import PROFILE_DIR
+from dqrm.pipeline.qat_stats import GridStats
+from dqrm.quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
 from tests.dist_utils import run_distributed
 from tests.helpers import CARDS, batches, mixed_placements, sharded_model
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.config import OptimConfig
-from pipeline.optimizer import build_optimizer
-from quant.convert import gather_full_state
-from sharding.plan import TablePlacement
+from dqrm.pipeline.config import OptimConfig
+from dqrm.pipeline.optimizer import build_optimizer
+from dqrm.quant.convert import gather_full_state
+from dqrm.sharding.plan import TablePlacement
 from tests.dist_utils import run_distributed
 from tests.helpers import TABLES, batches, sharded_model, tiny_data, train_steps
 

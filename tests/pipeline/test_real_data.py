@@ -16,10 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from datasets.convert import main as convert
-from datasets.vocab import vocab_num_embeddings
-from pipeline.predict import main as predict
-from pipeline.predict import score
+from dqrm.datasets.convert import main as convert
+from dqrm.datasets.vocab import vocab_num_embeddings
+from dqrm.pipeline.predict import main as predict
+from dqrm.pipeline.predict import score
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT.parent / "shared" / "data" / "criteo-samples" / "kaggle_dac_train_head900.tsv"
@@ -74,7 +74,7 @@ def test_kaggle_config_trains_on_converted_data_with_a_vocabulary(tmp_path, caps
     assert len(sizes) == 26 and max(sizes) < 900 and min(sizes) >= 1
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--",
+    cmd = [sys.executable, "-m", "dqrm.pipeline.launch", "--run-dir", str(run_dir), "--nproc", "2", "--",
            "--config", "kaggle", "--data-dir", str(data), "--epochs", "1",
            "--set", f"data.vocab_dir={data / 'vocab'}", "data.batch_size=32", "data.eval_batch_size=32"]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=900)

@@ -23,7 +23,7 @@ ARGS = ["--config", "tiny", "--epochs", "2", "--limit-eval-batches", "1", "--set
 
 
 def _launch(run_dir: Path, cache: Path, *train_args: str, nproc: int = 2, retries: int = 0, env=None):
-    cmd = [sys.executable, "-m", "pipeline.launch", "--run-dir", str(run_dir), "--nproc", str(nproc),
+    cmd = [sys.executable, "-m", "dqrm.pipeline.launch", "--run-dir", str(run_dir), "--nproc", str(nproc),
            "--max-retries", str(retries), "--", *train_args]
     full_env = {**os.environ, "DQRM_CACHE_DIR": str(cache), **(env or {})}
     return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=900)
@@ -59,11 +59,11 @@ def _resumed_by_the_job(rank, world_size, checkpoints, scratch):
     """What a job at this world size holds once it has resumed, before any training step: the job's own model
     (pipeline.train's builder: plan, DMP, QAT, gradient hooks, optimizer) restored by the job's Trainer from
     ``checkpoints``; whole tables and weights gathered on rank 0, with those of the same model before the resume."""
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.configs import get_config
-    from pipeline.train import build_sharded_model
-    from pipeline.trainer import Trainer
-    from quant.convert import gather_full_state
+    from dqrm.pipeline.checkpoint import Checkpointer
+    from dqrm.pipeline.configs import get_config
+    from dqrm.pipeline.train import build_sharded_model
+    from dqrm.pipeline.trainer import Trainer
+    from dqrm.quant.convert import gather_full_state
 
     cfg = get_config("tiny")
     cfg.run_dir = scratch  # the builder writes plan.json and config.json there, not into the run dir under test

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.schema import FEATURE_NAMES
-from pipeline.model import build_dlrm
-from quant.api import QATConfig, QuantSpec, quantize_
-from quant.export import export
+from dqrm.datasets.schema import FEATURE_NAMES
+from dqrm.pipeline.model import build_dlrm
+from dqrm.quant.api import QATConfig, QuantSpec, quantize_
+from dqrm.quant.export import export
 from tests.helpers import CARDS, MODEL
 
 

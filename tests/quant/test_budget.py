@@ -10,9 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from quant.budget import PRIOR_LOSS, Option, bit_choices, choose, cost, lookups_lost, option_bytes, table_bytes
-from quant.convert import RowLayout
-from quant.spec import QuantSpec
+from dqrm.quant.budget import PRIOR_LOSS, Option, bit_choices, choose, cost, lookups_lost, option_bytes, table_bytes
+from dqrm.quant.convert import RowLayout
+from dqrm.quant.spec import QuantSpec
 
 
 def _random_options(rng: np.random.Generator, tables: int) -> list[list[Option]]:

@@ -10,14 +10,14 @@ import torch.distributed as dist
 from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
-from pipeline.config import OptimConfig
-from pipeline.optimizer import build_optimizer
-from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
-from quant.convert import RowLayout, convert_dlrm, gather_full_state, the_tbe
-from quant.export import rows_path, write_rows
-from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
-from sharding.plan import TablePlacement
-from sharding.tbe import table_configs
+from dqrm.pipeline.config import OptimConfig
+from dqrm.pipeline.optimizer import build_optimizer
+from dqrm.quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from dqrm.quant.convert import RowLayout, convert_dlrm, gather_full_state, the_tbe
+from dqrm.quant.export import rows_path, write_rows
+from dqrm.quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+from dqrm.sharding.plan import TablePlacement
+from dqrm.sharding.tbe import table_configs
 from tests.dist_utils import run_distributed
 from tests.helpers import CARDS, TABLES, batches, sharded_model, tiny_data, train_steps
 

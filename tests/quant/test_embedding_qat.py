@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from datasets.schema import FEATURE_NAMES
-from pipeline.config import OptimConfig
-from pipeline.optimizer import build_optimizer
-from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
-from quant.convert import gather_full_state
-from quant.export import STANDALONE_LOAD, export
-from quant.program import STANDALONE_LOAD as PROGRAM_LOAD
-from quant.program import program_path
+from dqrm.datasets.schema import FEATURE_NAMES
+from dqrm.pipeline.config import OptimConfig
+from dqrm.pipeline.optimizer import build_optimizer
+from dqrm.quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from dqrm.quant.convert import gather_full_state
+from dqrm.quant.export import STANDALONE_LOAD, export
+from dqrm.quant.program import STANDALONE_LOAD as PROGRAM_LOAD
+from dqrm.quant.program import program_path
 from tests.dist_utils import run_distributed
 from tests.helpers import (CARDS, MODEL, batches, concat_batches, initial_state, mixed_placements, sharded_model,
                            tiny_data, train_steps)
@@ -271,7 +271,7 @@ def test_qat_step_is_the_straight_through_update_of_the_fake_quantized_model(gra
     """Against a reference built from definitions: a plain (unsharded, unfused) TorchRec DLRM whose tables hold
     FQ(W) and whose MLPs hold FQ(W); its forward gives the QAT model's training logits, and one SGD step on W with
     its gradient (the straight-through estimator) gives the QAT model's new tables and MLP weights."""
-    from pipeline.model import build_dlrm
+    from dqrm.pipeline.model import build_dlrm
 
     spec = QuantSpec(embedding_bits=4, granularity=granularity, scale_update_every=1000, mlp_bits=4)
     lr, embedding_lr = 0.5, 5.0  # large enough that every touched row moves by far more than the tolerance
@@ -320,8 +320,8 @@ def _small_tables_run(rank, world_size, granularity):
     the hooked lookups) and what FBGEMM's TBE of the converted model returns for each row."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    from quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
-    from sharding.tbe import table_configs
+    from dqrm.quant.fake_quant import fake_quantize, rowwise_qparams, symmetric_qparams
+    from dqrm.sharding.tbe import table_configs
 
     spec = QuantSpec(embedding_bits=4, granularity=granularity, mlp_bits=8,
                      table_bits={name: bits for name, (bits, _) in SMALL_TABLES.items()})
@@ -388,10 +388,10 @@ def test_small_tables_train_and_serve_on_one_fp16_grid(granularity):
 
 
 def test_small_table_scales_are_logged_once_per_change(caplog):
-    from quant.embedding_qat import EmbeddingFakeQuantizer
+    from dqrm.quant.embedding_qat import EmbeddingFakeQuantizer
 
     q = EmbeddingFakeQuantizer([], ["a", "b", "c"], {"a": 8, "b": 4, "c": 8}, "table", scale_update_every=1)
-    with caplog.at_level("INFO", logger="quant.embedding_qat"):
+    with caplog.at_level("INFO", logger="dqrm.quant.embedding_qat"):
         q.update_scales()  # no rows: every max|W| is 0, every scale held at 2^-24
         q.update_scales()  # no change, no second line
         assert [r.levelname for r in caplog.records] == ["WARNING"]

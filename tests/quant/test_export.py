@@ -11,12 +11,12 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from datasets.row_map import RowMap
-from datasets.schema import FEATURE_NAMES
-from pipeline import predict
-from quant.export import export, load_with_manifest
-from quant.manifest import sha256
-from quant.program import program_path
+from dqrm.datasets.row_map import RowMap
+from dqrm.datasets.schema import FEATURE_NAMES
+from dqrm.pipeline import predict
+from dqrm.quant.export import export, load_with_manifest
+from dqrm.quant.manifest import sha256
+from dqrm.quant.program import program_path
 from tests.helpers import CARDS, tiny_data
 
 

@@ -4,8 +4,8 @@ import fbgemm_gpu  # noqa: F401
 import pytest
 import torch
 
-from quant.fake_quant import fake_quantize, pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
-from quant.mlp_qat import QuantizedLinear, RowwiseWeightFakeQuant
+from dqrm.quant.fake_quant import fake_quantize, pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+from dqrm.quant.mlp_qat import QuantizedLinear, RowwiseWeightFakeQuant
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -104,7 +104,7 @@ def test_mlp_fake_quant_equals_the_exported_codes_times_scales_bit_for_bit(bits)
 
 def test_step_count_follows_the_buffer_across_a_state_dict_load():
     # The refresh schedule is counted in Python (no device read per step) but must follow a loaded checkpoint.
-    from quant.embedding_qat import EmbeddingFakeQuantizer
+    from dqrm.quant.embedding_qat import EmbeddingFakeQuantizer
 
     class Counting(EmbeddingFakeQuantizer):
         refreshed: list[int] = []

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import DenseArch, OverArch
 
-from quant.convert import integer_mlp
-from quant.mlp_qat import FakeQuantLinear, fake_quantize_linears, use_bfloat16
-from quant.spec import QuantSpec
+from dqrm.quant.convert import integer_mlp
+from dqrm.quant.mlp_qat import FakeQuantLinear, fake_quantize_linears, use_bfloat16
+from dqrm.quant.spec import QuantSpec
 
 
 def _arches(bf16: bool):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from quant.export import load_with_manifest
-from quant.program import program_path
+from dqrm.quant.export import load_with_manifest
+from dqrm.quant.program import program_path
 from tests.helpers import CARDS
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
-from quant.mlp_qat import RowwiseWeightFakeQuant, row_codes, row_scales
+from dqrm.quant.api import QATConfig, QuantSpec, embedding_quantizer, quantize_
+from dqrm.quant.mlp_qat import RowwiseWeightFakeQuant, row_codes, row_scales
 from tests.dist_utils import run_distributed
 from tests.helpers import batches, mixed_placements, sharded_model, tiny_data
 
@@ -35,8 +35,8 @@ def _correction_both_ways(rank, world_size, data_dir):
     quantize_(model, QATConfig(spec=QuantSpec(embedding_bits=4, granularity="table", scale_update_every=3),
                                step="prepare"), pg=dist.group.WORLD)
     quantizer = embedding_quantizer(model)
-    from pipeline.config import OptimConfig
-    from pipeline.optimizer import build_optimizer
+    from dqrm.pipeline.config import OptimConfig
+    from dqrm.pipeline.optimizer import build_optimizer
     optimizer = build_optimizer(model, OptimConfig(embedding_lr=0.5))
     checked = 0
     for batch in batches(data_dir / "train.parquet", 64, limit=5):
@@ -92,8 +92,8 @@ def test_compiled_embedding_correction_is_the_torch_arithmetic(tmp_path_factory)
 def test_compiled_row_maxima_refresh_reads_exactly_the_marked_rows():
     import numpy as np
 
-    from quant import qat_kernels
-    from quant.row_maxima import _row_absmax
+    from dqrm.quant import qat_kernels
+    from dqrm.quant.row_maxima import _row_absmax
 
     gen = torch.Generator().manual_seed(0)
     n = 1003  # not a whole number of 64-row blocks
@@ -122,7 +122,7 @@ def test_compiled_row_maxima_refresh_reads_exactly_the_marked_rows():
 def test_compiled_table_maxima_from_blocks_and_ends_equal_plain_maxima():
     import numpy as np
 
-    from quant import qat_kernels
+    from dqrm.quant import qat_kernels
 
     gen = torch.Generator().manual_seed(1)
     n = 1000
@@ -145,7 +145,7 @@ def test_compiled_table_maxima_from_blocks_and_ends_equal_plain_maxima():
 def test_grouped_mlp_fake_quant_is_per_layer_fake_quant_and_follows_weight_updates(bits):
     import copy
 
-    from quant.mlp_qat import FakeQuantLinear, fake_quant_weight, fake_quantize_linears
+    from dqrm.quant.mlp_qat import FakeQuantLinear, fake_quant_weight, fake_quantize_linears
 
     torch.manual_seed(bits)
     mlp = torch.nn.Sequential(torch.nn.Linear(13, 24), torch.nn.ReLU(), torch.nn.Linear(24, 16), torch.nn.ReLU(),
@@ -184,8 +184,8 @@ def test_grouped_mlp_fake_quant_is_per_layer_fake_quant_and_follows_weight_updat
 @pytest.mark.parametrize("grid", ["table", "row"])
 def test_compiled_row_packing_is_the_torch_arithmetic(bits, grid):
     """Export's one-pass quantize-and-pack gives the bytes of quantize_codes + pack_rows, ties and clamping included."""
-    from quant import qat_kernels
-    from quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+    from dqrm.quant import qat_kernels
+    from dqrm.quant.fake_quant import pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
 
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(3000, 16, generator=g) * 0.3
@@ -202,7 +202,7 @@ def test_compiled_row_packing_is_the_torch_arithmetic(bits, grid):
     qat_kernels.quantize_pack_rows(w.numpy(), scale.reshape(-1).numpy(), bias.reshape(-1).numpy(), bits, out.numpy())
     assert torch.equal(out, expected)
     assert len(out.unique()) > 4  # the codes are not degenerate
-    from quant.convert import _codes  # export's two paths: compiled (contiguous CPU rows), torch ops (the rest)
+    from dqrm.quant.convert import _codes  # export's two paths: compiled (contiguous CPU rows), torch ops (the rest)
     assert torch.equal(_codes(w, scale, bias, bits), expected)
     assert torch.equal(_codes(w.t().contiguous().t(), scale, bias, bits), expected)
 
@@ -213,8 +213,8 @@ def test_compiled_kernels_keep_the_grids_of_small_tables(grid):
     bits: export's packing and the QAT correction give the torch ops' bits (the kernels take the qparams as given)."""
     import numpy as np
 
-    from quant import qat_kernels
-    from quant.fake_quant import fake_quantize, pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
+    from dqrm.quant import qat_kernels
+    from dqrm.quant.fake_quant import fake_quantize, pack_rows, quantize_codes, rowwise_qparams, symmetric_qparams
 
     g = torch.Generator().manual_seed(0)
     tables = [(8, 3e-4), (4, 3e-5), (8, 1e-6), (4, 1e-7), (8, 0.0)]  # (bits, max|W|)

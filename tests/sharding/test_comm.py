@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.config import OptimConfig
-from pipeline.optimizer import build_optimizer
-from quant.api import QATConfig, QuantSpec, quantize_, set_fake_quant
-from quant.convert import gather_full_state
-from sharding.byte_counter import ByteCounter
-from sharding.comm import CommConfig, check_qcomms, compress_gradients, sharders_for
-from sharding.ddp_hooks import int8_step
-from sharding.plan import TablePlacement
-from sharding.touched_rows import TouchedRowsHook, decode_ids, encode_ids, row_steps
+from dqrm.pipeline.config import OptimConfig
+from dqrm.pipeline.optimizer import build_optimizer
+from dqrm.quant.api import QATConfig, QuantSpec, quantize_, set_fake_quant
+from dqrm.quant.convert import gather_full_state
+from dqrm.sharding.byte_counter import ByteCounter
+from dqrm.sharding.comm import CommConfig, check_qcomms, compress_gradients, sharders_for
+from dqrm.sharding.ddp_hooks import int8_step
+from dqrm.sharding.plan import TablePlacement
+from dqrm.sharding.touched_rows import TouchedRowsHook, decode_ids, encode_ids, row_steps
 from tests.dist_utils import run_distributed
 from tests.helpers import TABLES, batches, concat_batches, mixed_placements, sharded_model, tiny_data, train_steps
 
@@ -282,7 +282,7 @@ def _int8_hook_vs_reference(rank, world_size, bucket_cap_mb):
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
-    from sharding.ddp_hooks import Int8ErrorFeedbackHook
+    from dqrm.sharding.ddp_hooks import Int8ErrorFeedbackHook
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -334,7 +334,7 @@ def test_compiled_int8_codec_is_bit_for_bit_the_torch_one(world):
     # The CPU hook encodes and decodes with compiled loops; other devices use the torch ops. Same inputs, same bits:
     # codes, steps and carried error after encoding; the averaged gradient after decoding.
 
-    from sharding.ddp_hooks import Int8ErrorFeedbackHook, _Int8Bucket
+    from dqrm.sharding.ddp_hooks import Int8ErrorFeedbackHook, _Int8Bucket
 
     gen = torch.Generator().manual_seed(world)
     shapes = [(32, 13), (32,), (0,), (8, 32), (8,), (1, 8), (1,), (5, 3, 7)]

@@ -23,8 +23,8 @@ MODES = [(True, "zero"), (True, "none"), (True, "mixed"), (False, "zero")]
 def _grads(rank, world_size, counted: bool, bucket_view: bool, clear: str) -> list[torch.Tensor]:
     from torch.nn.parallel import DistributedDataParallel
 
-    from sharding.byte_counter import ByteCounter
-    from sharding.ddp_hooks import Fp32AllReduceHook
+    from dqrm.sharding.byte_counter import ByteCounter
+    from dqrm.sharding.ddp_hooks import Fp32AllReduceHook
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
@@ -81,8 +81,8 @@ def _int8_ddp(kind: str, world_size: int):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from sharding.ddp_hooks import Int8ErrorFeedbackHook
-    from sharding.int8_allreduce import Int8ReduceScatterHook
+    from dqrm.sharding.ddp_hooks import Int8ErrorFeedbackHook
+    from dqrm.sharding.int8_allreduce import Int8ReduceScatterHook
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -105,7 +105,7 @@ def _job(rank, world_size, resume_from: str | None, save_to: str):
     """Per hook kind, a short job: resumes from ``resume_from`` (if given; written at another world size), trains
     two steps, checkpoints into ``save_to``; then a fresh job at this world size resumes from that checkpoint.
     Returns the residuals after each resume and at the save, and what the resumes logged about them."""
-    from pipeline.checkpoint import Checkpointer
+    from dqrm.pipeline.checkpoint import Checkpointer
 
     messages = _Messages()
     for name in ("sharding", "pipeline"):

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharding.byte_counter import ByteCounter, all_reduce_wire_bytes
-from sharding.ddp_hooks import int8_step
-from sharding.int8_allreduce import Int8ReduceScatterHook, _ChunkedBucket
+from dqrm.sharding.byte_counter import ByteCounter, all_reduce_wire_bytes
+from dqrm.sharding.ddp_hooks import int8_step
+from dqrm.sharding.int8_allreduce import Int8ReduceScatterHook, _ChunkedBucket
 from tests.dist_utils import run_distributed
 
 STEPS = 6
@@ -190,10 +190,10 @@ def test_checkpoint_round_trip_of_the_error_state():
 
 def _train(rank, world_size, data_dir):
     """The tiny sharded DLRM trained with FP32 and with int8_rs_ag MLP gradients from one initial state."""
-    from pipeline.config import OptimConfig
-    from pipeline.optimizer import build_optimizer
-    from quant.convert import gather_full_state
-    from sharding.comm import CommConfig, compress_gradients
+    from dqrm.pipeline.config import OptimConfig
+    from dqrm.pipeline.optimizer import build_optimizer
+    from dqrm.quant.convert import gather_full_state
+    from dqrm.sharding.comm import CommConfig, compress_gradients
     from tests.helpers import batches, mixed_placements, sharded_model
 
     local = batches(data_dir / "train.parquet", 64, rank=rank, world_size=world_size, limit=12)

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from datasets.synthetic import SyntheticConfig, ensure_synthetic
-from datasets.reader import ParquetBatches, ReaderConfig
-from pipeline.config import ModelConfig, OptimConfig
-from pipeline.model import build_dlrm
-from pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
-from sharding.plan import describe_plan, plan_sharding, shard_model
+from dqrm.datasets.synthetic import SyntheticConfig, ensure_synthetic
+from dqrm.datasets.reader import ParquetBatches, ReaderConfig
+from dqrm.pipeline.config import ModelConfig, OptimConfig
+from dqrm.pipeline.model import build_dlrm
+from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from dqrm.sharding.plan import describe_plan, plan_sharding, shard_model
 from tests.dist_utils import run_distributed
 
 CARDS = (3, 4, 10, 14, 24, 27, 60, 100, 200, 300, 600, 1000, 1500, 2500, 5000, 8000, 100, 200, 300, 400, 500, 600,

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.model import build_dlrm
-from sharding.plan import describe_plan, manual_plan
-from sharding.policy import (PlanConfig, balance_table_wise, load_placements, placements_from_plan,
-                             policy_placements, save_placements)
+from dqrm.pipeline.config import ModelConfig
+from dqrm.pipeline.model import build_dlrm
+from dqrm.sharding.plan import describe_plan, manual_plan
+from dqrm.sharding.policy import (PlanConfig, balance_table_wise, load_placements, placements_from_plan,
+                                  policy_placements, save_placements)
 
 CARDS = (3, 4, 10, 20, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000,
          9000, 10000, 20000, 30000, 40000)

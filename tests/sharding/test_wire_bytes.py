@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sharding.byte_counter import ByteCounter
+from dqrm.sharding.byte_counter import ByteCounter
 from tests.dist_utils import run_distributed
 
 COLLECTIVES = ("all_to_all_single", "reduce_scatter_tensor", "reduce_scatter", "all_gather_into_tensor", "all_gather")
@@ -16,8 +16,8 @@ COLLECTIVES = ("all_to_all_single", "reduce_scatter_tensor", "reduce_scatter", "
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_formulas(world):
-    from sharding.byte_counter import (all_gather_wire_bytes, all_reduce_wire_bytes, all_to_all_wire_bytes,
-                                       reduce_scatter_wire_bytes)
+    from dqrm.sharding.byte_counter import (all_gather_wire_bytes, all_reduce_wire_bytes, all_to_all_wire_bytes,
+                                            reduce_scatter_wire_bytes)
 
     n = 1000 * world
     assert all_reduce_wire_bytes(n, world) == 2 * (world - 1) * 1000
@@ -30,7 +30,7 @@ def _hooks(rank, world_size):
     """One DDP step of a small MLP under each hook, with the bytes counted."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
+    from dqrm.sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
 
     out = {}
     for name in ("fp32", "fp16", "int8_ef"):
@@ -63,7 +63,7 @@ class _FlatTable:
 
 def _touched(rank, world_size):
     """A touched-rows exchange (INT8 and not) of a 100-row table: rank r touched rows 0..r+1."""
-    from sharding.touched_rows import TouchedRowsHook
+    from dqrm.sharding.touched_rows import TouchedRowsHook
 
     out = {}
     for int8 in (False, True):
@@ -128,7 +128,7 @@ def _sharded_step(rank, world_size, data_dir):
     """One training step of the tiny sharded DLRM (every placement kind) with the counter installed."""
     import torchrec.distributed.comm_ops as comm_ops
 
-    from sharding.comm import CommConfig, compress_gradients
+    from dqrm.sharding.comm import CommConfig, compress_gradients
     from tests.helpers import batches, mixed_placements, sharded_model
 
     originals = {name: getattr(dist, name) for name in COLLECTIVES}

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from torchx.specs.file_linter import validate
 
-from torchx_components.dlrm import train
+from dqrm.torchx_components.dlrm import train
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT = ROOT / "torchx_components" / "dlrm.py"
@@ -71,7 +71,7 @@ def dryrun(launch: Launch) -> str:
 def assert_trains(command: str, launch: Launch) -> None:
     assert command.startswith("torchrun "), command
     assert f"--nnodes {launch.param('nnodes')} --nproc_per_node {launch.param('nproc_per_node')} " in command
-    assert command.endswith(f" -m pipeline.train {shlex.join(launch.script_args)}"), command
+    assert command.endswith(f" -m dqrm.pipeline.train {shlex.join(launch.script_args)}"), command
 
 
 def test_component_passes_torchx_lint():

@@ -1,4 +1,5 @@
-"""The Dockerfile behind the component's ``image`` installs what ``make env`` installs, pinned in one place."""
+"""The Dockerfile behind the component's ``image`` installs what ``make env`` installs (the README's install:
+``.[FLAVOR]``, then TorchRec with --no-deps), pinned in one place (pyproject.toml)."""
 
 import re
 import shlex
@@ -23,20 +24,29 @@ def requirement_name(line: str) -> str:
 
 
 def pip_installs(commands: list[str]) -> list[tuple[tuple[str, ...], bool]]:
-    """Each ``pip install -r FILE`` in ``commands`` as (arguments of the requirements.py call that wrote FILE,
-    whether it runs with --no-deps); installing anything else, bar upgrading pip itself, is an error."""
+    """Each ``pip install`` in ``commands`` as (what it installs, whether it runs with --no-deps): a requirements file
+    as the arguments of the requirements.py call that wrote it (``deps --fbgemm cpu``), an inline ``$(...)`` call as
+    the same, and the project itself as ``("dqrm", EXTRAS)``; installing anything else, bar upgrading pip, is an
+    error."""
     written, installs = {}, []
     for command in commands:
         for words in (shlex.split(part) for part in command.split("&&")):
             script = next((i for i, word in enumerate(words) if word.endswith("scripts/requirements.py")), None)
-            if script is not None:
+            if script is not None and ">" in words:
                 arrow = words.index(">")
                 written[words[arrow + 1]] = tuple(words[script + 1:arrow])
             elif "install" in words and any(Path(word).name in ("pip", "pip3") for word in words):
                 if words[-2:] == ["--upgrade", "pip"]:
                     continue
-                assert "-r" in words, f"installs something other than requirements.py's lines: {shlex.join(words)}"
-                installs.append((written[words[words.index("-r") + 1]], "--no-deps" in words))
+                no_deps = "--no-deps" in words
+                if "-r" in words:
+                    installs.append((written[words[words.index("-r") + 1]], no_deps))
+                    continue
+                target = words[-1]
+                inline = re.fullmatch(r"\$\((?:\$\(PYTHON\)|\S*python3?) scripts/requirements.py (\w+)\)", target)
+                project = re.fullmatch(r"\.(?:\[(.*)\])?", target)
+                assert inline or project, f"installs something other than requirements.py's lines: {shlex.join(words)}"
+                installs.append(((inline.group(1),) if inline else ("dqrm", project.group(1) or ""), no_deps))
     return installs
 
 
@@ -52,7 +62,7 @@ def makefile_env_recipe() -> list[str]:
     for line in lines[start:]:
         if not line.startswith("\t"):
             break
-        recipe.append(line.strip())
+        recipe.append(line.strip().replace("$$", "$"))  # make's escape of the shell's $
     return recipe
 
 
@@ -66,31 +76,33 @@ def dockerfile_args() -> dict[str, str | None]:
 
 
 @pytest.mark.parametrize("fbgemm", ["cpu", "cuda"])
-def test_requirements_name_the_pinned_fbgemm_of_each_flavor(fbgemm):
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    pins = project["tool"]["dqrm"]
+def test_requirements_are_what_the_extra_installs(fbgemm):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     other = {"cpu": "cuda", "cuda": "cpu"}[fbgemm]
     lines = requirement_lines("deps", "--fbgemm", fbgemm)
-    assert pins[f"fbgemm_{fbgemm}"] in lines and pins[f"fbgemm_{other}"] not in lines
-    assert set(project["project"]["dependencies"]) <= set(lines)
-    assert requirement_lines("nodeps") == [pins["torchrec"]]
-    # The repository's top-level `datasets/` would shadow (or be shadowed by) Hugging Face's package.
+    assert lines == [*project["dependencies"], *project["optional-dependencies"][fbgemm]]  # = pip install ".[fbgemm]"
+    fbgemm_pin = next(r for r in project["optional-dependencies"][fbgemm] if r.startswith("fbgemm"))
+    assert fbgemm_pin not in project["optional-dependencies"][other]
+    assert requirement_lines("torchrec") == [r for r in project["optional-dependencies"]["cuda"]
+                                             if r.startswith("torchrec")]
+    # Hugging Face's `datasets` is not a requirement (and dqrm's own installs as dqrm.datasets)
     assert "datasets" not in {requirement_name(line) for line in lines}
 
 
 def test_dockerfile_installs_what_make_env_installs():
     make, docker = pip_installs(makefile_env_recipe()), pip_installs(dockerfile_runs())
-    assert [(step[0], no_deps) for step, no_deps in make] == [("deps", False), ("nodeps", True)]
-    assert [(step[0], no_deps) for step, no_deps in docker] == [(step[0], no_deps) for step, no_deps in make]
+    # make env: the README's install, editable, with the test extra
+    assert make == [(("dqrm", "$($(PYTHON) scripts/requirements.py flavor),test"), False), (("torchrec",), True)]
+    # the image: the same requirements as ".[FLAVOR]" first (a layer that survives code changes), then dqrm itself
+    assert docker == [(("deps", "--fbgemm", "$FLAVOR"), False), (("torchrec",), True), (("dqrm", ""), True)]
     # The image's flavor is named, not detected: a build has no GPU for requirements.py to look at.
-    assert docker[0][0] == ("deps", "--fbgemm", "$FLAVOR")
     assert dockerfile_args()["FLAVOR"] in ("cpu", "cuda")
 
 
 def test_dockerfile_pins_nothing_itself():
     text = (ROOT / "Dockerfile").read_text()
     lines = [*requirement_lines("deps", "--fbgemm", "cpu"), *requirement_lines("deps", "--fbgemm", "cuda"),
-             *requirement_lines("nodeps")]
+             *requirement_lines("torchrec")]
     names = {requirement_name(line) for line in lines}
     for name in names:
         assert not re.search(rf"\b{re.escape(name)}\s*[=<>~]=", text, re.IGNORECASE), f"the Dockerfile pins {name}"
