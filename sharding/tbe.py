@@ -101,10 +101,29 @@ def find_tbes(model: nn.Module) -> list[TBELayout]:
     return layouts
 
 
-def table_configs(model: nn.Module) -> list:
-    """The ``EmbeddingBagConfig`` of every table of the model's (sharded or plain) EmbeddingBagCollection."""
+def embedding_bag_collections(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every ``EmbeddingBagCollection`` of the model, plain or sharded (``ShardedEmbeddingBagCollection``), with its
+    name under the unwrapped model, found by type in module order (a DMP-wrapped model is searched inside)."""
+    from torchrec.distributed.embeddingbag import ShardedEmbeddingBagCollection
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
     inner = model.module if hasattr(model, "module") else model
-    ebc = inner.model.sparse_arch.embedding_bag_collection
+    return [(name, m) for name, m in inner.named_modules()
+            if isinstance(m, (EmbeddingBagCollection, ShardedEmbeddingBagCollection))]
+
+
+def ebc_table_configs(ebc: nn.Module) -> list:
+    """The ``EmbeddingBagConfig`` of every table of one (plain or sharded) EmbeddingBagCollection."""
     if hasattr(ebc, "embedding_bag_configs"):
         return list(ebc.embedding_bag_configs())
     return list(ebc._embedding_bag_configs)  # ShardedEmbeddingBagCollection keeps them private
+
+
+def table_configs(model: nn.Module) -> list:
+    """The ``EmbeddingBagConfig`` of every table of every (sharded or plain) EmbeddingBagCollection of the model, in
+    module order; table names must be unique across collections (QAT keys its grids by table name)."""
+    configs = [c for _, ebc in embedding_bag_collections(model) for c in ebc_table_configs(ebc)]
+    names = [c.name for c in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"table names repeat across the model's EmbeddingBagCollections: {sorted(names)}")
+    return configs
