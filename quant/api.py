@@ -7,14 +7,16 @@ import dataclasses
 import torch.distributed as dist
 from torch import nn
 
-from dqrm.quant.convert import convert_dlrm
+from dqrm.quant.dense_layers import DenseFilter, every_dense_layer, prepare_dense_layers, use_bfloat16_by_arch
 from dqrm.quant.embedding_qat import QUANTIZER_NAME, EmbeddingFakeQuantizer, attach_embedding_qat, embedding_quantizer
-from dqrm.quant.mlp_qat import FakeQuantGroup, RowwiseWeightFakeQuant, fake_quantize_linears, use_bfloat16
+from dqrm.quant.integer_model import convert_model
+from dqrm.quant.mlp_qat import RowwiseWeightFakeQuant
 from dqrm.quant.spec import QuantSpec
 from dqrm.sharding.tbe import table_configs
 
 # The public face of quant/: the verb, its config, and what a prepared model holds.
-__all__ = ["QATConfig", "QuantSpec", "embedding_quantizer", "quantize_", "set_fake_quant"]
+__all__ = ["DenseFilter", "QATConfig", "QuantSpec", "embedding_quantizer", "every_dense_layer", "quantize_",
+           "set_fake_quant"]
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -25,26 +27,38 @@ class QATConfig:
     """The integer grid: bits per table and for the MLPs, granularity, scale refresh period."""
     step: str = "prepare"
     """'prepare' (insert fake-quant before training) or 'convert' (build the FBGEMM integer model after)."""
+    filter_fn: DenseFilter = every_dense_layer
+    """``filter_fn(module, fqn) -> bool`` (torchao's): which dense layers get weight QAT at ``spec.mlp_bits``, among
+    the model's ``nn.Linear``s and TorchRec ``LowRankCrossNet``s (DCNv2's cross layers); ``fqn`` is the name under the
+    unwrapped model. Default: all of them. Pass the same filter to prepare and convert. The embedding tables of every
+    ``EmbeddingBagCollection`` (found by type) are quantized at ``spec``'s bits whatever the filter says."""
 
     def __post_init__(self) -> None:
         if self.step not in ("prepare", "convert"):
             raise ValueError(f"step must be 'prepare' or 'convert', got {self.step!r}")
+        if not callable(self.filter_fn):
+            raise TypeError(f"filter_fn must be callable (module, fqn) -> bool, got {self.filter_fn!r}")
 
 
 def quantize_(model: nn.Module, config: QATConfig, *, pg: dist.ProcessGroup | None = None) -> nn.Module:
-    """``prepare``: in place on a sharded (DMP) DLRMTrain, before its optimizer is built; returns ``model``.
-    ``convert``: returns a new integer inference ``DLRM`` (collective: every rank calls it, rank 0 gets the model,
-    the others ``None``)."""
+    """For any TorchRec model whose embeddings are ``EmbeddingBagCollection``s (found by type) and whose forward (or
+    a submodule's) is ``forward(dense_features, sparse_features)``: DLRM, DLRM_DCN, a two-tower, in a training
+    wrapper such as ``DLRMTrain`` or not.
+
+    ``prepare``: in place, on the DMP-sharded model (any plan; embedding QAT hooks the fused kernels DMP builds)
+    before its optimizer is built; returns ``model``. The filtered dense layers alone can be prepared on an unsharded
+    model (``spec.embedding_bits=0``). ``convert``: returns a new integer inference model, the serving root's copy
+    (for a ``DLRMTrain``, its ``DLRM``), collective: every rank calls it, rank 0 gets the model, the others ``None``
+    (``quant.integer_model``)."""
     if config.step == "convert":
-        return convert_dlrm(model, config.spec, pg=pg)
+        converted = convert_model(model, config.spec, config.filter_fn)
+        return None if converted is None else converted.module
     inner = model.module if hasattr(model, "module") else model
     spec = config.spec
     if spec.mlp_bits:
-        group = FakeQuantGroup(spec.mlp_bits)  # both arches' weights fake-quantized in one call per step
-        fake_quantize_linears(inner.model.dense_arch, spec.mlp_bits, group)
-        fake_quantize_linears(inner.model.over_arch, spec.mlp_bits, group)
+        layers = prepare_dense_layers(inner, spec.mlp_bits, config.filter_fn)
         if spec.mlp_compute == "bfloat16":
-            use_bfloat16(inner.model.dense_arch, inner.model.over_arch)
+            use_bfloat16_by_arch(layers)
     names = [t.name for t in table_configs(model)]
     bits = {n: spec.bits_for(n) for n in names}
     if any(bits.values()):

@@ -40,7 +40,7 @@ from dqrm.quant.embedding_qat import embedding_quantizer
 from dqrm.quant.fake_quant import pack_rows, quantize_codes, scale_bias_bytes, symmetric_qparams
 from dqrm.quant.mlp_qat import FakeQuantLinear, QuantizedLinear
 from dqrm.quant.spec import QuantSpec
-from dqrm.sharding.tbe import table_configs
+from dqrm.sharding.tbe import embedding_bag_collections, table_configs
 
 _DATA_TYPES = {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}
 _SPARSE_TYPES = {8: SparseType.INT8, 4: SparseType.INT4, 2: SparseType.INT2}
@@ -156,8 +156,8 @@ def _pieces(value) -> tuple[list[_Piece], dict[tuple[int, int], torch.Tensor]]:
     return [_Piece(0, 0, rows, 0, cols)], {(0, 0): value}
 
 
-def _table_key(name: str) -> str:
-    return f"model.sparse_arch.embedding_bag_collection.embedding_bags.{name}.weight"
+def _table_key(ebc_fqn: str, name: str) -> str:
+    return f"{ebc_fqn}.embedding_bags.{name}.weight" if ebc_fqn else f"embedding_bags.{name}.weight"
 
 
 def _piece_bytes(w: torch.Tensor, bits: int, grid: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -191,8 +191,9 @@ def _codes(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, bits: int) 
 
 
 def stream_integer_rows(model: nn.Module, spec: QuantSpec, layout: RowLayout, sink: RowSink | None, *,
-                        chunk_rows: int = CHUNK_ROWS) -> None:
-    """Quantize every rank's own rows and write them through rank 0's ``sink`` (``None`` on the other ranks).
+                        chunk_rows: int = CHUNK_ROWS, ebc_fqn: str | None = None) -> None:
+    """Quantize every rank's own rows of one EmbeddingBagCollection (``ebc_fqn``, its name under the unwrapped
+    model; by default the model's only one) and write them through rank 0's ``sink`` (``None`` on the other ranks).
     Collective over the default group: every rank walks the same tables, chunks and shards in the same order, the
     owner of a piece quantizes it and sends it to rank 0 (point to point), so at most one chunk of integer rows is in
     flight. Column-wise shards need the table grid (a per-row scale needs the whole row)."""
@@ -201,9 +202,11 @@ def stream_integer_rows(model: nn.Module, spec: QuantSpec, layout: RowLayout, si
     if spec.granularity == "table" and quantizer is None:
         raise ValueError("table granularity needs the scales of a prepared model: call quantize_(..., 'prepare') "
                          "first (for post-training quantization, prepare after training and call update_scales())")
+    if ebc_fqn is None:
+        ebc_fqn = the_ebc(model)[0]
     state = model.state_dict()  # sharded tensors are views of the TBEs' rows: nothing is copied
     for table in layout.tables:
-        pieces, local = _pieces(state[_table_key(table.name)])
+        pieces, local = _pieces(state[_table_key(ebc_fqn, table.name)])
         if spec.granularity == "row" and any(p.cols != table.dim for p in pieces):
             raise NotImplementedError(f"{table.name}: column-wise sharding with the row grid (a row's scale and bias "
                                       f"need all its columns); place it otherwise or use the table grid")
@@ -275,9 +278,7 @@ def integer_parts(model: nn.Module, spec: QuantSpec) -> IntegerParts:
     """The integer MLPs and the table layout of a prepared (or float) sharded DLRM; no table rows."""
     inner = model.module if hasattr(model, "module") else model
     configs = table_configs(model)
-    tables = [EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
-                                 feature_names=list(c.feature_names), data_type=_DATA_TYPES[spec.bits_for(c.name)])
-              for c in configs]
+    tables = integer_tables(configs, spec)
     layers = (nn.Linear, FakeQuantLinear)
     dense_in = next(m.in_features for m in inner.model.dense_arch.modules() if isinstance(m, layers))
     sizes = {arch: [m.out_features for m in getattr(inner.model, arch).modules() if isinstance(m, layers)]
@@ -294,21 +295,45 @@ def integer_parts(model: nn.Module, spec: QuantSpec) -> IntegerParts:
 def integer_dlrm(parts: IntegerParts, *, with_rows: bool = True) -> DLRM:
     """TorchRec's DLRM around a quantized EBC of ``parts``' tables at its row alignment (rows all zero until
     written; ``with_rows=False`` leaves FBGEMM's row buffer empty, for an artifact whose rows live in a file)."""
-    qebc = QuantEmbeddingBagCollection(tables=parts.tables, is_weighted=False, device=torch.device("cpu"),
-                                       row_alignment=parts.layout.row_alignment)
-    tbe = the_tbe(qebc)
-    if list(tbe.weights_physical_offsets) != [t.offset for t in parts.layout.tables] or \
-            tbe.host_size != parts.layout.total_bytes:
-        raise RuntimeError("FBGEMM laid out the integer tables differently from RowLayout (fbgemm_gpu changed?)")
-    if not with_rows:
-        for table in qebc.embedding_bags.values():  # views of the buffer; the rows are the file's
-            table.weight = torch.empty(0, dtype=torch.uint8)
-        tbe.weights_host = torch.empty(0, dtype=torch.uint8)
+    qebc = quantized_ebc(parts.tables, parts.layout, with_rows=with_rows)
     dlrm = DLRM(embedding_bag_collection=qebc, dense_in_features=parts.dense_in_features,
                 dense_arch_layer_sizes=parts.dense_sizes, over_arch_layer_sizes=parts.over_sizes,
                 dense_device=torch.device("cpu"))
     dlrm.dense_arch, dlrm.over_arch = parts.dense_arch, parts.over_arch
     return dlrm.eval()
+
+
+def integer_tables(configs: list[EmbeddingBagConfig], spec: QuantSpec) -> list[EmbeddingBagConfig]:
+    """The integer tables' configs: ``configs`` with each table's data type from ``spec``."""
+    return [EmbeddingBagConfig(name=c.name, embedding_dim=c.embedding_dim, num_embeddings=c.num_embeddings,
+                               feature_names=list(c.feature_names), data_type=_DATA_TYPES[spec.bits_for(c.name)])
+            for c in configs]
+
+
+def quantized_ebc(tables: list[EmbeddingBagConfig], layout: RowLayout, *,
+                  with_rows: bool = True) -> QuantEmbeddingBagCollection:
+    """TorchRec's quantized EBC of ``tables`` (integer data types) at ``layout``'s row alignment, its rows all zero
+    until written (``with_rows=False``: FBGEMM's row buffer left empty, for an artifact whose rows live in a file)."""
+    qebc = QuantEmbeddingBagCollection(tables=tables, is_weighted=False, device=torch.device("cpu"),
+                                       row_alignment=layout.row_alignment)
+    tbe = the_tbe(qebc)
+    if list(tbe.weights_physical_offsets) != [t.offset for t in layout.tables] or \
+            tbe.host_size != layout.total_bytes:
+        raise RuntimeError("FBGEMM laid out the integer tables differently from RowLayout (fbgemm_gpu changed?)")
+    if not with_rows:
+        for table in qebc.embedding_bags.values():  # views of the buffer; the rows are the file's
+            table.weight = torch.empty(0, dtype=torch.uint8)
+        tbe.weights_host = torch.empty(0, dtype=torch.uint8)
+    return qebc
+
+
+def the_ebc(model: nn.Module) -> tuple[str, nn.Module]:
+    """The model's one (plain or sharded) EmbeddingBagCollection, with its name; found by type."""
+    ebcs = embedding_bag_collections(model)
+    if len(ebcs) != 1:
+        raise NotImplementedError(f"expected one EmbeddingBagCollection, found {len(ebcs)}: "
+                                  f"{[name for name, _ in ebcs]}")
+    return ebcs[0]
 
 
 def the_tbe(qebc: QuantEmbeddingBagCollection) -> nn.Module:

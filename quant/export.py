@@ -1,12 +1,12 @@
-"""Export an integer DLRM as a TorchScript file that serves plain tensors plus its table rows in a second file,
+"""Export an integer model (DLRM, DLRM_DCN, any ``(dense, KJT)`` model) as a TorchScript file that serves plain tensors plus its table rows in a second file,
 loadable with torch + fbgemm_gpu only (``STANDALONE_LOAD``).
 
 ``model_int4.pt`` holds the MLPs (integer codes), FBGEMM's table metadata and the manifest; ``model_int4.rows``
 holds FBGEMM's flat row buffer byte for byte (``quant.convert``), written shard by shard during a sharded export so
 that no process assembles the integer model in memory.
 
-The artifact takes ``(dense [B, 13] float, values [N] int64, lengths [26 * B] int32)`` in the reader's KJT layout
-(key-major lengths, see ``datasets.reader``) and returns logits ``[B]``.
+The artifact takes ``(dense [B, D] float, values [N] int64, lengths [F * B] int32)`` (DLRM: D = 13, F = 26) in the
+reader's KJT layout (key-major lengths, see ``datasets.reader``) and returns logits ``[B]``.
 (No `from __future__ import annotations` here: TorchScript must see real type annotations.)
 """
 
@@ -24,6 +24,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dqrm.quant.convert import (CHUNK_ROWS, FileSink, IntegerParts, RowLayout, integer_dlrm, integer_parts,
                                 stored_mlp_bytes, stream_integer_rows, the_tbe)
+from dqrm.quant.integer_model import IntegerModel
+from dqrm.quant.serving import ServingModel
 from dqrm.quant.mlp_qat import QuantizedLinear
 from dqrm.quant.manifest import MANIFEST_NAME, sha256, tmp_path
 from dqrm.quant.program import PROGRAM_SUFFIX, export_program, load_program, program_path
@@ -97,13 +99,16 @@ def write_rows(model: nn.Module, spec: QuantSpec, path: Path, *,
 def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[str, Any], *,
            shipped: Tuple[Path, ...] = (), program: bool = True) -> Path:
     """FX-trace (TorchRec's tracer), TorchScript and save the serving module of ``parts`` (whose rows
-    ``write_rows`` put beside ``path``) or of an in-memory integer ``DLRM`` (whose rows are written out here).
-    The TorchScript file holds the MLPs and FBGEMM's table metadata, its row buffer left empty; the loader puts
-    the rows file in its place. ``manifest`` goes inside the file and, with both files' SHA-256, beside it
-    (``<path>.json``). ``shipped``: files already beside ``path`` that serve with the model (a row map); their
-    names and SHA-256 go in the manifest (``"shipped"``), and loading refuses a file that differs. With
-    ``program``, the same model as a ``torch.export`` program beside it (``quant.program``: ``model_int4.pt2``,
-    same rows file and shipped files)."""
+    ``write_rows`` put beside ``path``), of an ``IntegerModel`` (``quant.integer_model``; rows in memory or in its
+    rows file beside ``path``) or of an in-memory integer model (whose rows are written out here). An integer
+    ``DLRM`` with TorchRec's dot interaction is served by ``ServingDLRM``; any other model whose forward is
+    ``(dense_features, KeyedJaggedTensor)`` (``DLRM_DCN``, a two-tower) by its own forward (``ServingModel``).
+    The model must have one quantized EBC. The TorchScript file holds the dense layers and FBGEMM's table metadata,
+    its row buffer left empty; the loader puts the rows file in its place. ``manifest`` goes inside the file and,
+    with both files' SHA-256, beside it (``<path>.json``). ``shipped``: files already beside ``path`` that serve
+    with the model (a row map); their names and SHA-256 go in the manifest (``"shipped"``), and loading refuses a
+    file that differs. With ``program``, a DLRM with the dot interaction is also saved as a ``torch.export`` program
+    beside it (``quant.program``: ``model_int4.pt2``, same rows file and shipped files); other models get none."""
     from torchrec.fx import symbolic_trace
 
     path = Path(path)
@@ -115,14 +120,19 @@ def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[s
         beside[file.name] = sha256(file)
     if isinstance(parts_or_dlrm, IntegerParts):
         dlrm = integer_dlrm(parts_or_dlrm, with_rows=False)
+    elif isinstance(parts_or_dlrm, IntegerModel) and parts_or_dlrm.rows_file is not None:
+        dlrm = parts_or_dlrm.module
+        if Path(parts_or_dlrm.rows_file).resolve() != rows_path(path).resolve():
+            raise ValueError(f"{parts_or_dlrm.rows_file}: the rows of {path} must be in {rows_path(path)}")
     else:
-        dlrm = parts_or_dlrm
-        rows = the_tbe(dlrm.sparse_arch.embedding_bag_collection).weights_host
+        dlrm = parts_or_dlrm.module if isinstance(parts_or_dlrm, IntegerModel) else parts_or_dlrm
+        rows = the_tbe(the_qebc(dlrm)).weights_host
         sink = FileSink(tmp_path(rows_path(path)), rows.numel())
         sink.write(0, rows)
         sink.close()
         tmp_path(rows_path(path)).replace(rows_path(path))
-    tbe = the_tbe(dlrm.sparse_arch.embedding_bag_collection)
+    dot_dlrm = is_dot_dlrm(dlrm)
+    tbe = the_tbe(the_qebc(dlrm))
     host_size = int(tbe.host_size)
     saved_rows = tbe.weights_host
     placeholder = torch.empty(0, dtype=torch.uint8)
@@ -131,7 +141,8 @@ def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[s
         for m in dlrm.modules():  # the artifact stores codes; a dequantized copy cached by an earlier forward stays out
             if isinstance(m, QuantizedLinear):
                 m.dequantized = None
-        traced = symbolic_trace(ServingDLRM(dlrm.eval(), feature_names), leaf_modules=["QuantizedLinear"])
+        serving = ServingDLRM(dlrm.eval(), feature_names) if dot_dlrm else ServingModel(dlrm.eval(), feature_names)
+        traced = symbolic_trace(serving, leaf_modules=["QuantizedLinear"])
     finally:
         tbe.weights_host = saved_rows
     buffer = [name for name, value in traced.named_buffers() if value is placeholder]
@@ -149,9 +160,25 @@ def export(parts_or_dlrm, feature_names: List[str], path: Path, manifest: Dict[s
     tmp.replace(path)
     sidecar = dict(full, sha256=sha256(path), bytes=path.stat().st_size)
     Path(str(path) + ".json").write_text(json.dumps(sidecar, indent=2))
-    if program:
+    if program and dot_dlrm:
         export_program(dlrm, feature_names, program_path(path), full)
     return path
+
+
+def is_dot_dlrm(model: nn.Module) -> bool:
+    """Whether ``model`` is a DLRM with TorchRec's dot interaction (served by ``ServingDLRM``, and as a program)."""
+    return isinstance(model, DLRM) and type(model.inter_arch) is InteractionArch
+
+
+def the_qebc(model: nn.Module) -> nn.Module:
+    """The integer model's one quantized EmbeddingBagCollection, found by type."""
+    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+
+    found = [m for m in model.modules() if isinstance(m, QuantEmbeddingBagCollection)]
+    if len(found) != 1:
+        raise NotImplementedError(f"an artifact serves one quantized EmbeddingBagCollection, the model has "
+                                  f"{len(found)}")
+    return found[0]
 
 
 def load_with_manifest(path: Path) -> Tuple[torch.nn.Module, Dict[str, Any]]:
@@ -236,11 +263,17 @@ setattr(model, rows["buffer"], torch.from_file(str(Path(sys.argv[1]).parent / ro
 """
 
 
-def artifact_sizes(parts: IntegerParts, path: Path, extra: Tuple[Path, ...] = ()) -> Dict[str, Any]:
-    """What the artifact holds, in bytes: the tables split into codes, fp16 scales and biases, and padding (row
-    alignment and FBGEMM's 128-byte table starts); the stored MLPs; each file on disk (``extra``: files shipped
+def artifact_sizes(parts, path: Path, extra: Tuple[Path, ...] = ()) -> Dict[str, Any]:
+    """What the artifact of ``parts`` (``IntegerParts`` or a one-EBC ``IntegerModel``) holds, in bytes: the tables
+    split into codes, fp16 scales and biases, and padding (row alignment and FBGEMM's 128-byte table starts); the
+    stored dense layers (MLPs, and cross layers as integer kernels); each file on disk (``extra``: files shipped
     beside it, e.g. a row map); and the float model."""
-    layout = parts.layout
+    if isinstance(parts, IntegerModel):
+        (layout,) = parts.layouts.values()
+        dense = stored_mlp_bytes(parts.module)
+    else:
+        layout = parts.layout
+        dense = stored_mlp_bytes(parts.dense_arch) + stored_mlp_bytes(parts.over_arch)
     files = {p.name: p.stat().st_size for p in (Path(path), rows_path(path), *extra)}
     return {"fp32_bytes": parts.fp32_bytes,
             "table_bytes": layout.total_bytes,
@@ -248,7 +281,7 @@ def artifact_sizes(parts: IntegerParts, path: Path, extra: Tuple[Path, ...] = ()
             "table_scale_bias_bytes": sum(t.rows * 4 for t in layout.tables),
             "table_padding_bytes": layout.padding_bytes(),
             "row_alignment": layout.row_alignment,
-            "mlp_bytes": stored_mlp_bytes(parts.dense_arch) + stored_mlp_bytes(parts.over_arch),
+            "mlp_bytes": dense,
             "files": files, "artifact_bytes": sum(files.values())}
 
 

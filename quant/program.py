@@ -97,8 +97,18 @@ class ProgramLookup(nn.Module):
             **self.ints)
 
 
+def dense_in_features(dense_arch: nn.Module) -> int:
+    """Inputs of the dense arch's first layer (a float, fake-quant or integer Linear): the model's dense features."""
+    for m in dense_arch.modules():
+        if isinstance(m, QuantizedLinear):
+            return int(m.codes.shape[1])
+        if hasattr(m, "in_features"):
+            return int(m.in_features)
+    raise ValueError("the dense arch has no Linear layer")
+
+
 class ProgramDLRM(nn.Module):
-    """``quant.export.ServingDLRM`` with the lookup as ``ProgramLookup``: ``(dense [B, 13] float, values [N] int64,
+    """``quant.export.ServingDLRM`` with the lookup as ``ProgramLookup``: ``(dense [B, D] float, values [N] int64,
     lengths [F * B] int32, key-major) -> logits [B]``."""
 
     def __init__(self, dlrm: nn.Module, num_features: int) -> None:
@@ -129,7 +139,9 @@ def export_program(dlrm: nn.Module, feature_names: List[str], path: Path, manife
     path = Path(path)
     program = ProgramDLRM(dlrm, len(feature_names)).eval()
     n = len(feature_names)
-    example = (torch.zeros(4, 13), torch.zeros(2 * n, dtype=torch.int64), torch.full((4 * n,), 1, dtype=torch.int32))
+    dense_in = dense_in_features(dlrm.dense_arch)
+    example = (torch.zeros(4, dense_in), torch.zeros(2 * n, dtype=torch.int64),
+               torch.full((4 * n,), 1, dtype=torch.int32))
     example[2][n:] = 0  # 2n ids in 4n bags
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     ids = torch.export.Dim("ids", min=0, max=MAX_BATCH * n * 64)
