@@ -61,12 +61,20 @@ MAP_MIN_ROWS = 1024
 
 def mlp_layers(cfg: JobConfig) -> list[tuple[int, int]]:
     """``(in, out)`` of every MLP layer of the job's DLRM (TorchRec's: the over arch reads the dense embedding and
-    the pairwise dots of the 27 vectors)."""
+    the pairwise dots of the 27 vectors). DLRM_DCN: the over arch reads the 27 vectors crossed, and each cross
+    layer's two kernels count as layers ``(N, r)`` and ``(r, N)`` (its N biases counted as the second's; the
+    first's r are 4 r bytes too many)."""
     dense = list(zip((NUM_DENSE, *cfg.model.dense_arch[:-1]), cfg.model.dense_arch))
     f = NUM_SPARSE + 1
-    over_in = cfg.model.embedding_dim + f * (f - 1) // 2
+    cross = []
+    if cfg.model.arch == "dcn":
+        n, r = f * cfg.model.embedding_dim, cfg.model.dcn_low_rank_dim
+        cross = [(n, r), (r, n)] * cfg.model.dcn_num_layers
+        over_in = n
+    else:
+        over_in = cfg.model.embedding_dim + f * (f - 1) // 2
     over = list(zip((over_in, *cfg.model.over_arch[:-1]), cfg.model.over_arch))
-    return dense + over
+    return dense + cross + over
 
 
 def fp32_bytes(cfg: JobConfig, id_space: list[int]) -> int:

@@ -20,10 +20,19 @@ from dqrm.sharding.policy import PlanConfig
 QUANT_MODES = ("fp32", "qat", "ptq")
 
 
+MODEL_ARCHS = ("dlrm", "dcn")
+
+
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig:
-    """Shapes of the DLRM (``torchrec.models.dlrm.DLRM``)."""
+    """Shapes of the DLRM (``torchrec.models.dlrm.DLRM``, or ``DLRM_DCN`` with ``arch='dcn'``)."""
 
+    arch: str = "dlrm"
+    """'dlrm': TorchRec's DLRM (dot interaction); 'dcn': DLRM_DCN (DCNv2 low-rank cross layers, MLPerf DLRMv2)."""
+    dcn_num_layers: int = 3
+    """Cross layers of the DCN interaction (arch='dcn' only)."""
+    dcn_low_rank_dim: int = 512
+    """Rank of each cross layer's two kernels (arch='dcn' only)."""
     embedding_dim: int = 16
     """Width of every embedding table (DLRM's dot interaction needs one width)."""
     num_embeddings: tuple[int, ...] = SyntheticConfig().cardinalities
@@ -48,6 +57,11 @@ class ModelConfig:
             raise ValueError(f"model.dense_arch must end with embedding_dim={self.embedding_dim}, got {self.dense_arch}")
         if self.over_arch[-1] != 1:
             raise ValueError(f"model.over_arch must end with 1, got {self.over_arch}")
+        if self.arch not in MODEL_ARCHS:
+            raise ValueError(f"model.arch must be one of {MODEL_ARCHS}, got {self.arch!r}")
+        if self.dcn_num_layers < 1 or self.dcn_low_rank_dim < 1:
+            raise ValueError(f"model.dcn_num_layers and model.dcn_low_rank_dim must be at least 1, got "
+                             f"{self.dcn_num_layers} and {self.dcn_low_rank_dim}")
 
 
 @dataclasses.dataclass(kw_only=True)

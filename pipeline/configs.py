@@ -13,6 +13,12 @@ from dqrm.pipeline.config import DataConfig, JobConfig, ModelConfig, OptimConfig
 # MLPerf DLRM shapes (REFERENCE.md §3).
 KAGGLE_CARDINALITIES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992,
                         5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+DLRMV2_CARDINALITIES = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 40000000, 3067956, 405282, 10, 2209,
+                        11938, 155, 4, 976, 14, 40000000, 40000000, 40000000, 590152, 12973, 108, 36)
+"""MLPerf DLRMv2's tables (Criteo 1TB, 40M cap), REFERENCE.md section 3."""
+DLRMV2_CAP = 200_000
+"""Rows per table in ``dlrm_v2``: 1.72M rows x 128 x 4 B = 0.88 GB of FP32 tables for both ranks (the full 40M cap
+is 204M rows, 104 GB)."""
 TERABYTE_CARDINALITIES = (9980333, 36084, 17217, 7378, 20134, 3, 7112, 1442, 61, 9758201, 1333352, 313829, 10, 2208,
                           11156, 122, 4, 970, 14, 9994222, 7267859, 9946608, 415421, 12420, 101, 36)
 
@@ -113,9 +119,41 @@ def terabyte_fp32() -> JobConfig:
     return dataclasses.replace(terabyte(), name="terabyte_fp32", quant_mode="fp32", run_dir="runs/terabyte_fp32")
 
 
+def dlrm_v2() -> JobConfig:
+    """MLPerf DLRMv2's model (TorchRec's ``DLRM_DCN``): 26 tables of dim 128, bottom MLP 13-512-256-128, 3 DCNv2
+    cross layers of rank 512 over the 27 vectors (10.6M weights, quantized like the MLPs), top MLP
+    1024-1024-512-256-1, INT4 QAT; the tables capped at ``DLRMV2_CAP`` rows so that 2 ranks hold them on this
+    machine, on synthetic data with those cardinalities. The job's SGD (MLPerf trains it with Adagrad, which the job
+    does not offer yet): 200 steps of global batch 2048, then export."""
+    cards = tuple(min(n, DLRMV2_CAP) for n in DLRMV2_CARDINALITIES)
+    return JobConfig(
+        name="dlrm_v2",
+        model=ModelConfig(arch="dcn", embedding_dim=128, num_embeddings=cards, dense_arch=(512, 256, 128),
+                          over_arch=(1024, 1024, 512, 256, 1), dcn_num_layers=3, dcn_low_rank_dim=512),
+        data=DataConfig(batch_size=1024, eval_batch_size=8192,
+                        synthetic=SyntheticConfig(num_train=200 * 2048, num_val=16_384, num_test=32_768,
+                                                  cardinalities=cards)),
+        epochs=1,
+        optim=OptimConfig(lr=0.1, embedding_lr=0.1),
+        quant=QuantSpec(scale_update_every=100),
+        run_dir="runs/dlrm_v2",
+    )
+
+
+def dlrm_v2_tiny() -> JobConfig:
+    """``dlrm_v2``'s architecture (DLRM_DCN, INT4 QAT of tables, MLPs and cross layers) at ``tiny``'s sizes, for
+    tests: dim 16, bottom 13-32-16, 2 cross layers of rank 8, top 32-1."""
+    base = tiny()
+    return dataclasses.replace(
+        base, name="dlrm_v2_tiny",
+        model=ModelConfig(arch="dcn", num_embeddings=TINY_CARDINALITIES, dense_arch=(32, 16), over_arch=(32, 1),
+                          dcn_num_layers=2, dcn_low_rank_dim=8),
+        run_dir="runs/dlrm_v2_tiny")
+
+
 CONFIGS: dict[str, Callable[[], JobConfig]] = {
     f.__name__: f for f in (default, default_fp32, default_int8, default_ptq4, default_int4_row, tiny, kaggle,
-                            kaggle_fp32, terabyte, terabyte_fp32, terabyte_synthetic)}
+                            kaggle_fp32, terabyte, terabyte_fp32, terabyte_synthetic, dlrm_v2, dlrm_v2_tiny)}
 
 
 def get_config(name: str) -> JobConfig:

@@ -19,7 +19,8 @@ from dqrm.pipeline.config import JobConfig
 from dqrm.pipeline.metrics import binary_metrics
 from dqrm.pipeline.phases import PhaseLog
 from dqrm.pipeline.trainer import Trainer, post_training_quantized
-from dqrm.quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path, write_rows
+from dqrm.quant.export import artifact_sizes, export, load_with_manifest, loaded_bytes, rows_path
+from dqrm.quant.integer_model import convert_model
 from dqrm.quant.program import program_path
 
 log = logging.getLogger("dqrm")
@@ -36,12 +37,15 @@ def row_map_path(path: Path) -> Path:
 
 def write_integer_rows(cfg: JobConfig, trainer: Trainer, model):
     """The fake-quantized model's test logits (the reference the artifact must reproduce), then every rank's
-    integer rows streamed into the artifact's rows file (shard-local: no rank holds another's float rows).
-    Collective; returns (logits, integer MLPs and layout) on rank 0, (logits, None) elsewhere."""
+    integer rows streamed into the artifact's rows file (shard-local: no rank holds another's float rows), by
+    ``quant.integer_model.convert_model`` for DLRM and DLRM_DCN alike. Collective; returns (logits, the integer
+    model with its rows in the file) on rank 0, (logits, None) elsewhere."""
     ptq = post_training_quantized(model) if cfg.quant_mode == "ptq" else contextlib.nullcontext()
+    path = artifact_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with ptq:
         ref_logits, _ = trainer.predict("test")
-        parts = write_rows(model, cfg.quant, artifact_path(cfg))
+        parts = convert_model(model, cfg.quant, rows_file=rows_path(path))
     return ref_logits, parts
 
 
@@ -50,7 +54,7 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
     """Rank 0, after the float model is freed: the serving module beside the rows, reloaded as a server would and
     scored on the test split, its logits checked against the fake-quantized model's."""
     path = artifact_path(cfg)
-    manifest = {"config": cfg.name, "quant_mode": cfg.quant_mode, "quant": dataclasses.asdict(cfg.quant),
+    manifest = {"config": cfg.name, "arch": cfg.model.arch, "quant_mode": cfg.quant_mode, "quant": dataclasses.asdict(cfg.quant),
                 "num_embeddings": list(cfg.model.num_embeddings), "embedding_dim": cfg.model.embedding_dim,
                 "dense_features": NUM_DENSE, "dense_transform": "log(1 + max(x, 0)), missing -> 0",
                 "id_mapping": (f"vocabulary {Path(cfg.data.vocab_dir).resolve()} (index + 1; rare or missing -> 0)"
@@ -61,6 +65,7 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
     with phases("export_module"):
         if cfg.data.row_map:  # the kept rows of a byte budget ship with the model, hashed in its manifest
             shutil.copyfile(cfg.data.row_map, row_map_path(path))
+        program_path(path).unlink(missing_ok=True)  # written again for a DLRM; DLRM_DCN has none (quant.export)
         export(parts, FEATURE_NAMES, path, manifest, shipped=shipped)
     sizes = artifact_sizes(parts, path, shipped)
     del parts
@@ -70,10 +75,14 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
         logits, labels = score_like_evaluation(module, cfg, test_paths, world_size)
     sizes["loaded_bytes"] = loaded_bytes(module)
     del module
-    with phases("program_check"):  # the torch.export program beside it serves the same logits
-        program, _ = load_with_manifest(program_path(path))
-        program_logits, _ = score_like_evaluation(program, cfg, test_paths, world_size)
-        del program
+    program_check = None
+    if program_path(path).is_file():
+        with phases("program_check"):  # the torch.export program beside it serves the same logits
+            program, _ = load_with_manifest(program_path(path))
+            program_logits, _ = score_like_evaluation(program, cfg, test_paths, world_size)
+            del program
+        program_check = {"path": str(program_path(path)), "bytes": program_path(path).stat().st_size,
+                         "max_abs_logit_diff_vs_artifact": float((program_logits - logits).abs().max())}
     # the reference a server can check itself against in a fresh process (bench.scale_run does)
     torch.save({"logits": ref_logits, "rows": ref_logits.numel()}, cfg.run_path / "export_check.pt")
     log.info("exported %s + %s (%.1f MB on disk)", path, rows_path(path).name, sizes["artifact_bytes"] / 1e6)
@@ -81,8 +90,7 @@ def finish_export(cfg: JobConfig, parts, ref_logits: torch.Tensor, test_paths: l
             "granularity": cfg.quant.granularity, "mlp_bits": cfg.quant.mlp_bits,
             "mlp_compute": cfg.quant.mlp_compute, "sizes": sizes,
             "max_abs_logit_diff_vs_fake_quant": float((logits - ref_logits).abs().max()),
-            "program": {"path": str(program_path(path)), "bytes": program_path(path).stat().st_size,
-                        "max_abs_logit_diff_vs_artifact": float((program_logits - logits).abs().max())}}
+            "program": program_check}
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
-"""Assembles ``torchrec.models.dlrm.DLRM`` (SparseArch, DenseArch, InteractionArch, OverArch) from a ``ModelConfig``."""
+"""Assembles ``torchrec.models.dlrm.DLRM`` (SparseArch, DenseArch, InteractionArch, OverArch), or ``DLRM_DCN`` (its
+interaction DCNv2's low-rank cross layers), from a ``ModelConfig``."""
 
 from __future__ import annotations
 
 import torch
-from torchrec.models.dlrm import DLRM, DLRMTrain
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -21,13 +22,12 @@ def embedding_tables(cfg: ModelConfig) -> list[EmbeddingBagConfig]:
 
 
 def build_dlrm(cfg: ModelConfig, device: torch.device, *, table_device: torch.device | None = None) -> DLRMTrain:
-    """DLRM with its loss; tables default to the meta device so that sharding materializes only local shards."""
+    """DLRM (or DLRM_DCN, ``cfg.arch='dcn'``) with its loss; tables default to the meta device so that sharding
+    materializes only local shards."""
     ebc = EmbeddingBagCollection(tables=embedding_tables(cfg), device=table_device or torch.device("meta"))
-    dlrm = DLRM(
-        embedding_bag_collection=ebc,
-        dense_in_features=NUM_DENSE,
-        dense_arch_layer_sizes=list(cfg.dense_arch),
-        over_arch_layer_sizes=list(cfg.over_arch),
-        dense_device=device,
-    )
-    return DLRMTrain(dlrm)
+    shapes = dict(embedding_bag_collection=ebc, dense_in_features=NUM_DENSE,
+                  dense_arch_layer_sizes=list(cfg.dense_arch), over_arch_layer_sizes=list(cfg.over_arch),
+                  dense_device=device)
+    if cfg.arch == "dcn":
+        return DLRMTrain(DLRM_DCN(**shapes, dcn_num_layers=cfg.dcn_num_layers, dcn_low_rank_dim=cfg.dcn_low_rank_dim))
+    return DLRMTrain(DLRM(**shapes))

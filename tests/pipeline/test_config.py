@@ -33,7 +33,8 @@ def test_every_shipped_config_builds_its_model_and_runs_as_named(name, tmp_path)
     assert from_cli == dataclasses.replace(cfg, run_dir=str(tmp_path)) and from_cli.name == name
     json.dumps(to_dict(cfg), allow_nan=False)  # the run dir's config.json, which a resumed job is compared with
     # The model it builds (tables on the meta device): one table per feature with the configured rows and width,
-    # a bottom MLP from the 13 dense features, a top MLP over the dot interaction of 27 vectors.
+    # a bottom MLP from the 13 dense features, a top MLP over the dot interaction of 27 vectors (or, for DLRM_DCN,
+    # over the 27 vectors crossed).
     dlrm = build_dlrm(cfg.model, META).model
     tables = dlrm.sparse_arch.embedding_bag_collection.embedding_bags
     assert [tuple(tables[f"t_cat_{i}"].weight.shape) for i in range(26)] == \
@@ -41,7 +42,15 @@ def test_every_shipped_config_builds_its_model_and_runs_as_named(name, tmp_path)
     bottom, top = _layers(dlrm.dense_arch), _layers(dlrm.over_arch)
     assert [i for i, _ in bottom] == [13, *cfg.model.dense_arch[:-1]] and [o for _, o in bottom] == \
         list(cfg.model.dense_arch)
-    assert top[0][0] == cfg.model.embedding_dim + 27 * 26 // 2 and [o for _, o in top] == list(cfg.model.over_arch)
+    if cfg.model.arch == "dcn":  # DLRM_DCN: the over arch reads the 27 vectors after the low-rank cross layers
+        crossnet = dlrm.inter_arch.crossnet
+        n, r = 27 * cfg.model.embedding_dim, cfg.model.dcn_low_rank_dim
+        assert [tuple(w.shape) for w in crossnet.V_kernels] == [(r, n)] * cfg.model.dcn_num_layers
+        assert [tuple(w.shape) for w in crossnet.W_kernels] == [(n, r)] * cfg.model.dcn_num_layers
+        assert top[0][0] == n
+    else:
+        assert top[0][0] == cfg.model.embedding_dim + 27 * 26 // 2
+    assert [o for _, o in top] == list(cfg.model.over_arch)
 
 
 def test_named_configs_keep_their_runs_apart():
