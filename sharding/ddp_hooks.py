@@ -31,8 +31,8 @@ class Fp32AllReduceHook:
     into the bucket; one autograd accumulated in place in the bucket (``gradient_as_bucket_view``, which TorchRec
     turns on, with an optimizer that zeroes gradients rather than dropping them, e.g. torch's with
     ``zero_grad(set_to_none=False)``, so from the second step on) is divided by W. (The job's optimizer drops
-    them: TorchRec's ``KeyedOptimizerWrapper.zero_grad`` ignores ``set_to_none``, so there each one is copied.) The two round differently unless W is a power of two. With a
-    comm hook DDP only copies, so this hook records where autograd left each gradient (a post-accumulate-grad hook,
+    them: TorchRec's ``KeyedOptimizerWrapper.zero_grad`` ignores ``set_to_none``, so there each one is copied.)
+    The two round differently unless W is a power of two. With a comm hook DDP only copies, so this hook records where autograd left each gradient (a post-accumulate-grad hook,
     which runs before DDP's) and scales each as DDP would have, then sums, as DDP does, asynchronously."""
 
     def __init__(self, counter: ByteCounter | None, kind: str, params: Iterable[torch.Tensor]) -> None:
