@@ -235,11 +235,15 @@ _PATH_FIELDS = ("data.data_dir", "data.vocab_dir", "data.row_map")
 
 def resume_view(settings: dict) -> dict:
     """A (nested) config dict as a resume compares it: flattened to dotted fields (dict-valued fields whole), without
-    ``RESUME_MAY_CHANGE``, and with paths resolved, so that one folder spelled two ways (relative, absolute) is one."""
+    ``RESUME_MAY_CHANGE``, and with paths resolved, so that one folder spelled two ways (relative, absolute) is one,
+    and a file inside the run dir named relative to it, so that a run dir moved or copied elsewhere resumes."""
     flat = _flatten(json.loads(json.dumps(settings)))
+    run_dir = Path(flat.get("run_dir") or ".").resolve()
     for field in _PATH_FIELDS:
         if flat.get(field):
-            flat[field] = str(Path(flat[field]).resolve())
+            path = Path(flat[field]).resolve()
+            # a file inside the run dir (a budget's row map) is the run dir's, wherever the run dir has moved
+            flat[field] = f"RUN_DIR/{path.relative_to(run_dir)}" if path.is_relative_to(run_dir) else str(path)
     return {k: v for k, v in flat.items() if k not in RESUME_MAY_CHANGE}
 
 

@@ -9,6 +9,7 @@ go to ``logs/phases_rankR.json``.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import sys
@@ -95,7 +96,21 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, NotImplementedError, NonFiniteLossError, NotEnoughDiskSpace) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system refused: full, read-only, no permission
+        print(f"error: {os_error_line(e, cfg.run_path)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def os_error_line(e: OSError, run_dir) -> str:
+    """One line for a write the file system refused: the file, why, and what to do (the newest complete checkpoint
+    and any finished artifact are untouched: checkpoints are written aside and renamed, so a rerun resumes)."""
+    where = e.filename or run_dir
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
+    return (f"{where}: {why} ({e.strerror or e}). Free space or make {run_dir} writable (or point --run-dir "
+            f"elsewhere), then rerun the same command: the job resumes from its newest complete checkpoint")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import contextlib
 import os
 from typing import Protocol
 
@@ -109,18 +110,32 @@ class FileSink:
     in this process's memory); the file is created at the buffer's full size, zeros where nothing is written."""
 
     def __init__(self, path: os.PathLike, size: int) -> None:
+        self.path = os.fspath(path)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.ftruncate(self.fd, size)
+        with self._naming_the_file():
+            os.ftruncate(self.fd, size)
 
     def write(self, offset: int, rows: torch.Tensor) -> None:
         view = memoryview(rows.numpy()).cast("B")
-        while view:
-            done = os.pwrite(self.fd, view, offset)
-            view, offset = view[done:], offset + done
+        with self._naming_the_file():
+            while view:
+                done = os.pwrite(self.fd, view, offset)
+                view, offset = view[done:], offset + done
 
     def close(self) -> None:
-        os.fsync(self.fd)
+        with self._naming_the_file():
+            os.fsync(self.fd)
         os.close(self.fd)
+
+    @contextlib.contextmanager
+    def _naming_the_file(self):
+        """An ``OSError`` of a write (a full disk) names the file: ``pwrite`` on a descriptor does not."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, self.path) from e
 
 
 class TensorSink:

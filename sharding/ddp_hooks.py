@@ -26,13 +26,15 @@ log = logging.getLogger(__name__)
 class Fp32AllReduceHook:
     """DDP's own averaging all-reduce, bit for bit, counted: counting must not change a bit of training.
 
-    Without a comm hook, DDP (``Reducer::mark_variable_ready_dense``) scales each gradient before its SUM all-reduce,
-    in one of two ways: a gradient autograd wrote to a tensor of its own is multiplied by ``1.0 / W`` as it is copied
-    into the bucket; one autograd accumulated in place in the bucket (``gradient_as_bucket_view``, which TorchRec
-    turns on, with an optimizer that zeroes gradients rather than dropping them, as TorchRec's ``CombinedOptimizer``
-    does, so from the second step on) is divided by W. The two round differently unless W is a power of two. With a
-    comm hook DDP only copies, so this hook records where autograd left each gradient (a post-accumulate-grad hook,
-    which runs before DDP's) and scales each as DDP would have, then sums, as DDP does, asynchronously."""
+    Without a comm hook, DDP (``Reducer::mark_variable_ready_dense``) scales each gradient before its SUM all-reduce, in
+    one of two ways: a gradient autograd wrote to a tensor of its own is multiplied by ``1.0 / W`` as it is copied into
+    the bucket; one autograd accumulated in place in the bucket (``gradient_as_bucket_view``, which TorchRec turns on,
+    with an optimizer that zeroes gradients rather than dropping them, e.g. torch's with
+    ``zero_grad(set_to_none=False)``, so from the second step on) is divided by W. (The job's optimizer drops them:
+    TorchRec's ``KeyedOptimizerWrapper.zero_grad`` ignores ``set_to_none``, so there each one is copied.) The two round
+    differently unless W is a power of two. With a comm hook DDP only copies, so this hook records where autograd left
+    each gradient (a post-accumulate-grad hook, which runs before DDP's) and scales each as DDP would have, then sums,
+    as DDP does, asynchronously."""
 
     def __init__(self, counter: ByteCounter | None, kind: str, params: Iterable[torch.Tensor]) -> None:
         self.counter, self.kind = counter, kind

@@ -3,8 +3,12 @@ earlier destroyed. (The raw-TSV converter's bad inputs belong to issue 4, which 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +18,7 @@ import torch
 
 from dqrm.pipeline import cli, predict, train
 from dqrm.pipeline.checkpoint import Checkpointer
+from dqrm.quant.convert import FileSink
 
 TINY = ["--config", "tiny", "--epochs", "1", "--limit-train-batches", "4", "--limit-eval-batches", "1"]
 
@@ -264,3 +269,42 @@ def test_non_finite_loss_stops_with_step_rank_and_checkpoint(capsys, tmp_path):
     rc = train.main([*TINY, "--run-dir", str(tmp_path / "r"), "--set", "optim.lr=1e30",
                      "--set", "optim.embedding_lr=1e30", "--set", "quant_mode=fp32"])
     _check(rc, capsys, "rank 0: training loss is", "at step", "last good checkpoint: none")
+
+
+# ---- the file system refuses a write ---------------------------------------------------------------------------
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only bind or a tmpfs needs root "
+                                                          "(chmod does not stop root, so there is no other way)")
+
+
+@contextlib.contextmanager
+def _mounted(*args: str, target: Path):
+    subprocess.run(["mount", *args, str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+@needs_root
+def test_a_read_only_checkpoint_folder_stops_the_job_with_one_line(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with _mounted("--bind", "-o", "ro", str(run_dir / "checkpoints"), target=run_dir / "checkpoints"):
+        rc = train.main([*TINY, "--run-dir", str(run_dir)])
+    line = _check(rc, capsys, str(run_dir / "checkpoints"), "the file system is read-only", "rerun the same command")
+    assert "Traceback" not in line
+    # writable again, the same command runs to the end
+    assert train.main([*TINY, "--run-dir", str(run_dir)]) == 0
+
+
+@needs_root
+def test_a_full_disk_while_writing_rows_names_the_file(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    with _mounted("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=disk):
+        sink = FileSink(disk / "model_int4.rows", 1 << 20)  # sparse: the size is not yet written
+        with pytest.raises(OSError) as e:
+            sink.write(0, torch.ones(1 << 18, dtype=torch.float32).view(torch.uint8))
+        assert e.value.errno == errno.ENOSPC and e.value.filename == str(disk / "model_int4.rows")
+        assert train.os_error_line(e.value, tmp_path).startswith(f"{disk / 'model_int4.rows'}: the disk is full")
+        os.close(sink.fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,12 @@ def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys
     assert (run_dir / "budget.json").read_text() == plan_before
     resumed = _check_budgeted_run(run_dir)
     assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]
+    # the run dir copied elsewhere resumes too: its config names the row map inside it, which moved with it
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    capsys.readouterr()
+    assert train.main([*BUDGET, "--run-dir", str(moved), "--epochs", "3"]) == 0, capsys.readouterr().err[-2000:]
+    assert [e["epoch"] for e in _check_budgeted_run(moved)["epochs"]] == [1, 2, 3]
 
 
 def test_budget_at_world_size_2_serves_exactly(tmp_path):

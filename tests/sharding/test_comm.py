@@ -91,7 +91,7 @@ def test_uncompressed_matches_single_process(runs, qat):
 
 
 def _counted_and_not(rank, world_size, data_dir):
-    """The sharded DLRM trained by the job's optimizer (which zeroes gradients in place), without counting bytes and
+    """The sharded DLRM trained by the job's optimizer (it drops gradients, so DDP copies each), without counting and
     with (comm.count_bytes, on by default): the counting hooks then reduce the MLP and data-parallel tables."""
     local = batches(data_dir / "train.parquet", LOCAL, rank=rank, world_size=world_size, limit=STEPS)
     out = {}
