@@ -104,6 +104,10 @@ def check_same_job(cfg: JobConfig) -> None:
         raise ValueError(f"{saved_path}: unreadable ({e}); it records the job the checkpoints beside it belong to. "
                          f"Restore it, or start in a new --run-dir") from None
     now = resume_view(to_dict(cfg))
+    # A field added since the run dir was written is not in its config.json: that job ran as the field's default
+    # does (a new field's default keeps the behaviour from before it), so it is compared as the default.
+    defaults = resume_view(to_dict(JobConfig()))
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if differ:
         shown = "; ".join(f"{k}: {saved.get(k)!r} in the run dir, {now.get(k)!r} now" for k in differ[:8])

@@ -15,8 +15,8 @@ from dqrm.pipeline import train
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT.parent / "shared" / "data" / "criteo-samples" / "kaggle_dac_train_head900.tsv"
-pytestmark = [pytest.mark.skipif(not SAMPLE.is_file(), reason=f"Criteo sample not found at {SAMPLE}"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+needs_sample = pytest.mark.skipif(not SAMPLE.is_file(), reason=f"Criteo sample not found at {SAMPLE}")
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,7 @@ def _epochs(run_dir: Path) -> list[int]:
     return [e["epoch"] for e in json.loads((run_dir / "summary.json").read_text())["epochs"]]
 
 
+@needs_sample
 def test_a_vocabulary_job_resumes(converted, tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert train.main([*_job(converted), "--run-dir", str(run_dir), "--epochs", "1"]) == 0
@@ -49,6 +50,7 @@ def test_a_vocabulary_job_resumes(converted, tmp_path, capsys):
     assert "seed: 0 in the run dir, 7 now" in capsys.readouterr().err
 
 
+@needs_sample
 def test_a_budgeted_vocabulary_job_resumes_with_its_choice_however_the_run_dir_is_spelled(
         converted, tmp_path, monkeypatch, capsys):
     # the MLPs and the file take 144,424 bytes here and the vocabulary's FP32 tables about 83,000: a budget that
@@ -67,3 +69,20 @@ def test_a_budgeted_vocabulary_job_resumes_with_its_choice_however_the_run_dir_i
     assert "holds checkpoints of another job" not in err
     assert (run_dir / "budget.json").read_text() == plan  # the saved choice was reused, not searched again
     assert _epochs(run_dir) == [1, 2]
+
+
+def test_a_run_dir_written_before_a_field_existed_resumes(tmp_path, capsys):
+    """A config.json without a field added later (here the model's arch fields) was written by a job that ran as
+    their defaults: it resumes; a field it holds that differs is still refused."""
+    run_dir = tmp_path / "run"
+    tiny = ["--config", "tiny", "--limit-eval-batches", "1", "--limit-train-batches", "8"]
+    assert train.main([*tiny, "--run-dir", str(run_dir), "--epochs", "1"]) == 0
+    saved = json.loads((run_dir / "config.json").read_text())
+    for field in ("arch", "dcn_num_layers", "dcn_low_rank_dim"):
+        del saved["model"][field]
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    assert train.main([*tiny, "--run-dir", str(run_dir), "--epochs", "2"]) == 0, capsys.readouterr().err[-2000:]
+    assert _epochs(run_dir) == [1, 2]
+    assert train.main([*tiny, "--run-dir", str(run_dir), "--epochs", "3", "--set", "model.arch=dcn"]) == 2
+    assert "model.arch: 'dlrm' in the run dir, 'dcn' now" in capsys.readouterr().err
