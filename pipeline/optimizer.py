@@ -12,6 +12,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from dqrm.pipeline.config import OptimConfig
+from dqrm.sharding.tbe import embedding_bag_collections
 
 
 def fuse_embedding_optimizer(sparse_params, cfg: OptimConfig) -> None:
@@ -21,9 +22,9 @@ def fuse_embedding_optimizer(sparse_params, cfg: OptimConfig) -> None:
 
 def replicated_tables(model: nn.Module) -> dict[str, nn.Parameter]:
     """The table weights TorchRec keeps as dense parameters (data-parallel tables): not optimized in backward, and
-    under the DLRM's sparse arch."""
-    return {name: p for name, p in in_backward_optimizer_filter(model.named_parameters())
-            if ".sparse_arch." in f".{name}"}
+    inside an EmbeddingBagCollection (found by type, whatever the model calls it)."""
+    ebcs = tuple(f"{name}." for name, _ in embedding_bag_collections(model))
+    return {name: p for name, p in in_backward_optimizer_filter(model.named_parameters()) if name.startswith(ebcs)}
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> CombinedOptimizer:
