@@ -97,15 +97,26 @@ def _order(path: Path) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2) or 1)) if m else None
 
 
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content without its own ``sha256`` (canonical JSON): the progress it holds (step,
+    epoch position, running loss) is restored as it is, so a damaged value must not pass for a good one. (Manifests
+    written before this was added have no ``sha256``; their files are still checked.)"""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify(path: Path, names: list[str] | None = None) -> str | None:
     """``None`` if the files ``names`` (default: all) listed in the manifest are present with their size and
     checksum, else what is wrong."""
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
     except FileNotFoundError:
         return f"{MANIFEST} missing"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} unreadable: {e!r}"
+    if manifest.get("sha256", _manifest_digest(manifest)) != _manifest_digest(manifest):
+        return f"{MANIFEST} checksum mismatch (its progress or file list was modified or is corrupt)"
     for name in files if names is None else names:
         f, info = path / name, files[name]
         if not f.is_file():
@@ -360,7 +371,7 @@ class Checkpointer:
     @staticmethod
     def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         with open(folder / MANIFEST, "w") as f:
-            f.write(json.dumps(manifest, indent=2))
+            f.write(json.dumps({**manifest, "sha256": _manifest_digest(manifest)}, indent=2))
             f.flush()
             os.fsync(f.fileno())
 

@@ -302,6 +302,22 @@ def test_a_rejected_checkpoint_never_counts_toward_the_k_kept(tmp_path, caplog):
 
 
 @one_process
+def test_a_manifest_whose_progress_was_changed_is_rejected(tmp_path):
+    """The manifest's progress (step, position in the epoch, running loss) is restored as it is: one changed digit
+    that leaves valid JSON must not pass (found by bench.faults: a flipped bit in the running loss resumed with it)."""
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(1, model, optimizer, {"loss_sum": 0.5329361772785585}, keep=2)
+    newest = checkpointer.save(2, model, optimizer, {"loss_sum": 0.5329361772785585}, keep=2)
+    text = (newest / MANIFEST).read_text()
+    assert verify(newest) is None and "0.5329361772785585" in text
+    (newest / MANIFEST).write_text(text.replace("0.5329361772785585", "0.5329361772785584"))
+    assert "manifest.json checksum mismatch" in verify(newest)
+    assert checkpointer.latest_valid() == tmp_path / "step_00000001"
+    assert checkpointer.rejected() == [newest]
+
+
+@one_process
 def test_writing_a_step_again_never_removes_the_old_checkpoint_first(tmp_path, monkeypatch):
     model, optimizer = _small()
     checkpointer = Checkpointer(tmp_path)
