@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
@@ -212,6 +213,41 @@ def check_disk_space(root: Path, state: dict[str, Any], *, keep: int) -> int:
     return needed
 
 
+_PROBE_BYTES = 1 << 20
+
+
+def _refused_write(e: BaseException, where: Path) -> OSError | None:
+    """The file system's refusal behind a failed DCP save (a full disk, a read-only folder) as an ``OSError`` naming
+    the file, else ``None``. DCP gathers the ranks' failures into a ``CheckpointException`` (a ``BaseException``) on
+    every rank, and ``torch.save`` reports a full disk as a ``RuntimeError`` ("unexpected pos"): so where the failure
+    is no ``OSError`` itself, a probe write of 1 MiB into ``where`` says whether the disk refuses writes."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return None
+    failures = e.failures.values() if isinstance(e, CheckpointException) else [(e, None)]
+    for exc, _ in failures:
+        if isinstance(exc, OSError):
+            return OSError(exc.errno, exc.strerror, exc.filename or str(where))
+    probe = where / f".probe_rank{_rank()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as refused:
+        return OSError(refused.errno, refused.strerror, str(where))
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def _barrier_quietly() -> None:
+    """A barrier that does not raise: used on the way out of a failed save, where a peer may already be gone."""
+    try:
+        _barrier()
+    except Exception:  # noqa: BLE001 - the save's own failure is what is reported
+        pass
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -334,9 +370,13 @@ class Checkpointer:
         _barrier()
         try:
             dcp.save(state, checkpoint_id=str(tmp), planner=InPlaceSavePlanner())
-        except BaseException:
+        except BaseException as e:
+            refused = _refused_write(e, tmp)  # before the partial folder is deleted, which frees its space
+            _barrier_quietly()
             if _rank() == 0:  # every rank has stopped writing: DCP gathers the ranks' outcomes before raising
                 shutil.rmtree(tmp, ignore_errors=True)
+            if refused is not None:
+                raise refused from None
             raise
         # Each rank hashes the files it wrote (DCP names them __RANK_N.distcp); rank 0 also DCP's metadata.
         mine = sorted(p.name for p in tmp.glob(f"__{_rank()}_*.distcp"))
