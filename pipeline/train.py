@@ -24,6 +24,7 @@ from pipeline.cli import config_or_exit, parse_args
 from pipeline.config import JobConfig
 from pipeline.data import build_splits, resolve_data
 from pipeline.export import finish_export, write_integer_rows
+from pipeline.launch import write_refused
 from pipeline.parallelize import build_sharded_model
 from pipeline.phases import PhaseLog
 from pipeline.quiet import quiet_library_noise
@@ -98,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # the file system refused: full, read-only, no permission
         print(f"error: {os_error_line(e, cfg.run_path)}", file=sys.stderr)
+        return 1
+    except RuntimeError:
+        # torch's writers (torch.jit.save, torch.save) report a full disk as a RuntimeError ("unexpected pos")
+        refused = write_refused(cfg.run_path)
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 1
     return 0
 
