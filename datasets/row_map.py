@@ -16,6 +16,7 @@ File format (``numpy.savez``): ``id_space`` (int64, one entry per table: the row
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -69,8 +70,8 @@ def load_row_map(path: str | Path) -> RowMap:
         with np.load(path) as f:
             id_space = tuple(int(n) for n in f["id_space"])
             kept = tuple(f[f"C{t + 1}"] if f"C{t + 1}" in f.files else None for t in range(len(id_space)))
-    except (ValueError, KeyError, OSError) as e:
-        raise ValueError(f"{path}: not a readable row map ({e})") from None
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated or corrupt: zip CRCs
+        raise ValueError(f"{path}: not a readable row map ({e}); it may be damaged") from None
     try:
         return RowMap(id_space, kept)
     except ValueError as e:

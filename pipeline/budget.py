@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import itertools
 import json
 import logging
@@ -103,7 +104,21 @@ def saved_plan(cfg: JobConfig) -> dict | None:
     except ValueError as e:
         raise ValueError(f"{path}: unreadable ({e}); delete it to search again") from None
     # compared as a resume compares configs: what a resume may change, and how a path is spelled, do not count
-    return plan if resume_view(plan.get("request", {})) == resume_view(request(cfg)) else None
+    if resume_view(plan.get("request", {})) != resume_view(request(cfg)):
+        return None
+    row_map = cfg.run_path / ROW_MAP_NAME
+    if plan.get("mapped_tables") and "row_map_sha256" in plan:
+        if not row_map.is_file() or _sha256(row_map) != plan["row_map_sha256"]:
+            state = "missing" if not row_map.is_file() else "checksum does not match"
+            raise ValueError(f"{row_map}: {state} {path.name}'s record (damaged or replaced); the checkpoints here "
+                             f"were trained with that map: restore it from a copy of the run dir, or start a new "
+                             f"--run-dir")
+    return plan
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def apply_plan(cfg: JobConfig, plan: dict) -> JobConfig:
@@ -282,7 +297,11 @@ def search(cfg: JobConfig, paths: dict[str, list[Path]], rank: int, world_size: 
         kept = tuple(kept_by_count(counts[t].numpy(), r["min_count"]) if r["min_count"] else None
                      for t, r in enumerate(tables))
         RowMap(tuple(id_space), kept).save(cfg.run_path / ROW_MAP_NAME)
-        (cfg.run_path / PLAN_NAME).write_text(json.dumps(plan, indent=2))
+        if plan["mapped_tables"]:  # a resume trains and serves with this map: it is checked against this
+            plan["row_map_sha256"] = _sha256(cfg.run_path / ROW_MAP_NAME)
+        tmp = cfg.run_path / f".{PLAN_NAME}.tmp"  # written whole or not at all: a killed write leaves no half plan
+        tmp.write_text(json.dumps(plan, indent=2))
+        tmp.replace(cfg.run_path / PLAN_NAME)
         log.info("byte budget: chose in %.1f s (%d evaluations after %.1f s of counting and warm-up); %.1f MB "
                  "predicted of %.1f MB:\n%s", plan["search_seconds"], evaluations, t_warm,
                  plan["predicted_bytes"] / 1e6, budget / 1e6, choice_table(tables))

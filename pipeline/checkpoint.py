@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultSavePlanner
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
@@ -97,15 +98,26 @@ def _order(path: Path) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2) or 1)) if m else None
 
 
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's content without its own ``sha256`` (canonical JSON): the progress it holds (step,
+    epoch position, running loss) is restored as it is, so a damaged value must not pass for a good one. (Manifests
+    written before this was added have no ``sha256``; their files are still checked.)"""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify(path: Path, names: list[str] | None = None) -> str | None:
     """``None`` if the files ``names`` (default: all) listed in the manifest are present with their size and
     checksum, else what is wrong."""
     try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
     except FileNotFoundError:
         return f"{MANIFEST} missing"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} unreadable: {e!r}"
+    if manifest.get("sha256", _manifest_digest(manifest)) != _manifest_digest(manifest):
+        return f"{MANIFEST} checksum mismatch (its progress or file list was modified or is corrupt)"
     for name in files if names is None else names:
         f, info = path / name, files[name]
         if not f.is_file():
@@ -199,6 +211,41 @@ def check_disk_space(root: Path, state: dict[str, Any], *, keep: int) -> int:
             f"needs, and those holding {REJECTED} are damaged), point --run-dir at a bigger disk, or lower checkpoint_keep (now {keep}): a run needs room for "
             f"checkpoint_keep + 1 = {keep + 1} checkpoints, as a new one is written before the oldest is deleted")
     return needed
+
+
+_PROBE_BYTES = 1 << 20
+
+
+def _refused_write(e: BaseException, where: Path) -> OSError | None:
+    """The file system's refusal behind a failed DCP save (a full disk, a read-only folder) as an ``OSError`` naming
+    the file, else ``None``. DCP gathers the ranks' failures into a ``CheckpointException`` (a ``BaseException``) on
+    every rank, and ``torch.save`` reports a full disk as a ``RuntimeError`` ("unexpected pos"): so where the failure
+    is no ``OSError`` itself, a probe write of 1 MiB into ``where`` says whether the disk refuses writes."""
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        return None
+    failures = e.failures.values() if isinstance(e, CheckpointException) else [(e, None)]
+    for exc, _ in failures:
+        if isinstance(exc, OSError):
+            return OSError(exc.errno, exc.strerror, exc.filename or str(where))
+    probe = where / f".probe_rank{_rank()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(bytes(_PROBE_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as refused:
+        return OSError(refused.errno, refused.strerror, str(where))
+    finally:
+        probe.unlink(missing_ok=True)
+    return None
+
+
+def _barrier_quietly() -> None:
+    """A barrier that does not raise: used on the way out of a failed save, where a peer may already be gone."""
+    try:
+        _barrier()
+    except Exception:  # noqa: BLE001 - the save's own failure is what is reported
+        pass
 
 
 def _fsync_dir(path: Path) -> None:
@@ -323,9 +370,13 @@ class Checkpointer:
         _barrier()
         try:
             dcp.save(state, checkpoint_id=str(tmp), planner=InPlaceSavePlanner())
-        except BaseException:
+        except BaseException as e:
+            refused = _refused_write(e, tmp)  # before the partial folder is deleted, which frees its space
+            _barrier_quietly()
             if _rank() == 0:  # every rank has stopped writing: DCP gathers the ranks' outcomes before raising
                 shutil.rmtree(tmp, ignore_errors=True)
+            if refused is not None:
+                raise refused from None
             raise
         # Each rank hashes the files it wrote (DCP names them __RANK_N.distcp); rank 0 also DCP's metadata.
         mine = sorted(p.name for p in tmp.glob(f"__{_rank()}_*.distcp"))
@@ -360,7 +411,7 @@ class Checkpointer:
     @staticmethod
     def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
         with open(folder / MANIFEST, "w") as f:
-            f.write(json.dumps(manifest, indent=2))
+            f.write(json.dumps({**manifest, "sha256": _manifest_digest(manifest)}, indent=2))
             f.flush()
             os.fsync(f.fileno())
 

@@ -7,6 +7,7 @@ rank's stdout/stderr) are kept in ``RUN_DIR/torchx``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
 import subprocess
@@ -74,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     checked = config_or_exit(parse_train_args([*train_args, "--run-dir", str(args.run_dir)]))
     if isinstance(checked, int):
         return checked
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+    refused = write_refused(args.run_dir)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
     # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.
     bin_dir = str(Path(sys.executable).parent)
@@ -91,10 +95,38 @@ def main(argv: list[str] | None = None) -> int:
             print(f"training job failed (exit {rc}); restarting from the latest checkpoint in {args.run_dir}",
                   flush=True)
     if rc != 0:
-        print(f"error: training job failed (exit {rc}); rank logs are in {args.run_dir / 'torchx'} and "
+        # torchx keeps the ranks' output in RUN_DIR/torchx: on a full or read-only disk it is lost with their errors
+        refused = write_refused(args.run_dir)
+        why = f"; {refused}" if refused else ""
+        print(f"error: training job failed (exit {rc}){why}; rank logs are in {args.run_dir / 'torchx'} and "
               f"{args.run_dir / 'logs'}", file=sys.stderr)
         return 1
     return 0
+
+
+def write_refused(run_dir: Path, probe_bytes: int = 1 << 20) -> str | None:
+    """What stops writes in ``run_dir`` (made if missing), as the error's words, or ``None``: a probe file of 1 MiB
+    is written, synced and removed (a full disk, a read-only mount or a missing permission all show; ``chmod``
+    alone does not stop root, a read-only mount does)."""
+    probe = run_dir / f".write_probe_{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(bytes(probe_bytes))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror or str(e))
+        return (f"{e.filename or run_dir}: {what}; the run dir must be writable with room for checkpoints and "
+                f"logs: free space or make it writable (or point --run-dir elsewhere), then rerun the same command "
+                f"(a run dir with checkpoints resumes from its newest complete one)")
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:  # a read-only file system may say so even for a file that is not there
+            pass
+    return None
 
 
 if __name__ == "__main__":

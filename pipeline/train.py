@@ -24,6 +24,7 @@ from dqrm.pipeline.cli import config_or_exit, parse_args
 from dqrm.pipeline.config import JobConfig
 from dqrm.pipeline.data import build_splits, resolve_data
 from dqrm.pipeline.export import finish_export, write_integer_rows
+from dqrm.pipeline.launch import write_refused
 from dqrm.pipeline.parallelize import build_sharded_model
 from dqrm.pipeline.phases import PhaseLog
 from dqrm.pipeline.quiet import quiet_library_noise
@@ -98,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:  # the file system refused: full, read-only, no permission
         print(f"error: {os_error_line(e, cfg.run_path)}", file=sys.stderr)
+        return 1
+    except RuntimeError:
+        # torch's writers (torch.jit.save, torch.save) report a full disk as a RuntimeError ("unexpected pos")
+        refused = write_refused(cfg.run_path)
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 1
     return 0
 

@@ -86,5 +86,21 @@ def test_bad_maps_name_the_file_and_table(tmp_path):
         RowMap(tuple(SIZES), tuple(kept))
 
 
+def test_a_damaged_map_is_refused_naming_the_file(tmp_path):
+    """Truncated or with one bit flipped (found by bench.faults: both were a traceback from inside numpy's zip
+    reader): a one-line error naming the file."""
+    kept = [None] * 26
+    kept[9] = np.arange(0, SIZES[9], 3, dtype=np.int32)
+    RowMap(tuple(SIZES), tuple(kept)).save(tmp_path / "map.npz")
+    whole = (tmp_path / "map.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(whole[: len(whole) * 2 // 3])
+    flipped = bytearray(whole)
+    flipped[len(whole) // 2] ^= 0x10  # inside C10's codes: the zip member's CRC no longer matches
+    (tmp_path / "flip.npz").write_bytes(bytes(flipped))
+    for name in ("cut.npz", "flip.npz"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable row map .*; it may be damaged"):
+            load_row_map(tmp_path / name)
+
+
 def test_kept_by_count():
     assert kept_by_count(np.array([0, 3, 1, 5, 2]), 2).tolist() == [1, 3, 4]

@@ -105,6 +105,14 @@ def test_budget_at_world_size_1_fits_serves_exactly_and_resumes(tmp_path, capsys
     capsys.readouterr()
     assert train.main([*BUDGET, "--run-dir", str(moved), "--epochs", "3"]) == 0, capsys.readouterr().err[-2000:]
     assert [e["epoch"] for e in _check_budgeted_run(moved)["epochs"]] == [1, 2, 3]
+    # a damaged row map is refused before anything starts: the checkpoints were trained with the recorded one
+    data = bytearray((moved / "row_map.npz").read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (moved / "row_map.npz").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert train.main([*BUDGET, "--run-dir", str(moved), "--epochs", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {moved / 'row_map.npz'}: checksum does not match budget.json's record"), err
 
 
 def test_budget_at_world_size_2_serves_exactly(tmp_path):

@@ -6,7 +6,10 @@ place."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import gc
+import os
+import subprocess
 import json
 import logging
 import shutil
@@ -299,6 +302,46 @@ def test_a_rejected_checkpoint_never_counts_toward_the_k_kept(tmp_path, caplog):
     assert all(verify(p) is None for p in checkpointer.complete())
     # The verdict is remembered: the next resume does not hash the damaged one again (it is not a candidate).
     assert checkpointer.latest_valid() == again
+
+
+@one_process
+def test_a_manifest_whose_progress_was_changed_is_rejected(tmp_path):
+    """The manifest's progress (step, position in the epoch, running loss) is restored as it is: one changed digit
+    that leaves valid JSON must not pass (found by bench.faults: a flipped bit in the running loss resumed with it)."""
+    model, optimizer = _small()
+    checkpointer = Checkpointer(tmp_path)
+    checkpointer.save(1, model, optimizer, {"loss_sum": 0.5329361772785585}, keep=2)
+    newest = checkpointer.save(2, model, optimizer, {"loss_sum": 0.5329361772785585}, keep=2)
+    text = (newest / MANIFEST).read_text()
+    assert verify(newest) is None and "0.5329361772785585" in text
+    (newest / MANIFEST).write_text(text.replace("0.5329361772785585", "0.5329361772785584"))
+    assert "manifest.json checksum mismatch" in verify(newest)
+    assert checkpointer.latest_valid() == tmp_path / "step_00000001"
+    assert checkpointer.rejected() == [newest]
+
+
+@one_process
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_disk_that_fills_during_the_save_stops_with_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    """The space check passes (the disk fills up meanwhile, here: the check is told so), DCP's writers hit ENOSPC:
+    the save raises the OSError (DCP wraps it in a CheckpointException, a BaseException the job's one-line error
+    would miss; found by bench.faults), leaves no partial folder, and the checkpoint before it stays whole."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
+    try:
+        small, small_opt = _small()
+        checkpointer = Checkpointer(disk)
+        first = checkpointer.save(1, small, small_opt, {"step": 1}, keep=2)
+        big = nn.Linear(1024, 1024)  # 4 MB: more than the disk holds
+        big_opt = torch.optim.SGD(big.parameters(), lr=0.1)
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2 ** 40, used=0, free=2 ** 40))
+        with pytest.raises(OSError) as e:
+            checkpointer.save(2, big, big_opt, {"step": 2}, keep=2)
+        assert e.value.errno == errno.ENOSPC and str(disk) in str(e.value.filename), e.value
+        assert _names(disk) == ["step_00000001"] and verify(first) is None
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @one_process

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from dqrm.pipeline.launch import write_refused
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -106,3 +108,31 @@ def test_failed_job_exits_nonzero(tmp_path):
     assert "train.parquet" in out and "Parquet" in out
     run = tmp_path / "run"
     assert f"rank logs are in {run / 'torchx'} and {run / 'logs'}" in out, out[-2000:]
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only bind or a tmpfs needs root")
+
+
+@needs_root
+def test_a_run_dir_that_refuses_writes_is_refused_before_torchx_starts(tmp_path):
+    """A read-only run dir (found by bench.faults: torchx's own traceback, then a pointer to logs it could not write)
+    and a full disk are named in one line, before torchx or a worker starts."""
+    run = tmp_path / "run"
+    run.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(run), str(run)], check=True)
+    try:
+        proc = _launch(run, tmp_path / "cache")
+    finally:
+        subprocess.run(["umount", "-l", str(run)], check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {run}") and "the file system is read-only" in last and "rerun" in last, last
+    assert "torchx" not in proc.stdout and not (run / "torchx").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(full)], check=True)
+    try:
+        refused = write_refused(full / "run")
+    finally:
+        subprocess.run(["umount", "-l", str(full)], check=False)
+    assert refused is not None and "the disk is full" in refused and str(full / "run") in refused, refused
