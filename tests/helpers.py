@@ -90,3 +90,20 @@ def train_steps(model, optimizer, batch_list: list[Batch]) -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def served_leaving_inputs_alone(serve, batch) -> torch.Tensor:
+    """``serve``'s logits on ``batch`` (an ``out_of_range_batch``), after checking that the call left the caller's
+    tensors alone (the out-of-range id still there), that a second call gives the same, and that the id is read as
+    FBGEMM's bounds check reads it: as row 0."""
+    dense, values, lengths, i = batch
+    inputs = [dense.clone(), values.clone(), lengths.clone()]
+    with torch.no_grad():
+        served = serve(*inputs)
+        assert torch.equal(inputs[1], values) and values[i] == CARDS[0] + 4  # still out of range
+        assert torch.equal(inputs[0], dense) and torch.equal(inputs[2], lengths)
+        assert torch.equal(serve(*inputs), served)
+        zeroed = values.clone()
+        zeroed[i] = 0
+        assert torch.equal(serve(dense, zeroed, lengths), served)
+    return served

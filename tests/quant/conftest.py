@@ -42,3 +42,4 @@ def out_of_range_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
     i = int(lengths[0]) - 1  # the last id of sample 0's bag in table 0
     values[i] = CARDS[0] + 4
     return torch.randn(batch, 13, generator=gen), values, lengths, i
+
