@@ -1,6 +1,6 @@
-"""The benches as documented: `make bench` runs exactly the list the README gives, with the same time estimate;
+"""The benches as documented: `make bench` runs exactly the list docs/benchmarks.md gives, with the same time estimate;
 each bench writes result files named after it; every committed result says what produced it (command, commit,
-machine), so a figure in the README can be traced to the code and machine behind it."""
+machine), so a figure in the docs can be traced to the code and machine behind it."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def _readme_make_bench() -> tuple[str, list[str]]:
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
     intro = re.search(r"`make bench` runs the (\d+) benchmarks.*?\n```\n(.*?)\n```", text, re.S)
-    assert intro, "README: no `make bench` paragraph followed by its list"
+    assert intro, "docs/benchmarks.md: no `make bench` paragraph followed by its list"
     names = re.findall(r"^\.venv/bin/python -m bench\.(\w+)", intro.group(2), re.M)
     assert len(names) == int(intro.group(1)), (intro.group(1), names)
     return intro.group(0), names

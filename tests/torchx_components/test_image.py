@@ -108,8 +108,8 @@ def test_dockerfile_pins_nothing_itself():
         assert not re.search(rf"\b{re.escape(name)}\s*[=<>~]=", text, re.IGNORECASE), f"the Dockerfile pins {name}"
 
 
-def test_readme_build_commands_use_the_dockerfile_args():
-    builds = [shlex.split(line) for line in (ROOT / "README.md").read_text().splitlines()
+def test_documented_build_commands_use_the_dockerfile_args():
+    builds = [shlex.split(line) for line in (ROOT / "docs" / "launching.md").read_text().splitlines()
               if line.startswith("docker build ")]
     flavors = set()
     for words in builds:
