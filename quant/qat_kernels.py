@@ -5,6 +5,10 @@ twenty-odd small torch ops of each fake-quant (MLP weights: about ten per layer;
 twenty-five per TBE). Each kernel here is one call doing the same operations in the same order in float32, so it
 gives the same bits (``tests/quant/test_qat_kernels.py`` compares them); the torch versions stay for other devices
 and the less common cases. No library has these kernels, so they are written here.
+
+numba caches the compiled loops in ``__pycache__`` (``cache=True``) under this file's name and date, and the
+cache refers to the module by its import name: a cache written while it had another name (``quant.qat_kernels`` before
+the package installed as ``dqrm``) fails to load, so an edit of this file, which renews its date, renews the cache.
 """
 
 from __future__ import annotations

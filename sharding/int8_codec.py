@@ -9,6 +9,10 @@ it); the torch version stays for other devices. No library has this codec, so it
 
 Segments are rows ``(offset, size, first row, rows)`` of the bucket: a parameter of ``rows`` output rows, each
 ``size // rows`` long (a bias is one row).
+
+numba caches the compiled loops in ``__pycache__`` (``cache=True``) under this file's name and date, and the
+cache refers to the module by its import name: a cache written while it had another name (``sharding.int8_codec`` before
+the package installed as ``dqrm``) fails to load, so an edit of this file, which renews its date, renews the cache.
 """
 
 from __future__ import annotations
