@@ -1,7 +1,10 @@
 """``make train``: launch ``pipeline.train`` through ``torchx run -s local_cwd`` and fail when the job fails.
 
 Everything after ``--`` goes to ``python -m dqrm.pipeline.train``. torchx's own logs (one folder per attempt, with each
-rank's stdout/stderr) are kept in ``RUN_DIR/torchx``.
+rank's stdout/stderr) are kept in ``RUN_DIR/torchx``. torchx writes them as the job runs into a folder of the system's
+temporary directory first and they are copied into the run dir after each attempt: on a full or read-only run dir
+torchx's log threads would otherwise fail (with tracebacks of their own) and lose the ranks' error messages; when the
+copy fails too, the error says where the logs are.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ import argparse
 import errno
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -22,11 +27,11 @@ def component() -> str:
     return f"{importlib.util.find_spec('dqrm.torchx_components.dlrm').origin}:train"
 
 
-def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, scheduler: str = "local_cwd",
+def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, log_dir: Path, scheduler: str = "local_cwd",
                    max_retries: int = 0) -> list[str]:
     torchx = str(Path(sys.executable).with_name("torchx"))
     return [torchx, "run", "-s", scheduler, "--wait", "--log",
-            "--scheduler_args", f"log_dir={run_dir / 'torchx'}",
+            "--scheduler_args", f"log_dir={log_dir}",
             component(), "--nproc_per_node", str(nproc), "--max_retries", str(max_retries),
             "--", "--run-dir", str(run_dir), *train_args]
 
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     if refused:
         print(f"error: {refused}", file=sys.stderr)
         return 2
-    cmd = torchx_command(args.run_dir, args.nproc, train_args, max_retries=args.max_retries)
+    staging = Path(tempfile.mkdtemp(prefix="dqrm-torchx-"))
+    cmd = torchx_command(args.run_dir, args.nproc, train_args, log_dir=staging, max_retries=args.max_retries)
     # torchx's local_cwd scheduler runs `torchrun` from PATH: make it this environment's.
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
@@ -89,19 +95,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"+ {' '.join(cmd)}" + (f"   (attempt {attempt + 1} of {args.max_retries + 1})" if attempt else ""),
               flush=True)
         rc = subprocess.call(cmd, env={**env, "DQRM_ATTEMPT": str(attempt)})
+        logs = keep_logs(staging, args.run_dir / "torchx")
         if rc == 0:
             break
         if attempt < args.max_retries:
             print(f"training job failed (exit {rc}); restarting from the latest checkpoint in {args.run_dir}",
                   flush=True)
+    if logs != staging:
+        shutil.rmtree(staging, ignore_errors=True)
     if rc != 0:
-        # torchx keeps the ranks' output in RUN_DIR/torchx: on a full or read-only disk it is lost with their errors
         refused = write_refused(args.run_dir)
         why = f"; {refused}" if refused else ""
-        print(f"error: training job failed (exit {rc}){why}; rank logs are in {args.run_dir / 'torchx'} and "
-              f"{args.run_dir / 'logs'}", file=sys.stderr)
+        print(f"error: training job failed (exit {rc}){why}; rank logs are in {logs} and {args.run_dir / 'logs'}",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def keep_logs(staging: Path, kept: Path) -> Path:
+    """Copy torchx's logs from ``staging`` into ``kept`` (the run dir's ``torchx``) and return where they are now:
+    ``kept``, or ``staging`` (left in place) where the run dir refuses the copy."""
+    try:
+        shutil.copytree(staging, kept, dirs_exist_ok=True)
+    except (OSError, shutil.Error):
+        return staging
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(exist_ok=True)  # the next attempt writes here again
+    return kept
 
 
 def write_refused(run_dir: Path, probe_bytes: int = 1 << 20) -> str | None:
