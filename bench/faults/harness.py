@@ -108,13 +108,17 @@ _ERROR = re.compile(r"(?:^|\]:)\s*(error: .*)$")
 _WORKER = re.compile(r"^\S+ \[\d+\]:")
 
 
+_GENERIC = re.compile(r"training job failed \(exit -?\d+\); rank logs are in ")
+
+
 def error_lines(text: str) -> tuple[str, ...]:
     """The ``error:`` lines of a command's output, a worker's prefix removed, without the launcher's generic
-    'training job failed' line (it names the logs, not the fault)."""
+    'training job failed' line (it names the logs, not the fault); the launcher's line with its diagnosis of the run
+    dir (full, read-only) counts."""
     out = []
     for line in text.splitlines():
         m = _ERROR.search(line)
-        if m and "training job failed (exit" not in m.group(1):
+        if m and not _GENERIC.search(m.group(1)):
             out.append(m.group(1))
     return tuple(dict.fromkeys(out))
 

@@ -127,6 +127,9 @@ def test_output_parsing():
             "train/0 [1]:[rank1]: Traceback (most recent call last)\n"
             "error: training job failed (exit 1); rank logs are in /r/torchx and /r/logs\n")
     assert error_lines(text) == ("error: /r/row_map.npz: not a readable row map",)
+    # the launcher's line counts where it diagnoses the run dir
+    diagnosed = "error: training job failed (exit 1); /r: the disk is full; free space; rank logs are in /tmp/x"
+    assert error_lines(diagnosed) == (diagnosed,)
     assert has_traceback(text, workers_only=True)
     assert not has_traceback("train/0 Traceback (most recent call last)", workers_only=True)  # torchrun's own
     assert has_traceback("Traceback (most recent call last)", workers_only=False)
