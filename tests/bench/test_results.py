@@ -30,10 +30,18 @@ def test_make_bench_runs_the_readme_list_with_the_same_estimate():
     assert estimate.search(makefile).group(1) == estimate.search(paragraph).group(1)
 
 
+def _benches() -> dict[str, list[Path]]:
+    """Each bench by name (``python -m bench.NAME``): a module, or a package and its modules."""
+    out = {p.stem: [p] for p in (ROOT / "bench").glob("*.py")}
+    out.update({p.parent.name: sorted(p.parent.glob("*.py")) for p in (ROOT / "bench").glob("*/__main__.py")})
+    return out
+
+
 def test_each_bench_writes_files_named_after_it():
-    for module in sorted((ROOT / "bench").glob("*.py")):
-        for name in re.findall(r"\bsave\(\s*['\"](\w+)['\"]", module.read_text()):
-            assert name == module.stem or name.startswith(module.stem + "_"), (module.name, name)
+    for bench, files in sorted(_benches().items()):
+        for module in files:
+            for name in re.findall(r"\bsave\(\s*['\"](\w+)['\"]", module.read_text()):
+                assert name == bench or name.startswith(bench + "_"), (module.name, name)
 
 
 # Written before results recorded what produced them in their text, and not rerun yet: the reason, and what reruns it.
@@ -51,4 +59,4 @@ def test_every_committed_result_says_what_produced_it():
         record = json.loads(path.read_text())
         missing = [k for k in ("command", "commit", "machine") if k not in record]
         assert not missing, (path.name, missing)
-        assert path.stem.startswith(tuple(p.stem for p in (ROOT / "bench").glob("*.py"))), path.name
+        assert path.stem.startswith(tuple(_benches())), path.name
