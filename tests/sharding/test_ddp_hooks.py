@@ -73,7 +73,7 @@ class _Messages(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.name.startswith("sharding") or record.levelno >= logging.WARNING:  # not "resumed from ..."
+        if record.name.startswith("dqrm.sharding") or record.levelno >= logging.WARNING:  # not "resumed from ..."
             self.messages.append(record.getMessage())
 
 
@@ -108,7 +108,7 @@ def _job(rank, world_size, resume_from: str | None, save_to: str):
     from dqrm.pipeline.checkpoint import Checkpointer
 
     messages = _Messages()
-    for name in ("sharding", "pipeline"):
+    for name in ("dqrm.sharding", "dqrm.pipeline"):
         logging.getLogger(name).addHandler(messages)
         logging.getLogger(name).setLevel(logging.INFO)
     gen = torch.Generator().manual_seed(100 * world_size + rank)
