@@ -124,6 +124,13 @@ def keep_logs(staging: Path, kept: Path) -> Path:
     return kept
 
 
+def refusal(e: OSError) -> str:
+    """Why the file system refused a write, in the words the job's and the launcher's errors use."""
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+            errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+            errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
+
+
 def write_refused(run_dir: Path, probe_bytes: int = 1 << 20) -> str | None:
     """What stops writes in ``run_dir`` (made if missing), as the error's words, or ``None``: a probe file of 1 MiB
     is written, synced and removed (a full disk, a read-only mount or a missing permission all show; ``chmod``
@@ -136,9 +143,7 @@ def write_refused(run_dir: Path, probe_bytes: int = 1 << 20) -> str | None:
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-                errno.EROFS: "the file system is read-only"}.get(e.errno, e.strerror or str(e))
-        return (f"{e.filename or run_dir}: {what}; the run dir must be writable with room for checkpoints and "
+        return (f"{e.filename or run_dir}: {refusal(e)}; the run dir must be writable with room for checkpoints and "
                 f"logs: free space or make it writable (or point --run-dir elsewhere), then rerun the same command "
                 f"(a run dir with checkpoints resumes from its newest complete one)")
     finally:

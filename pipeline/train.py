@@ -9,7 +9,6 @@ go to ``logs/phases_rankR.json``.
 
 from __future__ import annotations
 
-import errno
 import gc
 import logging
 import sys
@@ -24,7 +23,7 @@ from dqrm.pipeline.cli import config_or_exit, parse_args
 from dqrm.pipeline.config import JobConfig
 from dqrm.pipeline.data import build_splits, resolve_data
 from dqrm.pipeline.export import finish_export, write_integer_rows
-from dqrm.pipeline.launch import write_refused
+from dqrm.pipeline.launch import refusal, write_refused
 from dqrm.pipeline.parallelize import build_sharded_model
 from dqrm.pipeline.phases import PhaseLog
 from dqrm.pipeline.quiet import quiet_library_noise
@@ -114,10 +113,7 @@ def os_error_line(e: OSError, run_dir) -> str:
     """One line for a write the file system refused: the file, why, and what to do (the newest complete checkpoint
     and any finished artifact are untouched: checkpoints are written aside and renamed, so a rerun resumes)."""
     where = e.filename or run_dir
-    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
-           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-           errno.EPERM: "permission denied"}.get(e.errno, e.strerror or str(e))
-    return (f"{where}: {why} ({e.strerror or e}). Free space or make {run_dir} writable (or point --run-dir "
+    return (f"{where}: {refusal(e)} ({e.strerror or e}). Free space or make {run_dir} writable (or point --run-dir "
             f"elsewhere), then rerun the same command: the job resumes from its newest complete checkpoint")
 
 
