@@ -14,7 +14,7 @@ ARGS ?=
 BENCHES ?= reader_headroom artifact_sizes checkpoint_memory comm inference train_throughput serving_limits \
 	row_alignment qat_overhead parse_paths scale_plans logging_overhead
 
-.PHONY: train test bench env clean-env
+.PHONY: train test bench env clean-env kaggle-sample
 
 env: $(STAMP)
 
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml scripts/requirements.py
 ## train: the default job (2 workers via `torchx run -s local_cwd`); CONFIG=, RUN_DIR=, NPROC=, RETRIES=, ARGS= override
 train: $(STAMP)
 	$(PY) -m dqrm.pipeline.launch --run-dir $(RUN_DIR) --nproc $(NPROC) --max-retries $(RETRIES) -- --config $(CONFIG) $(ARGS)
+
+## kaggle-sample: the real 137k-row Criteo sample (../shared/data/criteo-real) -> data/kaggle_sample, for CONFIG=kaggle_sample
+SAMPLE ?= ../shared/data/criteo-real/kaggle_random_sample_137k.tsv.gz
+kaggle-sample: $(STAMP)
+	$(PY) -m dqrm.datasets.convert $(SAMPLE) --split kaggle --vocab-min-count 1 --out data/kaggle_sample
 
 ## test: the whole test suite
 test: $(STAMP)

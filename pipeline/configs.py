@@ -19,6 +19,10 @@ DLRMV2_CARDINALITIES = (40000000, 39060, 17295, 7424, 20265, 3, 7122, 1543, 63, 
 DLRMV2_CAP = 200_000
 """Rows per table in ``dlrm_v2``: 1.72M rows x 128 x 4 B = 0.88 GB of FP32 tables for both ranks (the full 40M cap
 is 204M rows, 104 GB)."""
+KAGGLE_SAMPLE_CARDINALITIES = (574, 523, 53717, 28553, 145, 12, 8302, 274, 4, 12994, 3981, 49112, 2905, 27, 5629,
+                               40597, 11, 2737, 1296, 4, 45598, 13, 15, 13288, 53, 10123)
+"""The sample's vocabulary sizes + 1 (``--split kaggle --vocab-min-count 1``: every id seen in its 117,548 training
+rows, 280,487 rows in all); the job reads them from the vocabulary, these document the model without the data."""
 TERABYTE_CARDINALITIES = (9980333, 36084, 17217, 7378, 20134, 3, 7112, 1442, 61, 9758201, 1333352, 313829, 10, 2208,
                           11156, 122, 4, 970, 14, 9994222, 7267859, 9946608, 415421, 12420, 101, 36)
 
@@ -81,6 +85,25 @@ def kaggle() -> JobConfig:
         quant=QuantSpec(scale_update_every=200),
         run_dir="runs/kaggle",
     )
+
+
+def kaggle_sample() -> JobConfig:
+    """INT4 QAT on the real 137k-row Criteo Kaggle sample (``../shared/data/criteo-real``), converted with
+    ``--split kaggle --vocab-min-count 1`` into ``data/kaggle_sample`` (``make kaggle-sample``): every id seen in
+    training gets a row (the table sizes come from the vocabulary), ``kaggle``'s MLPs and dimension, global batch 256,
+    SGD 0.1, 5 epochs."""
+    return dataclasses.replace(
+        kaggle(), name="kaggle_sample",
+        model=dataclasses.replace(kaggle().model, num_embeddings=KAGGLE_SAMPLE_CARDINALITIES),
+        data=DataConfig(data_dir="data/kaggle_sample", vocab_dir="data/kaggle_sample/vocab", batch_size=128,
+                        eval_batch_size=16384),
+        epochs=5, run_dir="runs/kaggle_sample")
+
+
+def kaggle_sample_fp32() -> JobConfig:
+    """``kaggle_sample`` without quantization."""
+    return dataclasses.replace(kaggle_sample(), name="kaggle_sample_fp32", quant_mode="fp32",
+                               run_dir="runs/kaggle_sample_fp32")
 
 
 def terabyte() -> JobConfig:
@@ -153,7 +176,8 @@ def dlrm_v2_tiny() -> JobConfig:
 
 CONFIGS: dict[str, Callable[[], JobConfig]] = {
     f.__name__: f for f in (default, default_fp32, default_int8, default_ptq4, default_int4_row, tiny, kaggle,
-                            kaggle_fp32, terabyte, terabyte_fp32, terabyte_synthetic, dlrm_v2, dlrm_v2_tiny)}
+                            kaggle_fp32, kaggle_sample, kaggle_sample_fp32, terabyte, terabyte_fp32,
+                            terabyte_synthetic, dlrm_v2, dlrm_v2_tiny)}
 
 
 def get_config(name: str) -> JobConfig:
