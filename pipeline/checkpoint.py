@@ -36,6 +36,8 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from dqrm.pipeline.dcp_reader import BoundedFileSystemReader
+from dqrm.pipeline.optim_state import (OptimizerStateMismatch, agreed, check_nothing_left_behind, init_lazy_state,
+                                       loadable, plan_row_state_carry, read_carried, stateful)
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -435,8 +437,17 @@ class Checkpointer:
         state = {"model": model.state_dict()}
         # Plain SGD has no state tensors, so nothing of it is in the checkpoint (its lr comes from the config).
         has_optim_state = any(k.startswith("optim.") for k in saved)
+        if not has_optim_state and stateful(optimizer):
+            raise OptimizerStateMismatch(f"{path}: the checkpoint has no optimizer state (it was written with plain "
+                                         f"SGD) but this job's optimizer keeps some; resume with optim.embedding=sgd "
+                                         f"optim.dense=sgd, or start a new run dir")
+        carry: dict[str, dict] = {}
         if has_optim_state:
-            state["optim"] = optimizer.state_dict()
+            init_lazy_state(optimizer)
+            optim_state = optimizer.state_dict()
+            carry = agreed(plan_row_state_carry, saved, optim_state, path)
+            agreed(check_nothing_left_behind, saved, optim_state, carry, path)
+            state["optim"] = loadable(optim_state, carry)
         extra = {}
         for name in self.extra:
             # Every rank reads every rank's entries: its object takes its own or, at another world size, carries
@@ -455,6 +466,7 @@ class Checkpointer:
         self.last_load_streamed = reader.streamed_items
         model.load_state_dict(state["model"])
         if has_optim_state:
-            optimizer.load_state_dict(state["optim"])
+            read_carried(path, carry, optim_state, manifest["step"])
+            optimizer.load_state_dict(optim_state)
         log.info("resumed from %s (step %d)", path, manifest["step"])
         return manifest["progress"]

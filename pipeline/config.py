@@ -98,22 +98,39 @@ class DataConfig:
         return ReaderConfig(batch_size=self.eval_batch_size, vocab_dir=vocab, row_map=row_map)
 
 
+EMBEDDING_OPTIMIZERS = ("sgd", "rowwise_adagrad")
+DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
+
+
 @dataclasses.dataclass(kw_only=True)
 class OptimConfig:
-    """Plain SGD, as in the DQRM paper."""
+    """Plain SGD by default, as in the DQRM paper; row-wise Adagrad for the tables and Adagrad or Adam for the rest, as
+    MLPerf's DLRM and TorchRec's examples train."""
 
+    embedding: str = "sgd"
+    """Optimizer of every embedding table, wherever the plan puts it: ``sgd`` or ``rowwise_adagrad`` (one
+    accumulator per row: FBGEMM's fused ``EXACT_ROWWISE_ADAGRAD`` on the sharded tables, TorchRec's
+    ``RowWiseAdagrad``, the same update, on the data-parallel ones)."""
+    dense: str = "sgd"
+    """Optimizer of every parameter that is not an embedding table (MLPs, cross layers): ``sgd``, ``adagrad`` or
+    ``adam``."""
     lr: float = 0.1
-    """Learning rate of the MLPs' SGD."""
+    """Learning rate of the dense optimizer (MLPs)."""
     embedding_lr: float = 0.1
     """Learning rate of every embedding table, wherever the plan puts it: the sharded tables' fused (in-backward)
-    SGD and the data-parallel tables' plain SGD (TorchRec keeps those as dense parameters), so that a placement
-    change does not change the optimization."""
+    optimizer and the data-parallel tables' (TorchRec keeps those as dense parameters), so that a placement change
+    does not change the optimization."""
+    eps: float = 1e-8
+    """Epsilon of Adagrad, row-wise Adagrad and Adam (FBGEMM's default); unused by SGD."""
 
     def __post_init__(self) -> None:
-        for name in ("lr", "embedding_lr"):
+        for name in ("lr", "embedding_lr", "eps"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"optim.{name} must be a positive number, got {value}")
+        for name, choices in (("embedding", EMBEDDING_OPTIMIZERS), ("dense", DENSE_OPTIMIZERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"optim.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
 
 
 PROFILE_STEPS = re.compile(r"^(\d+):(\d+)$")

@@ -175,7 +175,8 @@ def learning_rates(optimizer: Optimizer | None) -> dict[str, float]:
     rates: dict[str, list[float]] = {}
     for _, part in getattr(optimizer, "optimizers", [("", optimizer)]):
         names = getattr(part, "params", {})
-        kind = "embedding" if any(".sparse_arch." in f".{n}" for n in names) else "mlp"
+        # a table's weight is an EmbeddingBagCollection's (TorchRec names its tables ``...embedding_bags.NAME``)
+        kind = "embedding" if any(".embedding_bags." in f".{n}" for n in names) else "mlp"
         for group in part.param_groups:
             if float(group["lr"]) not in rates.setdefault(kind, []):
                 rates[kind].append(float(group["lr"]))

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from dqrm.pipeline.config import JobConfig, to_dict
 from dqrm.pipeline.model import build_dlrm
-from dqrm.pipeline.optimizer import build_optimizer, fuse_embedding_optimizer
+from dqrm.pipeline.optimizer import build_optimizer, describe as describe_optimizers, fuse_embedding_optimizer
 from dqrm.quant.api import QATConfig, quantize_, set_fake_quant
 from dqrm.sharding.byte_counter import ByteCounter
 from dqrm.sharding.comm import check_qcomms, compress_gradients, sharders_for
@@ -45,10 +45,7 @@ def build_sharded_model(cfg: JobConfig, rank: int, world_size: int, device: torc
     if rank == 0:
         run_dir = cfg.run_path
         log.info("sharding plan:\n%s", plan_table(rows))
-        replicated = [r["table"] for r in rows if r["sharding"] == "data_parallel"]
-        log.info("learning rates: every table %g (optim.embedding_lr; fused for the sharded ones%s); MLPs %g "
-                 "(optim.lr)", cfg.optim.embedding_lr,
-                 f", plain SGD for the {len(replicated)} data-parallel ones" if replicated else "", cfg.optim.lr)
+        log.info("optimizers: %s", describe_optimizers(cfg.optim))
         save_plan(rows, run_dir / "plan.json")
         try:
             save_placements(placements_from_plan(plan), run_dir / "placements.json")

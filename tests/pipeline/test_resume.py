@@ -34,12 +34,23 @@ def _metrics(run_dir: Path) -> list[dict]:
             for e in json.loads((run_dir / "summary.json").read_text())["epochs"]]
 
 
-@pytest.mark.parametrize("dense", ["fp32", "int8_ef"])
-def test_killed_worker_restarts_and_matches_uninterrupted_run(dense, tmp_path):
-    """Also with INT8 MLP gradients, whose error-feedback residuals are part of the training state."""
-    cache, args = tmp_path / "cache", [*ARGS, f"comm.dense={dense}"]
+# row-wise Adagrad on every table (fused on the sharded ones, TorchRec's on the two data-parallel ones) with Adam or
+# Adagrad on the MLPs: their state is part of what a restart must read back
+ADAGRAD = ["optim.embedding=rowwise_adagrad", "optim.embedding_lr=0.1", "optim.lr=0.01", "plan.data_parallel_max_rows=4"]
+
+
+@pytest.mark.parametrize("settings", [["comm.dense=fp32"], ["comm.dense=int8_ef"],
+                                      ["comm.dense=fp32", *ADAGRAD, "optim.dense=adam"],
+                                      ["comm.dense=fp32", *ADAGRAD, "optim.dense=adagrad"]],
+                         ids=["sgd", "sgd-int8_ef", "rowwise_adagrad-adam", "rowwise_adagrad-adagrad"])
+def test_killed_worker_restarts_and_matches_uninterrupted_run(settings, tmp_path):
+    """Also with INT8 MLP gradients, whose error-feedback residuals are part of the training state, and with
+    optimizers that keep state; under each, the exported INT4 artifact is the model the job evaluated."""
+    cache, args = tmp_path / "cache", [*ARGS, *settings]
     clean = _launch(tmp_path / "clean", cache, *args)
     assert clean.returncode == 0, clean.stderr[-3000:]
+    optimizers = "every table row-wise Adagrad" if ADAGRAD[0] in settings else "every table SGD"
+    assert optimizers in (tmp_path / "clean" / "logs" / "rank0.log").read_text()
     killed = _launch(tmp_path / "killed", cache, *args, retries=1,
                      env={"DQRM_FAULT_KILL_AT_STEP": "40", "DQRM_FAULT_KILL_RANK": "1"})
     out = killed.stdout + killed.stderr
