@@ -146,8 +146,8 @@ def dlrm_v2() -> JobConfig:
     """MLPerf DLRMv2's model (TorchRec's ``DLRM_DCN``): 26 tables of dim 128, bottom MLP 13-512-256-128, 3 DCNv2
     cross layers of rank 512 over the 27 vectors (10.6M weights, quantized like the MLPs), top MLP
     1024-1024-512-256-1, INT4 QAT; the tables capped at ``DLRMV2_CAP`` rows so that 2 ranks hold them on this
-    machine, on synthetic data with those cardinalities. The job's SGD (MLPerf trains it with Adagrad, which the job
-    does not offer yet): 200 steps of global batch 2048, then export."""
+    machine, on synthetic data with those cardinalities. The job's SGD by default (MLPerf trains it with Adagrad: ``--set
+    optim.embedding=rowwise_adagrad optim.dense=adagrad``): 200 steps of global batch 2048, then export."""
     cards = tuple(min(n, DLRMV2_CAP) for n in DLRMV2_CARDINALITIES)
     return JobConfig(
         name="dlrm_v2",
