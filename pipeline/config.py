@@ -193,6 +193,9 @@ class JobConfig:
     """TensorBoard logging and the profiler window."""
     epochs: int = 5
     """Passes over the training split."""
+    early_stop_epochs: int = 0
+    """Stop before the next epoch once validation AUC has not improved for this many epochs (0 = run every epoch); the
+    model exported is the last one trained."""
     limit_train_batches: int = 0
     """Stop each epoch after this many batches (0 = the whole split)."""
     limit_eval_batches: int = 0
@@ -216,7 +219,8 @@ class JobConfig:
                              f"or ptq; quant_mode fp32 trains plain float32 MLPs (drop it, or use quant_mode qat)")
         if self.epochs < 1:
             raise ValueError(f"epochs must be at least 1, got {self.epochs}")
-        for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps", "checkpoint_every_steps"):
+        for f in ("limit_train_batches", "limit_eval_batches", "eval_every_steps", "checkpoint_every_steps",
+                  "early_stop_epochs"):
             if getattr(self, f) < 0:
                 raise ValueError(f"{f} must be >= 0, got {getattr(self, f)}")
         if self.checkpoint_keep < 1:
@@ -243,7 +247,7 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-RESUME_MAY_CHANGE = ("epochs", "limit_train_batches", "limit_eval_batches", "eval_every_steps",
+RESUME_MAY_CHANGE = ("epochs", "early_stop_epochs", "limit_train_batches", "limit_eval_batches", "eval_every_steps",
                      "checkpoint_every_steps", "checkpoint_keep", "run_dir", "name", "data.eval_batch_size",
                      "comm.count_bytes", "observe.tensorboard", "observe.log_every_steps", "observe.profile_steps")
 """Fields a resumed job may change: how long it runs, how it evaluates, checkpoints and logs, where it is."""

@@ -99,6 +99,10 @@ class Trainer:
                                      self.cfg.run_path / PROFILE_DIR, self.rank)
         try:
             for epoch in range(self.start_epoch, self.cfg.epochs):
+                reason = early_stop(self.history, self.cfg.early_stop_epochs)
+                if reason:
+                    log.info("stopping before epoch %d of %d: %s", epoch + 1, self.cfg.epochs, reason)
+                    break
                 stats = self.train_epoch(epoch)
                 stats["val"], stats["test"] = self.evaluate("val"), self.evaluate("test")
                 if self.cfg.quant_mode == "ptq":
@@ -214,6 +218,18 @@ class Trainer:
         log.info("epoch %d/%d | train loss %.4f | val AUC %.4f acc %.2f%% logloss %.4f | test AUC %.4f acc %.2f%% "
                  "logloss %.4f | %.0f samples/s", s["epoch"], self.cfg.epochs, s["train_loss"], v["auc"],
                  100 * v["accuracy"], v["logloss"], t["auc"], 100 * t["accuracy"], t["logloss"], s["samples_per_s"])
+
+
+def early_stop(history: list[dict[str, Any]], patience: int) -> str | None:
+    """Why training stops now (validation AUC not above its best for ``patience`` epochs), or None to go on."""
+    if patience <= 0 or not history:
+        return None
+    aucs = [s["val"]["auc"] for s in history]
+    best = max(range(len(aucs)), key=aucs.__getitem__)  # the first epoch with the best AUC
+    if len(aucs) - 1 - best < patience:
+        return None
+    return (f"validation AUC {aucs[best]:.4f} at epoch {best + 1} has not improved for {len(aucs) - 1 - best} "
+            f"epoch(s) (early_stop_epochs={patience}; last {aucs[-1]:.4f})")
 
 
 @contextlib.contextmanager
