@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dqrm.pipeline.config import ModelConfig
-from dqrm.pipeline.configs import get_config
+from dqrm.pipeline.configs import CONFIGS, get_config
 from dqrm.pipeline.model import build_dlrm
 
 CPU = torch.device("cpu")
@@ -72,3 +72,8 @@ def test_dlrm_init_applies_to_dcn_mlps_and_builds_on_meta():
 def test_unknown_mlp_init_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"model.mlp_init must be one of \('torch', 'dlrm'\), got 'xavier'"):
         ModelConfig(mlp_init="xavier")
+
+
+def test_only_the_configs_compared_with_the_reference_draw_like_it():
+    drawn_like_dlrm = sorted(name for name in CONFIGS if get_config(name).model.mlp_init == "dlrm")
+    assert drawn_like_dlrm == ["kaggle_sample", "kaggle_sample_fp32"]
