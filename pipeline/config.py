@@ -21,6 +21,7 @@ QUANT_MODES = ("fp32", "qat", "ptq")
 
 
 MODEL_ARCHS = ("dlrm", "dcn")
+MLP_INITS = ("torch", "dlrm")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,6 +42,9 @@ class ModelConfig:
     """Bottom MLP layer sizes; the last must equal embedding_dim."""
     over_arch: tuple[int, ...] = (256, 128, 1)
     """Top MLP layer sizes; the last must be 1."""
+    mlp_init: str = "torch"
+    """Initialization of the MLP layers: 'torch' (nn.Linear's kaiming-uniform weights, uniform biases) or 'dlrm'
+    (facebookresearch/dlrm's: weights N(0, 2/(fan_in+fan_out)), biases N(0, 1/fan_out))."""
 
     def __post_init__(self) -> None:
         self.num_embeddings = tuple(self.num_embeddings)
@@ -59,6 +63,8 @@ class ModelConfig:
             raise ValueError(f"model.over_arch must end with 1, got {self.over_arch}")
         if self.arch not in MODEL_ARCHS:
             raise ValueError(f"model.arch must be one of {MODEL_ARCHS}, got {self.arch!r}")
+        if self.mlp_init not in MLP_INITS:
+            raise ValueError(f"model.mlp_init must be one of {MLP_INITS}, got {self.mlp_init!r}")
         if self.dcn_num_layers < 1 or self.dcn_low_rank_dim < 1:
             raise ValueError(f"model.dcn_num_layers and model.dcn_low_rank_dim must be at least 1, got "
                              f"{self.dcn_num_layers} and {self.dcn_low_rank_dim}")

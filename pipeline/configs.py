@@ -90,11 +90,12 @@ def kaggle() -> JobConfig:
 def kaggle_sample() -> JobConfig:
     """INT4 QAT on the real 137k-row Criteo Kaggle sample (``../shared/data/criteo-real``), converted with
     ``--split kaggle --vocab-min-count 1`` into ``data/kaggle_sample`` (``make kaggle-sample``): every id seen in
-    training gets a row (the table sizes come from the vocabulary), ``kaggle``'s MLPs and dimension, global batch 256,
-    SGD 0.1, 5 epochs."""
+    training gets a row (the table sizes come from the vocabulary), ``kaggle``'s MLPs and dimension drawn as
+    facebookresearch/dlrm draws them (``model.mlp_init=dlrm``, as the reference this sample is compared with:
+    ``bench/reference_curves.py``), global batch 256, SGD 0.1, 5 epochs."""
     return dataclasses.replace(
         kaggle(), name="kaggle_sample",
-        model=dataclasses.replace(kaggle().model, num_embeddings=KAGGLE_SAMPLE_CARDINALITIES),
+        model=dataclasses.replace(kaggle().model, num_embeddings=KAGGLE_SAMPLE_CARDINALITIES, mlp_init="dlrm"),
         data=DataConfig(data_dir="data/kaggle_sample", vocab_dir="data/kaggle_sample/vocab", batch_size=128,
                         eval_batch_size=16384),
         epochs=5, run_dir="runs/kaggle_sample")
