@@ -129,6 +129,11 @@ def peak(rows: list[dict]) -> dict:
     return {"epoch": best["epoch"], "auc": best["auc"]["mean"]}
 
 
+def first_reaching(rows: list[dict], auc: float) -> int | None:
+    """The first epoch whose mean test AUC is at least ``auc``; None if none is."""
+    return next((r["epoch"] for r in rows if r["auc"]["mean"] >= auc), None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -177,8 +182,10 @@ def main() -> None:
     rows = {label: per_epoch(c) for label, c in curves.items()}
     peaks = {label: peak(r) for label, r in rows.items()}
     ref_peak = peaks[REFERENCE]
-    goal = {label: pk["auc"] >= ref_peak["auc"] and pk["epoch"] <= ref_peak["epoch"]
-            for label, pk in peaks.items() if label != REFERENCE}
+    # The goal (issue 31): the job's peak at least the reference's, reached in no more epochs: the job's mean curve
+    # gets to the reference's peak AUC by the reference's peak epoch.
+    reach = {label: first_reaching(r, ref_peak["auc"]) for label, r in rows.items() if label != REFERENCE}
+    goal = {label: epoch is not None and epoch <= ref_peak["epoch"] for label, epoch in reach.items()}
 
     lines = [f"real Criteo sample {args.sample.name}, --split kaggle (the reference reads the same train and test "
              f"rows); kaggle's model, SGD 0.1, global batch 256; the job {CONFIG} at 2 workers; "
@@ -195,9 +202,11 @@ def main() -> None:
     for label, r in rows.items():
         lines.append(f"  {label:<{width}}  peak {peaks[label]['auc']:.4f} at epoch {peaks[label]['epoch']:>2}   "
                      f"final {format_spread(r[-1]['auc'], '.4f')}")
+    lines.append(f"goal: the job's mean curve reaches the reference's peak ({ref_peak['auc']:.4f}) by its epoch "
+                 f"({ref_peak['epoch']})")
     for label, met in goal.items():
-        lines.append(f"goal, {label}: peak at least the reference's and in no more epochs: "
-                     f"{'met' if met else 'MISSED'}")
+        when = f"at epoch {reach[label]}" if reach[label] is not None else f"in none of the {args.epochs} epochs"
+        lines.append(f"  {label}: reaches it {when}: {'met' if met else 'MISSED'}")
     text = "\n".join(lines)
     print(text)
 
@@ -212,7 +221,7 @@ def main() -> None:
                "restricted": restricted, "jobs": JOBS, "reference_flags": list(REFERENCE_FLAGS),
                "reference_commands": {str(s): refs[s]["command"] for s in seeds},
                "spread": "mean, sample std, min, max over the seeds",
-               "per_epoch": rows, "peaks": peaks, "goal_met": goal,
+               "per_epoch": rows, "peaks": peaks, "epoch_reaching_reference_peak": reach, "goal_met": goal,
                "curves": {label: {str(s): c for s, c in zip(seeds, cs)} for label, cs in curves.items()},
                "reference_runs": {str(s): {k: refs[s][k] for k in ("run_dir", "reused")} for s in seeds},
                "runs": {label: runs_info(by_seed) for label, by_seed in runs.items()}}
