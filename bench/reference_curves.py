@@ -102,7 +102,8 @@ def reference_run(python: str, ref_dir: Path, sample: Path, seed: int, epochs: i
              f"--processed-data-file={data / 'kaggleAdDisplayChallenge_processed.npz'}",
              f"--nepochs={epochs}", f"--numpy-rand-seed={seed}"]
     key = {"code_sha256": code, "flags": flags, "input": json.loads((data / "input.json").read_text())}
-    run_dir = cache / "reference" / f"seed{seed}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    run_dir = cache / "reference" / f"seed{seed}-{digest[:12]}"
     done, log_path = run_dir / "done.json", run_dir / "reference.log"
     cmd = [python, str(ref_dir / "dlrm_s_pytorch.py"), *flags]
     if done.is_file() and json.loads(done.read_text())["key"] == key:
@@ -149,7 +150,8 @@ def main() -> None:
     p.add_argument("--sample", type=Path, default=SAMPLE, help="raw Criteo sample (default: %(default)s)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                    help="comma-separated seeds of both (default: %(default)s; fewer restricts the run)")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs (default: %(default)s; another restricts the run)")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="epochs (default: %(default)s; another restricts the run)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT, help="run cache (default: runs/bench_cache)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="run even when the training code differs from HEAD: uncached, in fresh run dirs never reused")
