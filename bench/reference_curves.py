@@ -9,16 +9,17 @@ val (first half) then test (second half); the reference's Kaggle loader (``--dat
 (first half, rounded up) then val. So the reference reads the sample with the last seventh's halves swapped: its
 test rows are exactly the job's. What still differs, by design of each: the reference's vocabulary holds every id of
 the file (val and test included: an id unseen in training keeps its random initial row), the job's every id seen in
-training (an unseen id shares the missing value's row 0); the reference shuffles the training rows once, the job
-every epoch; the reference computes AUC with scikit-learn, the job with TorchRec's metric.
+training (an unseen id shares the missing value's row 0); the reference computes AUC with scikit-learn (and prints
+it to 4 decimals), the job with TorchRec's metric. The reference shuffles the training rows once; the job every
+epoch, or, in the third curve, never (``data.shuffle=false``: the sample's rows are in random order already).
 
 The reference runs from a checkout outside this repository (``--reference-dir``: ``dlrm_s_pytorch.py``,
 ``dlrm_data_pytorch.py``, ``data_utils.py``, ``extend_distributed.py``, ``mlperf_logger.py``, ``optim/``,
 ``tricks/``) with its own interpreter (``--reference-python``: torch, numpy < 2, scikit-learn, mlperf-logging,
 tqdm, tensorboard); it writes its preprocessed arrays beside its input in the cache and its MLPerf log ``dlrm.log``
 into its own folder. Job runs are cached by ``bench/run_cache.py``; reference runs under ``CACHE/reference/`` by
-the reference's code, its flags and the seed. About 30 minutes on 2 cores (3 seeds; a 12-epoch job curve takes
-2-3 minutes, a reference curve 2-5).
+the reference's code, its flags and the seed. About 40 minutes on 2 cores (3 seeds; a 12-epoch job curve takes
+2-4 minutes, a reference curve 2-5).
 
     python -m bench.reference_curves --reference-dir DIR --reference-python PYTHON [--seeds 0,1,2] [--epochs 12]
 """
@@ -42,7 +43,10 @@ SAMPLE = Path("../shared/data/criteo-real/kaggle_random_sample_137k.tsv.gz")
 CONFIG = "kaggle_sample_fp32"
 SEEDS, EPOCHS = (0, 1, 2), 12
 REFERENCE = "reference (dlrm_s_pytorch.py)"
-JOBS = {"job, torch init": "torch", "job, dlrm init": "dlrm"}  # label -> model.mlp_init
+# label -> the job's overrides. The reference shuffles its training rows once and reads them in that order every
+# epoch; the job reshuffles every epoch unless data.shuffle=false (the sample's rows are already in random order).
+JOBS = {"job, torch init": ["model.mlp_init=torch"], "job, dlrm init": ["model.mlp_init=dlrm"],
+        "job, dlrm init, one order": ["model.mlp_init=dlrm", "data.shuffle=false"]}
 # The reference's flags for the job's model and optimization: kaggle's shapes (dim 16, 13-512-256-64-16,
 # 367-512-256-1), BCE, plain SGD 0.1 on everything, batch 256 (the job's 128 per rank x 2), AUC after every epoch.
 REFERENCE_FLAGS = ("--arch-sparse-feature-size=16", "--arch-mlp-bot=13-512-256-64-16", "--arch-mlp-top=512-256-1",
@@ -98,7 +102,8 @@ def reference_run(python: str, ref_dir: Path, sample: Path, seed: int, epochs: i
              f"--processed-data-file={data / 'kaggleAdDisplayChallenge_processed.npz'}",
              f"--nepochs={epochs}", f"--numpy-rand-seed={seed}"]
     key = {"code_sha256": code, "flags": flags, "input": json.loads((data / "input.json").read_text())}
-    run_dir = cache / "reference" / f"seed{seed}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    run_dir = cache / "reference" / f"seed{seed}-{digest[:12]}"
     done, log_path = run_dir / "done.json", run_dir / "reference.log"
     cmd = [python, str(ref_dir / "dlrm_s_pytorch.py"), *flags]
     if done.is_file() and json.loads(done.read_text())["key"] == key:
@@ -145,7 +150,8 @@ def main() -> None:
     p.add_argument("--sample", type=Path, default=SAMPLE, help="raw Criteo sample (default: %(default)s)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)),
                    help="comma-separated seeds of both (default: %(default)s; fewer restricts the run)")
-    p.add_argument("--epochs", type=int, default=EPOCHS, help="epochs (default: %(default)s; another restricts the run)")
+    p.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="epochs (default: %(default)s; another restricts the run)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_ROOT, help="run cache (default: runs/bench_cache)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="run even when the training code differs from HEAD: uncached, in fresh run dirs never reused")
@@ -169,8 +175,8 @@ def main() -> None:
         for seed in seeds:  # seed by seed, so that a stopped bench has whole seeds done
             refs[seed] = reference_run(args.reference_python, args.reference_dir.resolve(), args.sample.resolve(),
                                        seed, args.epochs, args.cache_dir.resolve())
-            for label, init in JOBS.items():
-                runs[label][seed] = run(CONFIG, ["--set", f"epochs={args.epochs}", f"model.mlp_init={init}"],
+            for label, overrides in JOBS.items():
+                runs[label][seed] = run(CONFIG, ["--set", f"epochs={args.epochs}", *overrides],
                                         seed=seed, root=args.cache_dir, allow_dirty=args.allow_dirty)
     except (DirtyTree, RuntimeError) as e:
         raise SystemExit(f"error: {e}") from None
