@@ -194,6 +194,7 @@ def main() -> None:
     report(f"FP32 tables: {fp32_tables / 1e6:.2f} MB (a row for every id seen in training, dim 16); largest "
            f"|artifact - evaluated model| logit difference over every exported run: "
            f"{max(r['artifact_max_abs_logit_diff'] for r in summary.values()):.1e}")
+    out.mkdir(parents=True, exist_ok=True)
     plot(summary, out / "real_quality.png", fp32_tables)
     payload = {**prov, "data": DATA, "grid": {g: GRID[g] for g in grid}, "epochs": args.epochs, "seeds": seeds,
                "restricted": restricted, "picks": picks, "tuning": tuning, "results": summary,
