@@ -43,13 +43,17 @@ def init_lazy_state(optimizer: Any) -> None:
     tables' ``RowWiseAdagrad``), so that a checkpoint is read into it: a step with zero gradients, which moves no
     weight under SGD, Adagrad, row-wise Adagrad or Adam (a zero gradient gives a zero update), and whose counters the
     load then overwrites. The fused optimizer's state exists from the start."""
-    parts = [p for _, p in optimizer.optimizers] if isinstance(optimizer, CombinedOptimizer) else [optimizer]
-    for part in parts:
+    for part in _parts(optimizer):
         if isinstance(part, KeyedOptimizerWrapper) and not part.state and part.params:
             grads = {k: p.grad for k, p in part.params.items()}
             part.init_state()
             for k, p in part.params.items():
                 p.grad = grads[k]
+
+
+def _parts(optimizer: Any) -> list[Any]:
+    """The keyed optimizers a job's ``CombinedOptimizer`` is made of (the optimizer itself otherwise)."""
+    return [p for _, p in optimizer.optimizers] if isinstance(optimizer, CombinedOptimizer) else [optimizer]
 
 
 def _full_size(t: torch.Tensor) -> tuple[int, ...]:
@@ -200,12 +204,11 @@ def check_nothing_left_behind(saved: dict[str, Any], optim_state: dict[str, Any]
 
 def stateful(optimizer: Any) -> bool:
     """Whether the optimizer keeps state a resume must read (anything but plain SGD)."""
-    parts = [p for _, p in optimizer.optimizers] if isinstance(optimizer, CombinedOptimizer) else [optimizer]
-    for part in parts:
-        inner = getattr(part, "_optimizer", None)
+    for part in _parts(optimizer):
         if isinstance(part, KeyedOptimizerWrapper):
+            inner = part._optimizer
             if part.params and not (type(inner) is torch.optim.SGD and not inner.defaults.get("momentum")):
                 return True
-        elif any(part.state_dict()["state"].get(k) for k in part.state_dict()["state"]):
+        elif any(part.state_dict()["state"].values()):  # the fused optimizer: its state exists from the start
             return True
     return False
