@@ -32,8 +32,8 @@ def torchx_command(run_dir: Path, nproc: int, train_args: list[str], *, log_dir:
     torchx = str(Path(sys.executable).with_name("torchx"))
     return [torchx, "run", "-s", scheduler, "--wait", "--log",
             "--scheduler_args", f"log_dir={log_dir}",
-            component(), "--nproc_per_node", str(nproc), "--max_retries", str(max_retries),
-            "--", "--run-dir", str(run_dir), *train_args]
+            component(), "--nproc_per_node", str(nproc), "--max_retries", str(max_retries), "--run_dir", str(run_dir),
+            "--", *train_args]
 
 
 def merge_overrides(train_args: list[str]) -> list[str]:
@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1 or args.max_retries < 0:
         p.error(f"--nproc must be at least 1 and --max-retries at least 0, got {args.nproc} and {args.max_retries}")
     train_args = merge_overrides(argv[split + 1:])
+    # the torchx component refuses a second run dir among the job's flags, after torchx has started: say it here
+    named = [arg for arg in train_args if arg.split("=", 1)[0] == "--run-dir" or arg.startswith("run_dir=")]
+    if named:
+        p.error(f"{named[0]} after --: give the run dir once, as --run-dir before --")
     from dqrm.pipeline.cli import config_or_exit, parse_args as parse_train_args  # torch: after --help
 
     # the workers would each refuse a bad flag or field: say it once, before torchx makes anything

@@ -73,6 +73,17 @@ def test_repeated_overrides_travel_as_one_flag():
     assert merge_overrides(["--epochs", "2"]) == ["--epochs", "2"]
 
 
+def test_a_second_run_dir_is_refused_before_torchx_starts(tmp_path, capsys):
+    from dqrm.pipeline.launch import main
+
+    for named in (["--run-dir", str(tmp_path / "b")], ["--set", f"run_dir={tmp_path / 'b'}"]):
+        with pytest.raises(SystemExit) as refused:
+            main(["--run-dir", str(tmp_path / "a"), "--", "--config", "tiny", *named])
+        assert refused.value.code == 2
+        assert "give the run dir once, as --run-dir before --" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rerun_resumes_from_latest_checkpoint(finished_run):
     run_dir, cache, _ = finished_run
     proc = _launch(run_dir, cache, "--epochs", "3")

@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 from torchx.specs.file_linter import validate
 
@@ -76,6 +77,16 @@ def assert_trains(command: str, launch: Launch) -> None:
 
 def test_component_passes_torchx_lint():
     assert validate(str(COMPONENT), "train") == []
+
+
+def test_component_passes_the_run_dir_to_the_job_once():
+    (role,) = train("--config", "tiny", run_dir="/runs/a").roles
+    assert role.args[1].endswith(" -m dqrm.pipeline.train --config tiny --run-dir /runs/a"), role.args[1]
+    (role,) = train("--config", "tiny").roles
+    assert "--run-dir" not in role.args[1]
+    for named in (["--run-dir", "/runs/b"], ["--run-dir=/runs/b"], ["--set", "run_dir=/runs/b"]):
+        with pytest.raises(ValueError, match="both name the run dir"):
+            train("--config", "tiny", *named, run_dir="/runs/a")
 
 
 def test_readme_launches_on_each_scheduler():
