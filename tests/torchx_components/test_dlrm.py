@@ -1,4 +1,5 @@
-"""The torchx component lints, and the README's launch commands materialize on each scheduler (dry run)."""
+"""The torchx component lints, and the README's launch commands materialize on each scheduler (dry run); the
+Kubernetes pods are checked offline against the Kubernetes API schema."""
 
 import ast
 import inspect
@@ -8,8 +9,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
+from torchx.schedulers.kubernetes_scheduler import RESERVED_MEMMB, RESERVED_MILLICPU
+from torchx.specs import VolumeMount, parse_mounts
 from torchx.specs.file_linter import validate
 
 from dqrm.torchx_components.dlrm import train
@@ -17,6 +21,10 @@ from dqrm.torchx_components.dlrm import train
 ROOT = Path(__file__).resolve().parents[2]
 COMPONENT = ROOT / "torchx_components" / "dlrm.py"
 README = ROOT / "README.md"
+# The Kubernetes version whose API schema the dry run's pods are checked against (strictly: an unknown field is an
+# error): the oldest kubernetes-validate 1.37.0 ships. Fields of the core v1 Pod are not removed, so a pod valid here is
+# valid on later clusters too, while a newer schema would pass fields an older cluster refuses.
+KUBERNETES = "1.25"
 
 
 @dataclass(kw_only=True)
@@ -72,7 +80,22 @@ def dryrun(launch: Launch) -> str:
 def assert_trains(command: str, launch: Launch) -> None:
     assert command.startswith("torchrun "), command
     assert f"--nnodes {launch.param('nnodes')} --nproc_per_node {launch.param('nproc_per_node')} " in command
-    assert command.endswith(f" -m dqrm.pipeline.train {shlex.join(launch.script_args)}"), command
+    run_dir = ["--run-dir", launch.params["run_dir"]] if "run_dir" in launch.params else []
+    assert command.endswith(f" -m dqrm.pipeline.train {shlex.join([*launch.script_args, *run_dir])}"), command
+
+
+def flag(command: str, name: str) -> str:
+    """The value of ``name`` in a shell command line."""
+    words = shlex.split(command)
+    assert name in words, f"no {name} in {command}"
+    return words[words.index(name) + 1]
+
+
+def mount_holding(path: str, mounts: list[dict]) -> dict:
+    """The container's volume mount that ``path`` is on (the deepest one holding it)."""
+    holding = [m for m in mounts if Path(path).is_relative_to(m["mountPath"])]
+    assert holding, f"{path} is on none of the mounts {[m['mountPath'] for m in mounts]}"
+    return max(holding, key=lambda m: len(Path(m["mountPath"]).parts))
 
 
 def test_component_passes_torchx_lint():
@@ -102,23 +125,58 @@ def test_readme_local_command_runs_the_job_here():
     assert_trains(replica["args"][2], launch)
 
 
-def test_readme_kubernetes_command_asks_for_what_it_names():
+@pytest.fixture(scope="module")
+def kubernetes_job() -> tuple[Launch, dict]:
+    """The README's Kubernetes command and the Volcano Job its dry run makes."""
     launch = readme_launches()["kubernetes"]
     # Without it, torchx builds a patched image from the working directory through a local Docker daemon.
     assert launch.options.get("--workspace") == "", "the README's Kubernetes command needs --workspace \"\""
-    job = yaml.safe_load(dryrun(launch))
+    return launch, yaml.safe_load(dryrun(launch))
+
+
+def test_readme_kubernetes_command_asks_for_what_it_names(kubernetes_job):
+    launch, job = kubernetes_job
     queue = launch.options["-cfg"].removeprefix("queue=")
     assert job["spec"]["queue"] == queue
     assert job["spec"]["maxRetry"] == int(launch.param("max_retries"))
     assert len(job["spec"]["tasks"]) == int(launch.param("nnodes"))
+    mcpu, mem_mb, gpus = int(launch.param("cpu")) * 1000, int(launch.param("memMB")), launch.param("gpu")
     for task in job["spec"]["tasks"]:
+        assert task["maxRetry"] == int(launch.param("max_retries"))
         (container,) = task["template"]["spec"]["containers"]
         assert container["image"] == launch.param("image")
-        assert container["resources"]["limits"] == {"cpu": f"{int(launch.param('cpu')) * 1000}m",
-                                                    "memory": f"{launch.param('memMB')}M",
-                                                    "nvidia.com/gpu": launch.param("gpu")}
+        assert container["resources"]["limits"] == {"cpu": f"{mcpu}m", "memory": f"{mem_mb}M", "nvidia.com/gpu": gpus}
+        # torchx requests the whole host less what it leaves to the node's own daemons
+        assert container["resources"]["requests"] == {"cpu": f"{mcpu - RESERVED_MILLICPU}m",
+                                                      "memory": f"{mem_mb - RESERVED_MEMMB}M", "nvidia.com/gpu": gpus}
         assert container["command"][:2] == ["bash", "-c"]
         assert_trains(container["command"][2], launch)
+
+
+def test_readme_kubernetes_pods_are_valid_and_mount_the_data_and_a_shared_run_dir(kubernetes_job):
+    """Each task's pod template, checked offline as a v1 Pod (the Volcano Job around it has no schema here): the
+    README's volumes are the pod's, the data read-only under --data-dir and the run dir writable under --run-dir."""
+    launch, job = kubernetes_job
+    assert "mounts" in launch.params, "the README's Kubernetes command mounts no volume"
+    named = parse_mounts(launch.params["mounts"].split(","))
+    assert all(isinstance(m, VolumeMount) for m in named), named
+    for task in job["spec"]["tasks"]:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": task["template"]["metadata"],
+               "spec": task["template"]["spec"]}
+        assert kubernetes_validate.validate(pod, KUBERNETES, strict=True) == KUBERNETES
+        (container,) = pod["spec"]["containers"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+                  if "persistentVolumeClaim" in v}
+        mounted = {m["mountPath"]: (claims.get(m["name"]), m.get("readOnly", False))
+                   for m in container["volumeMounts"]}
+        assert {m.dst_path: (m.src, m.read_only) for m in named}.items() <= mounted.items(), mounted
+
+        command = container["command"][2]
+        data = mount_holding(flag(command, "--data-dir"), container["volumeMounts"])
+        assert data["name"] in claims and data["readOnly"] is True, data
+        run = mount_holding(flag(command, "--run-dir"), container["volumeMounts"])
+        # that the claim is ReadWriteMany (every pod writes there) is the claim's access mode, not in the pod spec
+        assert run["name"] in claims and not run.get("readOnly", False), run
 
 
 def test_readme_slurm_command_asks_for_what_it_names():
