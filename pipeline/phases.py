@@ -38,13 +38,23 @@ def reset_peak() -> bool:
         return False
 
 
+# Who restarts a failed job, and where it counts: `pipeline.launch` (local runs), torchrun's own restarts, and
+# Slurm's requeue (torchx's Slurm jobs requeue themselves while their restart budget lasts).
+RESTART_COUNTS = ("DQRM_ATTEMPT", "TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+def attempt() -> int:
+    """This job's attempt, counted from 0: restarts so far, whoever made them."""
+    return sum(int(os.environ.get(name) or 0) for name in RESTART_COUNTS)
+
+
 class PhaseLog:
     """``with phases("export"): ...`` records seconds, peak and end RSS of the block; ``save()`` writes them."""
 
     def __init__(self, path: Path | None) -> None:
         """Entries of earlier attempts of the job (restarts after a failure) already in ``path`` are kept."""
         self.path = path
-        self.attempt = int(os.environ.get("DQRM_ATTEMPT", 0)) + int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        self.attempt = attempt()
         self.phases: list[dict] = []
         if path is not None and path.is_file():
             try:

@@ -26,6 +26,7 @@ from dqrm.pipeline.checkpoint import MANIFEST, Checkpointer
 from dqrm.pipeline.config import JobConfig, parse_profile_steps
 from dqrm.pipeline.metrics import binary_metrics, gather
 from dqrm.pipeline.observe import Observer
+from dqrm.pipeline.phases import attempt
 from dqrm.pipeline.profile import PROFILE_DIR, ProfileWindow
 from dqrm.quant.api import embedding_quantizer, set_fake_quant
 
@@ -249,8 +250,7 @@ def _maybe_inject_fault(step: int, rank: int) -> None:
     """Test hook: SIGKILL this worker at ``DQRM_FAULT_KILL_AT_STEP`` on rank ``DQRM_FAULT_KILL_RANK`` (first attempt
     only), to exercise restart and resume the way a lost machine would."""
     at = os.environ.get("DQRM_FAULT_KILL_AT_STEP")
-    if at and step == int(at) and rank == int(os.environ.get("DQRM_FAULT_KILL_RANK", "0")) \
-            and os.environ.get("DQRM_ATTEMPT", "0") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+    if at and step == int(at) and rank == int(os.environ.get("DQRM_FAULT_KILL_RANK", "0")) and attempt() == 0:
         log.warning("fault injection: killing rank %d at step %d", rank, step)
         os.kill(os.getpid(), signal.SIGKILL)
 
