@@ -40,6 +40,10 @@ class Launch:
         """A component argument as torchx sees it: given on the line, else the component's default."""
         return self.params.get(name, str(inspect.signature(train).parameters[name].default))
 
+    def cfg(self) -> dict[str, str]:
+        """The scheduler options, ``-cfg key=value,key=value``."""
+        return dict(kv.split("=", 1) for kv in self.options["-cfg"].split(","))
+
 
 def parse_launch(argv: list[str]) -> Launch:
     assert argv[:2] == ["torchx", "run"], shlex.join(argv)
@@ -53,7 +57,8 @@ def parse_launch(argv: list[str]) -> Launch:
 
 
 def readme_launches() -> dict[str, Launch]:
-    """The README's `torchx run` lines (a line starting with it, continued by trailing backslashes), by scheduler."""
+    """The README's `torchx run` lines (a line starting with it, continued by trailing backslashes), by scheduler, and
+    for Slurm by scheduler and partition (``slurm/gpu``)."""
     launches, pending = {}, None
     for line in README.read_text().splitlines():
         if pending is None and not line.startswith("torchx run "):
@@ -62,6 +67,8 @@ def readme_launches() -> dict[str, Launch]:
         if not line.endswith("\\"):
             launch = parse_launch(shlex.split(pending))
             scheduler = launch.options["-s"]
+            if scheduler == "slurm":
+                scheduler += "/" + launch.cfg()["partition"]
             assert scheduler not in launches, f"two README commands for {scheduler}"
             launches[scheduler] = launch
             pending = None
@@ -113,7 +120,7 @@ def test_component_passes_the_run_dir_to_the_job_once():
 
 
 def test_readme_launches_on_each_scheduler():
-    assert sorted(readme_launches()) == ["kubernetes", "local_cwd", "slurm"]
+    assert sorted(readme_launches()) == ["kubernetes", "local_cwd", "slurm/debug", "slurm/gpu"]
 
 
 def test_readme_local_command_runs_the_job_here():
@@ -136,7 +143,7 @@ def kubernetes_job() -> tuple[Launch, dict]:
 
 def test_readme_kubernetes_command_asks_for_what_it_names(kubernetes_job):
     launch, job = kubernetes_job
-    queue = launch.options["-cfg"].removeprefix("queue=")
+    queue = launch.cfg()["queue"]
     assert job["spec"]["queue"] == queue
     assert job["spec"]["maxRetry"] == int(launch.param("max_retries"))
     assert len(job["spec"]["tasks"]) == int(launch.param("nnodes"))
@@ -179,15 +186,23 @@ def test_readme_kubernetes_pods_are_valid_and_mount_the_data_and_a_shared_run_di
         assert run["name"] in claims and not run.get("readOnly", False), run
 
 
-def test_readme_slurm_command_asks_for_what_it_names():
-    launch = readme_launches()["slurm"]
+@pytest.mark.parametrize("partition", ["gpu", "debug"])
+def test_readme_slurm_commands_ask_for_what_they_name(partition):
+    """The GPU cluster's command (dry run only) and the small cluster's, which tests/torchx_components/test_slurm.py
+    also runs on a real Slurm."""
+    launch = readme_launches()[f"slurm/{partition}"]
+    # Without it, torchx would copy the working directory into job_dir and run the job from the copy.
+    assert launch.options.get("--workspace") == "", "the README's Slurm commands need --workspace \"\""
     script = dryrun(launch)
-    partition = launch.options["-cfg"].removeprefix("partition=")
+    cfg = launch.cfg()
+    # the job's output files (slurm-*.out, which `torchx log` reads) go to the run dir's slurm/ on the shared storage
+    assert cfg["job_dir"] == f"{launch.param('run_dir')}/slurm"
     hosts = [line for line in script.splitlines() if line.startswith("#SBATCH --job-name=")]
     assert len(hosts) == int(launch.param("nnodes"))
+    gpus = f" --gpus-per-task={launch.param('gpu')}" if launch.param("gpu") != "0" else ""
     for host in hosts:
-        assert (f"--requeue --partition={partition} --ntasks-per-node=1 --cpus-per-task={launch.param('cpu')} "
-                f"--mem={launch.param('memMB')} --gpus-per-task={launch.param('gpu')}") in host
+        assert host.endswith(f"--requeue --partition={partition} --ntasks-per-node=1 "
+                             f"--cpus-per-task={launch.param('cpu')} --mem={launch.param('memMB')}{gpus}"), host
     assert f"export TORCHX_MAX_RETRIES={launch.param('max_retries')}\n" in script
     commands = [word for word in shlex.split(script.split("set +e\n", 1)[1].split("\nexitcode=")[0])
                 if word.startswith("torchrun ")]
