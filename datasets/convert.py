@@ -109,9 +109,19 @@ class ChunkJob:
     labeled: bool
     index: int
     byte_range: tuple[int, int] | None
-    first_line: int  # the input's line number of the range's first line
+    first_line: int | None
+    """The input's line number of the range's first line; None where nothing but an error message needs it (a range
+    whose rows all go to one output), which then counts it (:meth:`line_of_first`)."""
     outputs: tuple[_Output, ...]
     opts: ConvertOptions
+
+    def line_of_first(self) -> int:
+        if self.first_line is not None:
+            return self.first_line
+        return 1 + (count_newlines(self.path, 0, self.byte_range[0]) if self.byte_range else 0)
+
+    def routes_all_rows_to_one_output(self) -> bool:
+        return len(self.outputs) == 1 and self.outputs[0].start == 0 and self.outputs[0].end is None
 
 
 @dataclasses.dataclass
@@ -146,8 +156,13 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
     pending: list[list[pa.Table]] = [[] for _ in job.outputs]
     writers: list[pq.ParquetWriter] = []
 
+    first_line = None
+
     def line(number: int) -> int:
-        return job.first_line - 1 + int(number)
+        nonlocal first_line
+        if first_line is None:
+            first_line = job.line_of_first()
+        return first_line - 1 + int(number)
 
     def flush(k: int) -> None:
         if pending[k]:
@@ -197,6 +212,12 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
                 progress(n)
             if bad_any.any():
                 table, numbers = table.filter(pa.array(~bad_any)), numbers[~bad_any]
+            if job.routes_all_rows_to_one_output():
+                pending[0].append(table)
+                rows[0] += table.num_rows
+                if sum(t.num_rows for t in pending[0]) >= opts.row_group_size:
+                    flush(0)
+                continue
             positions = numbers + (job.first_line - 1 - data_first_line)
             routed = 0
             for k, o in enumerate(job.outputs):
@@ -302,12 +323,14 @@ class _Plan:
 
 def _plan(inputs: Sequence[Path], out: Path, split: str, opts: ConvertOptions,
           run: Callable[[Callable, list], list]) -> list[_Plan]:
-    """Chunk every input and find each chunk's first line; the newline counts run through ``run`` (in parallel)."""
+    """Chunk every input and, where its rows are split by position (``_needs_total``), find each chunk's first line;
+    the newline counts run through ``run`` (in parallel). Elsewhere a chunk's first line is counted only if an error
+    message needs it: counting every range first cost a sixth of a conversion's time."""
     formats = [detect_format(p) for p in inputs]
     ranges = [[None] if p.suffix == ".gz" else line_ranges(p, opts.chunk_bytes) for p in inputs]
     tasks = []  # (input index, byte range or None for a whole-file line count)
     for i, (p, r) in enumerate(zip(inputs, ranges)):
-        if len(r) > 1:
+        if len(r) > 1 and _needs_total(p, split):
             tasks += [(i, rng) for rng in r]
         elif _needs_total(p, split):
             tasks.append((i, None))
@@ -316,6 +339,14 @@ def _plan(inputs: Sequence[Path], out: Path, split: str, opts: ConvertOptions,
     for i, (path, (fmt, labeled), r) in enumerate(zip(inputs, formats, ranges)):
         mine = [c for (j, _), c in zip(tasks, counts) if j == i]
         header = 1 if fmt == "csv" else 0
+        if len(r) > 1 and not mine:  # one output, every row: nothing needs the line numbers up front
+            targets = _targets(path, out, split, None)
+            jobs = [ChunkJob(path, fmt, labeled, c, rng, 1 if c == 0 else None,
+                             tuple(_Output(t_path.with_suffix("") / f"part-{c:05d}.parquet", s, e, t)
+                                   for t, (t_path, s, e) in enumerate(targets)), opts)
+                    for c, rng in enumerate(r)]
+            plans.append(_Plan(path, labeled, targets, jobs))
+            continue
         if len(r) > 1:
             lines = sum(mine) + (0 if ends_with_newline(path) else 1)
             firsts = np.concatenate([[1], 1 + np.cumsum(mine[:-1])]).tolist()
