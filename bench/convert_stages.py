@@ -8,7 +8,9 @@ CPU time per row (median of ``--reps``) of:
 3. writing those rows as Parquet the way the converter does (plain encoding, 262,144-row groups), with the codec it
    ships (snappy), with the others pyarrow has (lz4, zstd, none) and without column statistics, each with the file
    size it gives;
-4. the whole conversion (``datasets.convert.convert``, ``--workers 1``): what it does beyond 1-3.
+4. the whole conversion (``datasets.convert.convert``, ``--workers 1``): what it does beyond 1-3;
+5. counting the file's newlines (``datasets.chunks.count_newlines``), which the converter did for every range of a
+   file larger than ``--chunk-bytes`` before converting it, until it counted only where rows are split by position.
 
 Each stage streams block by block as the converter does (holding everything in memory first made each stage
 slower than the whole conversion); a stage's cost is the difference between running it with and without it
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 
 from bench.common import add_out_argument, provenance, save, table
 from bench.ingest import write_terabyte_tsv
+from dqrm.datasets.chunks import count_newlines
 from dqrm.datasets.convert import ConvertOptions, convert
 from dqrm.datasets.criteo_text import _line_blocks, _open_stream
 from dqrm.datasets.schema import SCHEMA
@@ -117,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
 
         whole_s, _ = _cpu(whole, args.reps)
         stages.append({"stage": "whole conversion (convert, --workers 1)", "us_per_row": 1e6 * whole_s / rows})
+        count_s, counted = _cpu(lambda: count_newlines(tsv), args.reps)
+        assert counted == rows, (counted, rows)
+        stages.append({"stage": "newline count of the file (no longer done here)", "us_per_row": 1e6 * count_s / rows})
         shipped = next(c for c in codecs if c["codec"] == SHIPPED)
         text = (f"{rows:,} rows ({args.gb:g} GiB of Terabyte-format TSV, fresh hashes), one process, CPU time per row "
                 f"(median of {args.reps})\n\n"
@@ -127,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                 + f"\n\nthe whole conversion: {rows / whole_s:,.0f} rows per CPU-second; its work beyond the three "
                   f"stages (routing, row numbers, bookkeeping): "
                   f"{1e6 * (whole_s - parsed_s) / rows - shipped['write_us_per_row']:.3f} us/row")
-        print(text)
+        text += (f"\nwith the newline count first, as before: {rows / (whole_s + count_s):,.0f} rows per CPU-second "
+                 f"(the count is {count_s / (whole_s + count_s):.0%} of that)")
         payload = {**prov, "rows": rows, "gb": args.gb, "reps": args.reps, "stages": stages, "codecs": codecs,
-                   "whole_rows_per_cpu_s": rows / whole_s}
+                   "whole_rows_per_cpu_s": rows / whole_s, "with_count_rows_per_cpu_s": rows / (whole_s + count_s)}
+        print(text)
         print(f"json: {save('convert_stages', payload, text, out=args.out)}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
