@@ -6,7 +6,8 @@
 #                                       nodes are idle, and print the line to source: export SLURM_CONF=DIR/etc/slurm.conf
 #   scripts/slurm_cluster.sh down DIR   cancel the cluster's jobs and stop the daemons `up` started (by the process
 #                                       ids it recorded in DIR/pids), then wait until they are gone
-#   scripts/slurm_cluster.sh check      exit 0 when the Debian packages it needs are installed, else say which miss
+#   scripts/slurm_cluster.sh check      exit 0 when it can run here (the Debian packages installed, two names of
+#                                       this machine that resolve), else say what is missing
 #
 # Nothing outside DIR is written or started: the daemons' sockets, ports, pid files, spool, state and logs are all
 # DIR's, and the munge key is a fresh one. Needs Debian's slurm-wlm, slurmdbd, munge and mariadb-server (see
@@ -225,6 +226,10 @@ down() {
 case "${1:-}" in
     up) [ $# -eq 2 ] || die "usage: $0 up DIR"; STATE=$(realpath -m "$2"); up ;;
     down) [ $# -eq 2 ] || die "usage: $0 down DIR"; STATE=$(realpath -m "$2"); down ;;
-    check) m=$(missing); [ -z "$m" ] || { echo "missing: $m"; exit 1; } ;;
-    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    check)
+        m=$(missing)
+        [ -z "$m" ] || { echo "missing: $m"; exit 1; }
+        (node_names >/dev/null) 2>&1 | sed 's/^slurm_cluster: //' ;
+        [ "${PIPESTATUS[0]}" = 0 ] || exit 1 ;;
+    *) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 2 ;;
 esac

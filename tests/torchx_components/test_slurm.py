@@ -22,8 +22,8 @@ CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
 CHECK = subprocess.run([str(CLUSTER), "check"], capture_output=True, text=True)
 pytestmark = pytest.mark.skipif(
     CHECK.returncode != 0,
-    reason=f"Slurm is not installed here ({CHECK.stdout.strip()}); as root: apt-get install slurm-wlm slurmdbd munge "
-           "mariadb-server (.ci/run does)")
+    reason=f"scripts/slurm_cluster.sh cannot run here: {CHECK.stdout.strip()} (the packages, as root: apt-get install "
+           "slurm-wlm slurmdbd munge mariadb-server; .ci/run does)")
 BIN = Path(sys.executable).parent
 # The README's placeholder for storage every host sees; the tests put it in a temporary folder.
 SHARED = "/shared/runs"
