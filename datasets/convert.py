@@ -110,8 +110,9 @@ class ChunkJob:
     index: int
     byte_range: tuple[int, int] | None
     first_line: int | None
-    """The input's line number of the range's first line; None where nothing but an error message needs it (a range
-    whose rows all go to one output), which then counts it (:meth:`line_of_first`)."""
+    """The input's line number of the range's first line; None where nothing but an error message needs it (every
+    output starts at the input's first row and the last ends at its end), which then counts it
+    (:meth:`line_of_first`)."""
     outputs: tuple[_Output, ...]
     opts: ConvertOptions
 
@@ -119,9 +120,6 @@ class ChunkJob:
         if self.first_line is not None:
             return self.first_line
         return 1 + (count_newlines(self.path, 0, self.byte_range[0]) if self.byte_range else 0)
-
-    def routes_all_rows_to_one_output(self) -> bool:
-        return len(self.outputs) == 1 and self.outputs[0].start == 0 and self.outputs[0].end is None
 
 
 @dataclasses.dataclass
@@ -212,17 +210,12 @@ def convert_chunk(job: ChunkJob, progress: Callable[[int], None] | None = None) 
                 progress(n)
             if bad_any.any():
                 table, numbers = table.filter(pa.array(~bad_any)), numbers[~bad_any]
-            if job.routes_all_rows_to_one_output():
-                pending[0].append(table)
-                rows[0] += table.num_rows
-                if sum(t.num_rows for t in pending[0]) >= opts.row_group_size:
-                    flush(0)
-                continue
-            positions = numbers + (job.first_line - 1 - data_first_line)
+            # input positions only where an output starts or ends inside the input (then the plan counted first_line)
+            positions = None if job.first_line is None else numbers + (job.first_line - 1 - data_first_line)
             routed = 0
             for k, o in enumerate(job.outputs):
-                lo = int(np.searchsorted(positions, o.start))
-                hi = len(positions) if o.end is None else int(np.searchsorted(positions, o.end))
+                lo = 0 if o.start == 0 else int(np.searchsorted(positions, o.start))
+                hi = len(numbers) if o.end is None else int(np.searchsorted(positions, o.end))
                 if hi > lo:
                     pending[k].append(table.slice(lo, hi - lo))
                     rows[k] += hi - lo
@@ -339,24 +332,18 @@ def _plan(inputs: Sequence[Path], out: Path, split: str, opts: ConvertOptions,
     for i, (path, (fmt, labeled), r) in enumerate(zip(inputs, formats, ranges)):
         mine = [c for (j, _), c in zip(tasks, counts) if j == i]
         header = 1 if fmt == "csv" else 0
-        if len(r) > 1 and not mine:  # one output, every row: nothing needs the line numbers up front
-            targets = _targets(path, out, split, None)
-            jobs = [ChunkJob(path, fmt, labeled, c, rng, 1 if c == 0 else None,
-                             tuple(_Output(t_path.with_suffix("") / f"part-{c:05d}.parquet", s, e, t)
-                                   for t, (t_path, s, e) in enumerate(targets)), opts)
-                    for c, rng in enumerate(r)]
-            plans.append(_Plan(path, labeled, targets, jobs))
-            continue
-        if len(r) > 1:
+        if len(r) > 1 and mine:
             lines = sum(mine) + (0 if ends_with_newline(path) else 1)
             firsts = np.concatenate([[1], 1 + np.cumsum(mine[:-1])]).tolist()
+        elif len(r) > 1:  # every row to one output: no range's first line is needed up front
+            lines, firsts = None, [None] * len(r)
         else:
             lines, firsts, r = (mine[0] if mine else None), [1], [None]
         targets = _targets(path, out, split, None if lines is None else lines - header)
         jobs = []
         for c, (rng, first) in enumerate(zip(r, firsts)):
-            p0 = first - 1 - header  # position of the chunk's first line
-            p1 = None if c == len(r) - 1 else p0 + mine[c]
+            p0 = None if first is None else first - 1 - header  # position of the chunk's first line
+            p1 = None if c == len(r) - 1 or first is None else p0 + mine[c]
             outputs = tuple(
                 _Output(t_path if len(r) == 1 else t_path.with_suffix("") / f"part-{c:05d}.parquet", s, e, t)
                 for t, (t_path, s, e) in enumerate(targets)
