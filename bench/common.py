@@ -35,6 +35,20 @@ def random_batches(cards, batch: int, n: int, seed: int = 0) -> list:
     return out
 
 
+def cpu_seconds(fn, reps: int) -> tuple[float, object]:
+    """Median CPU seconds (``time.process_time``) of ``fn()`` over ``reps`` runs after one warm run, and the last
+    run's result."""
+    import time
+
+    out = fn()
+    times = []
+    for _ in range(reps):
+        t = time.process_time()
+        out = fn()
+        times.append(time.process_time() - t)
+    return sorted(times)[reps // 2], out
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

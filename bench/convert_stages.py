@@ -28,13 +28,12 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import add_out_argument, provenance, save, table
+from bench.common import add_out_argument, cpu_seconds, provenance, save, table
 from bench.ingest import write_terabyte_tsv
 from dqrm.datasets.chunks import count_newlines
 from dqrm.datasets.convert import ConvertOptions, convert
@@ -48,17 +47,6 @@ CODECS = (("snappy", {"compression": "snappy"}), ("lz4", {"compression": "lz4"})
           ("none", {"compression": "none"}),
           ("snappy, no statistics", {"compression": "snappy", "write_statistics": False}))
 SHIPPED = "snappy"
-
-
-def _cpu(fn, reps: int) -> tuple[float, object]:
-    """Median CPU seconds of ``fn()`` over ``reps`` runs (after one warm run), and its last result."""
-    out = fn()
-    times = []
-    for _ in range(reps):
-        t = time.process_time()
-        out = fn()
-        times.append(time.process_time() - t)
-    return sorted(times)[reps // 2], out
 
 
 def _stream(tsv: Path, parse: bool, codec: dict | None, out: Path) -> int:
@@ -92,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gb", type=float, default=0.5, help="size of the generated TSV, GiB (default: %(default)s)")
     p.add_argument("--reps", type=int, default=3, help="repetitions, the median reported (default: %(default)s)")
-    p.add_argument("--scratch", type=Path, default=None, help="folder for the generated files (default: a temporary one)")
+    p.add_argument("--scratch", type=Path, default=None,
+                   help="folder for the generated files (default: a temporary one)")
     add_out_argument(p)
     args = p.parse_args(argv)
     prov = provenance()
@@ -100,13 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tsv = scratch / "day_0.tsv"
         rows = write_terabyte_tsv(tsv, args.gb, fresh_hashes=True)
-        read_s, _ = _cpu(lambda: _stream(tsv, False, None, scratch / "x"), args.reps)
-        parsed_s, _ = _cpu(lambda: _stream(tsv, True, None, scratch / "x"), args.reps)
+        read_s, _ = cpu_seconds(lambda: _stream(tsv, False, None, scratch / "x"), args.reps)
+        parsed_s, _ = cpu_seconds(lambda: _stream(tsv, True, None, scratch / "x"), args.reps)
         stages = [{"stage": "read + cut into blocks", "us_per_row": 1e6 * read_s / rows},
                   {"stage": "compiled parse", "us_per_row": 1e6 * (parsed_s - read_s) / rows}]
         codecs = []
         for codec, options in CODECS:
-            total_s, size = _cpu(lambda: _stream(tsv, True, options, scratch / "out.parquet"), args.reps)
+            total_s, size = cpu_seconds(lambda: _stream(tsv, True, options, scratch / "out.parquet"), args.reps)
             write_s = total_s - parsed_s
             stages.append({"stage": f"Parquet write, {codec}" + (" (shipped)" if codec == SHIPPED else ""),
                            "us_per_row": 1e6 * write_s / rows})
@@ -118,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             convert([tsv], out, "files", ConvertOptions(), workers=1)
 
-        whole_s, _ = _cpu(whole, args.reps)
+        whole_s, _ = cpu_seconds(whole, args.reps)
         stages.append({"stage": "whole conversion (convert, --workers 1)", "us_per_row": 1e6 * whole_s / rows})
-        count_s, counted = _cpu(lambda: count_newlines(tsv), args.reps)
+        count_s, counted = cpu_seconds(lambda: count_newlines(tsv), args.reps)
         assert counted == rows, (counted, rows)
         stages.append({"stage": "newline count of the file (no longer done here)", "us_per_row": 1e6 * count_s / rows})
         shipped = next(c for c in codecs if c["codec"] == SHIPPED)

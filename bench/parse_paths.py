@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 
-from bench.common import add_out_argument, provenance, save, table
+from bench.common import add_out_argument, cpu_seconds, provenance, save, table
 from bench.ingest import SAMPLE
 from dqrm.datasets import criteo_text
 from dqrm.datasets.tsv_blocks import parse_tsv_block
@@ -36,16 +35,6 @@ def _arrow(text: bytes, general: bool) -> pa.Table:
         return pa.concat_tables([criteo_text.parse_batch(b, True)[0] for b in batches])
     finally:
         criteo_text._string_parts = fast
-
-
-def _cpu_seconds(fn, reps: int) -> float:
-    fn()  # compiled and warm
-    times = []
-    for _ in range(reps):
-        t = time.process_time()
-        fn()
-        times.append(time.process_time() - t)
-    return sorted(times)[reps // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = [fn() for fn in paths.values()]
     if not all(t.equals(tables[0]) for t in tables[1:]):
         raise AssertionError("the parse paths disagree")
-    results = [{"path": name, "us_per_row": 1e6 * _cpu_seconds(fn, args.reps) / rows} for name, fn in paths.items()]
+    results = [{"path": name, "us_per_row": 1e6 * cpu_seconds(fn, args.reps)[0] / rows} for name, fn in paths.items()]
     for r in results:
         r["x_compiled"] = r["us_per_row"] / results[0]["us_per_row"]
     text_out = (f"{rows:,} Terabyte sample rows, CPU time per row (median of {args.reps})\n\n" +

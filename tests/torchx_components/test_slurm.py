@@ -61,8 +61,7 @@ def submit(env: dict[str, str], shared: Path, script_args: list[str] | None = No
     argv = [arg.replace(SHARED, str(shared)) for arg in launch.argv]
     if script_args is not None:
         argv = argv[:argv.index("--") + 1] + script_args
-    job_dir = Path(dict(kv.split("=", 1) for kv in launch.options["-cfg"].split(","))["job_dir"].replace(
-        SHARED, str(shared)))
+    job_dir = Path(launch.cfg()["job_dir"].replace(SHARED, str(shared)))
     job_dir.mkdir(parents=True)  # the README's `mkdir -p`
     proc = subprocess.run(argv, cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
