@@ -14,7 +14,33 @@ the package installed as ``dqrm``) fails to load, so an edit of this file, which
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):  # pragma: no cover - compiled
+    """A read prefetch (LLVM's ``llvm.prefetch``, into every cache level) of ``array[index]`` of a 1-D array: no
+    load, no fault on any address. numba has none of its own, so it is written here."""
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        ary = context.make_array(aty)(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, aty, ary, [args[1]], wraparound=False, boundscheck=False)
+        byte_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+                                            "llvm.prefetch.p0i8")
+        builder.call(fn, [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+PREFETCH_AHEAD = 16
+"""How many ids ahead ``embedding_correction`` prefetches the row: a large table's rows are random reads that miss
+the caches, and the loop's work per id is too long for the CPU to run that far ahead on its own (measured in a
+training step at batch 2048, 1e6 rows a table: the kernel 1.73 -> 1.38 ms)."""
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -87,6 +113,7 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen,
     features = first_row.shape[0]
     batch = (offsets.shape[0] - 1) // features
     d = rows.shape[1]
+    flat = rows.reshape(-1)
     weighted = weights.shape[0] > 0
     mark = seen.shape[0] > 0
     o = np.empty(d, dtype=out.dtype)
@@ -94,10 +121,13 @@ def embedding_correction(indices, offsets, rows, first_row, grid, weights, seen,
         bias, inv, scale, qmax = grid[f, 0], grid[f, 1], grid[f, 2], grid[f, 3]
         base = first_row[f]
         col = f * d
+        end = offsets[(f + 1) * batch]
         for s in range(batch):
             for k in range(d):
                 o[k] = 0
             for p in range(offsets[f * batch + s], offsets[f * batch + s + 1]):
+                if p + PREFETCH_AHEAD < end:
+                    _prefetch(flat, (base + indices[p + PREFETCH_AHEAD]) * d)
                 r = base + indices[p]
                 if mark:
                     seen[r >> 3] |= np.uint8(1 << (r & 7))
