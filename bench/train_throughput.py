@@ -1,10 +1,20 @@
 """Training samples/s of the default FP32 job, ours against a minimal TorchRec reference loop, at world size 1 and 2.
 
 The reference is written like TorchRec's golden-training example: DMP + TrainPipelineSparseDist on the same model
-shape and the same batches, and a bare ``while True: pipeline.progress(it)``. Both run in the same processes,
-alternating, several repetitions each; the table reports medians and the per-step cost ratio.
+shape and the same batches, and a bare ``while True: pipeline.progress(it)``. Three variants run in the same
+processes on the same batches, in turn, ``--steps`` steps each, ``--reps`` times (the order rotates every
+repetition, so none always runs on a warmer machine):
 
-    python -m bench.train_throughput [--steps 300] [--reps 9] [--out DIR]
+- ``ref``:   the reference loop on the reference model (TorchRec's default plan, no comm hooks);
+- ``loop``:  our ``Trainer.train_epoch`` on a model wired like the reference's: what our loop alone costs;
+- ``ours``:  our loop on the model as ``pipeline.train`` wires it (the policy plan, the comm hooks and their byte
+             counter at world size 2).
+
+Ratios are per repetition (the variants ran seconds apart) and summarized by their median with a bootstrap 95%
+interval of it; short repetitions, many of them, keep the machine's drift out of each pair. Optimizer: the job's
+(SGD, fused into the embedding kernels for the tables).
+
+    python -m bench.train_throughput [--steps 100] [--reps 30] [--warmup 150] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,6 +59,9 @@ def _model(cfg, world_size, *, as_shipped: bool):
     return model, build_optimizer(model, cfg.optim)
 
 
+VARIANTS = ("ref", "loop", "ours")
+
+
 def _worker(rank, world_size, steps, reps, warmup):
     quiet_library_noise()
     cfg = get_config("default_fp32")
@@ -56,12 +69,15 @@ def _worker(rank, world_size, steps, reps, warmup):
     data = ParquetBatches([root / "train.parquet"], cfg.model.num_embeddings,
                           cfg.data.reader(train=True, seed=0), rank=rank, world_size=world_size)
     splits = Splits(train=data, val=data, test=data)
-    ours_model, ours_opt = _model(cfg, world_size, as_shipped=True)
-    trainer = Trainer(cfg, ours_model, ours_opt, torch.device("cpu"), splits, Checkpointer("/nonexistent"), rank=rank)
+    trainers = {}
+    for variant in ("loop", "ours"):
+        model, opt = _model(cfg, world_size, as_shipped=variant == "ours")
+        trainers[variant] = Trainer(cfg, model, opt, torch.device("cpu"), splits, Checkpointer("/nonexistent"),
+                                    rank=rank)
     ref_model, ref_opt = _model(cfg, world_size, as_shipped=False)
     ref_pipeline = TrainPipelineSparseDist(ref_model, ref_opt, torch.device("cpu"))
 
-    def run_ours(n):
+    def run_trainer(trainer, n):
         cfg.limit_train_batches = n
         dist.barrier()
         t0 = time.perf_counter()
@@ -80,49 +96,55 @@ def _worker(rank, world_size, steps, reps, warmup):
                 break
         return time.perf_counter() - t0
 
-    run_ours(warmup)
-    run_ref(warmup)
-    ours, ref = [], []
-    for rep in range(reps):  # alternate which loop goes first, so neither always runs on a warmer machine
-        if rep % 2:
-            ref.append(run_ref(steps))
-            ours.append(run_ours(steps))
-        else:
-            ours.append(run_ours(steps))
-            ref.append(run_ref(steps))
-    return {"ours_s": ours, "ref_s": ref, "batch_size": cfg.data.batch_size}
+    run = {"ref": run_ref, "loop": lambda n: run_trainer(trainers["loop"], n),
+           "ours": lambda n: run_trainer(trainers["ours"], n)}
+    for v in VARIANTS:
+        run[v](warmup)
+    times = {v: [] for v in VARIANTS}
+    for rep in range(reps):  # rotate the order, so that none always runs first or last
+        for v in VARIANTS[rep % 3:] + VARIANTS[:rep % 3]:
+            times[v].append(run[v](steps))
+    return {"times": times, "batch_size": cfg.data.batch_size,
+            "optimizer": f"dense {cfg.optim.dense} lr {cfg.optim.lr}, tables {cfg.optim.embedding} (fused) lr "
+                         f"{cfg.optim.embedding_lr}"}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=300, help="timed training steps per repetition")
-    p.add_argument("--reps", type=int, default=9, help="repetitions of each loop (medians are reported)")
-    p.add_argument("--warmup", type=int, default=150, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=100, help="timed training steps per variant and repetition")
+    p.add_argument("--reps", type=int, default=30, help="repetitions (each runs every variant once)")
+    p.add_argument("--warmup", type=int, default=150, help="untimed steps of each variant first")
     add_out_argument(p)
     args = p.parse_args()
     rows = []
     for ws in (1, 2):
         r = run_distributed(_worker, args.steps, args.reps, args.warmup, world_size=ws)[0]
         samples = args.steps * r["batch_size"] * ws
-        ours, ref = median(r["ours_s"]), median(r["ref_s"])
-        paired = paired_ratio(r["ours_s"], r["ref_s"])  # each repetition timed both loops back to back
-        rows.append({"world_size": ws, "ours_samples_per_s": samples / ours, "ref_samples_per_s": samples / ref,
-                     "ours_ms_per_step": 1e3 * ours / args.steps, "ref_ms_per_step": 1e3 * ref / args.steps,
-                     "step_cost_ratio": paired["median"], "ratio_ci95_lo": paired["ci95"][0],
-                     "ratio_ci95_hi": paired["ci95"][1], "ratio_q1": paired["q1"], "ratio_q3": paired["q3"],
-                     "ours_s": r["ours_s"], "ref_s": r["ref_s"]})
+        t = r["times"]
+        row = {"world_size": ws, **{f"{v}_ms_per_step": 1e3 * median(t[v]) / args.steps for v in VARIANTS},
+               **{f"{v}_samples_per_s": samples / median(t[v]) for v in VARIANTS}, "times_s": t}
+        for v in ("loop", "ours"):
+            paired = paired_ratio(t[v], t["ref"])  # each repetition timed every variant back to back
+            row.update({f"{v}_ratio": paired["median"], f"{v}_ci95_lo": paired["ci95"][0],
+                        f"{v}_ci95_hi": paired["ci95"][1], f"{v}_q1": paired["q1"], f"{v}_q3": paired["q3"]})
+        rows.append(row)
     report = Report()
-    report(f"default_fp32 job, batch {r['batch_size']} per rank; medians of {args.reps} repetitions of {args.steps} "
-           f"steps (after {args.warmup} untimed), the two loops alternated; one torch thread per rank at world size 2; "
-           f"ours/ref: median of the per-repetition ratios, with a bootstrap 95% interval of that median")
-    report(table(rows, [("world_size", "world size", "d"), ("ours_samples_per_s", "ours samples/s", ".0f"),
-                        ("ref_samples_per_s", "ref samples/s", ".0f"), ("ours_ms_per_step", "ours ms/step", ".2f"),
-                        ("ref_ms_per_step", "ref ms/step", ".2f"), ("step_cost_ratio", "ours/ref", ".3f"),
-                        ("ratio_ci95_lo", "95% lo", ".3f"), ("ratio_ci95_hi", "95% hi", ".3f")]))
-    path = save("train_throughput", {"steps": args.steps, "reps": args.reps, "warmup": args.warmup, "rows": rows},
-                report.text, out=args.out)
+    report(f"default_fp32 job, batch {r['batch_size']} per rank, optimizer: {r['optimizer']}; {args.reps} "
+           f"repetitions of {args.steps} steps of each variant (after {args.warmup} untimed), in rotating order; one "
+           f"torch thread per rank at world size 2; ms/step: medians over the repetitions; x/ref: median of the "
+           f"per-repetition ratios with a bootstrap 95% interval of that median ({args.reps} pairs)")
+    report("ref: TorchRec's bare loop and model; loop: our loop, the same model wiring; ours: our loop and wiring, "
+           "as the job runs")
+    report(table(rows, [("world_size", "world size", "d"), ("ref_ms_per_step", "ref ms/step", ".3f"),
+                        ("loop_ms_per_step", "loop ms/step", ".3f"), ("ours_ms_per_step", "ours ms/step", ".3f"),
+                        ("loop_ratio", "loop/ref", ".3f"), ("loop_ci95_lo", "95% lo", ".3f"),
+                        ("loop_ci95_hi", "95% hi", ".3f"), ("ours_ratio", "ours/ref", ".3f"),
+                        ("ours_ci95_lo", "95% lo", ".3f"), ("ours_ci95_hi", "95% hi", ".3f")]))
+    path = save("train_throughput", {"steps": args.steps, "reps": args.reps, "warmup": args.warmup,
+                                     "optimizer": r["optimizer"], "rows": rows}, report.text, out=args.out)
     print(f"json: {path}")
+
 
 if __name__ == "__main__":
     main()
