@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -128,7 +129,7 @@ class Trainer:
             log.info("epoch %d: skipping the %d batches trained before the restart", epoch + 1, skip)
         batches = itertools.islice(iter(self.data.train), skip, limit)
         total = min(limit, len(self.data.train))
-        loss_sum = torch.tensor(self.in_epoch["loss_sum"], dtype=torch.float64)
+        loss_sum = float(self.in_epoch["loss_sum"])  # a Python float: one read of the loss a step, no tensor ops
         steps, t0 = skip, time.perf_counter()
         if self.comm_counter is not None:
             self.comm_counter.reset()
@@ -141,9 +142,10 @@ class Trainer:
                         loss = self.train_step(batches)
                 except StopIteration:
                     break
-                if not torch.isfinite(loss):
-                    raise self._non_finite(loss, epoch)
-                loss_sum += loss
+                value = float(loss)  # float64 already: the sum's arithmetic is the float64 tensor sum's
+                if not math.isfinite(value):
+                    raise self._non_finite(value, epoch)
+                loss_sum += value
                 steps += 1
                 self.step += 1
                 bar.update()
@@ -151,7 +153,7 @@ class Trainer:
                 _maybe_inject_fault(self.step, self.rank)
                 every = self.cfg.checkpoint_every_steps
                 if every and self.step % every == 0 and steps < total:
-                    self.in_epoch = {"batches_done": steps, "loss_sum": float(loss_sum)}
+                    self.in_epoch = {"batches_done": steps, "loss_sum": loss_sum}
                     self.checkpointer.save(self.step, self.model, self.optimizer, self._progress(epoch),
                                            keep=self.cfg.checkpoint_keep)
                 if self.cfg.eval_every_steps and self.step % self.cfg.eval_every_steps == 0:
@@ -160,7 +162,7 @@ class Trainer:
                     log.info("step %d: val AUC %.4f", self.step, self.eval_history[-1]["val"]["auc"])
         seconds = time.perf_counter() - t0
         self.observer.end_epoch(self.step)
-        mean_loss = float(loss_sum) / max(steps, 1)
+        mean_loss = loss_sum / max(steps, 1)
         rows = (steps - skip) * self.data.train.cfg.batch_size * _world_size()
         stats = {"epoch": epoch + 1, "step": self.step, "train_loss": mean_loss, "train_steps": steps,
                  "train_seconds": seconds, "samples_per_s": rows / seconds if seconds else 0.0}
@@ -168,11 +170,11 @@ class Trainer:
             stats["comm_bytes_per_step"] = self.comm_counter.snapshot(steps - skip)
         return stats
 
-    def _non_finite(self, loss: torch.Tensor, epoch: int) -> NonFiniteLossError:
+    def _non_finite(self, loss: float, epoch: int) -> NonFiniteLossError:
         # rank 0's message is the one on the console: only it rereads checkpoints to name one that verifies
         last = self.checkpointer.latest_verified_here() if self.rank == 0 else self.checkpointer.latest()
         return NonFiniteLossError(
-            f"rank {self.rank}: training loss is {float(loss)} at step {self.step + 1} (epoch {epoch + 1}); "
+            f"rank {self.rank}: training loss is {loss} at step {self.step + 1} (epoch {epoch + 1}); "
             f"last good checkpoint: {last or 'none'}. Lower optim.lr / optim.embedding_lr or check the input data, "
             f"then rerun with the same --run-dir to resume from that checkpoint")
 
