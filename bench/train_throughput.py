@@ -8,7 +8,9 @@ repetition, so none always runs on a warmer machine):
 - ``ref``:   the reference loop on the reference model (TorchRec's default plan, no comm hooks);
 - ``loop``:  our ``Trainer.train_epoch`` on a model wired like the reference's: what our loop alone costs;
 - ``ours``:  our loop on the model as ``pipeline.train`` wires it (the policy plan, the comm hooks and their byte
-             counter at world size 2).
+             counter at world size 2);
+- ``uncounted``: ``ours`` without the byte counter (``comm.count_bytes=false``: at world size 2 its all-reduce
+             hook is then DDP's own, so this isolates what counting costs).
 
 Ratios are per repetition (the variants ran seconds apart) and summarized by their median with a bootstrap 95%
 interval of it; short repetitions, many of them, keep the machine's drift out of each pair. Optimizer: the job's
@@ -43,9 +45,9 @@ from dqrm.sharding.policy import plan_by_policy
 from tests.dist_utils import run_distributed
 
 
-def _model(cfg, world_size, *, as_shipped: bool):
-    """``as_shipped``: wired as ``pipeline.train`` wires the job (policy plan, comm hooks with the byte counter);
-    otherwise the bare TorchRec setup of the reference loop."""
+def _model(cfg, world_size, *, as_shipped: bool, count: bool = True):
+    """``as_shipped``: wired as ``pipeline.train`` wires the job (policy plan, comm hooks with the byte counter
+    unless not ``count``); otherwise the bare TorchRec setup of the reference loop."""
     torch.manual_seed(0)
     model = build_dlrm(cfg.model, torch.device("cpu"))
     fuse_embedding_optimizer(model.model.sparse_arch.parameters(), cfg.optim)
@@ -55,11 +57,11 @@ def _model(cfg, world_size, *, as_shipped: bool):
         plan = plan_sharding(model, world_size=world_size, device=torch.device("cpu"), pg=dist.group.WORLD)
     model = shard_model(model, plan, torch.device("cpu"))
     if as_shipped and world_size > 1:
-        compress_gradients(model, cfg.comm, ByteCounter().install() if cfg.comm.count_bytes else None)
+        compress_gradients(model, cfg.comm, ByteCounter().install() if cfg.comm.count_bytes and count else None)
     return model, build_optimizer(model, cfg.optim)
 
 
-VARIANTS = ("ref", "loop", "ours")
+VARIANTS = ("ref", "loop", "ours", "uncounted")
 
 
 def _worker(rank, world_size, steps, reps, warmup):
@@ -70,8 +72,8 @@ def _worker(rank, world_size, steps, reps, warmup):
                           cfg.data.reader(train=True, seed=0), rank=rank, world_size=world_size)
     splits = Splits(train=data, val=data, test=data)
     trainers = {}
-    for variant in ("loop", "ours"):
-        model, opt = _model(cfg, world_size, as_shipped=variant == "ours")
+    for variant in ("loop", "ours", "uncounted"):
+        model, opt = _model(cfg, world_size, as_shipped=variant != "loop", count=variant == "ours")
         trainers[variant] = Trainer(cfg, model, opt, torch.device("cpu"), splits, Checkpointer("/nonexistent"),
                                     rank=rank)
     ref_model, ref_opt = _model(cfg, world_size, as_shipped=False)
@@ -96,13 +98,13 @@ def _worker(rank, world_size, steps, reps, warmup):
                 break
         return time.perf_counter() - t0
 
-    run = {"ref": run_ref, "loop": lambda n: run_trainer(trainers["loop"], n),
-           "ours": lambda n: run_trainer(trainers["ours"], n)}
+    run = {"ref": run_ref, **{v: (lambda n, t=t: run_trainer(t, n)) for v, t in trainers.items()}}
     for v in VARIANTS:
         run[v](warmup)
     times = {v: [] for v in VARIANTS}
     for rep in range(reps):  # rotate the order, so that none always runs first or last
-        for v in VARIANTS[rep % 3:] + VARIANTS[:rep % 3]:
+        k = rep % len(VARIANTS)
+        for v in VARIANTS[k:] + VARIANTS[:k]:
             times[v].append(run[v](steps))
     return {"times": times, "batch_size": cfg.data.batch_size,
             "optimizer": f"dense {cfg.optim.dense} lr {cfg.optim.lr}, tables {cfg.optim.embedding} (fused) lr "
@@ -124,7 +126,7 @@ def main() -> None:
         t = r["times"]
         row = {"world_size": ws, **{f"{v}_ms_per_step": 1e3 * median(t[v]) / args.steps for v in VARIANTS},
                **{f"{v}_samples_per_s": samples / median(t[v]) for v in VARIANTS}, "times_s": t}
-        for v in ("loop", "ours"):
+        for v in VARIANTS[1:]:
             paired = paired_ratio(t[v], t["ref"])  # each repetition timed every variant back to back
             row.update({f"{v}_ratio": paired["median"], f"{v}_ci95_lo": paired["ci95"][0],
                         f"{v}_ci95_hi": paired["ci95"][1], f"{v}_q1": paired["q1"], f"{v}_q3": paired["q3"]})
@@ -135,12 +137,14 @@ def main() -> None:
            f"torch thread per rank at world size 2; ms/step: medians over the repetitions; x/ref: median of the "
            f"per-repetition ratios with a bootstrap 95% interval of that median ({args.reps} pairs)")
     report("ref: TorchRec's bare loop and model; loop: our loop, the same model wiring; ours: our loop and wiring, "
-           "as the job runs")
+           "as the job runs; uncounted: ours without the byte counter")
     report(table(rows, [("world_size", "world size", "d"), ("ref_ms_per_step", "ref ms/step", ".3f"),
                         ("loop_ms_per_step", "loop ms/step", ".3f"), ("ours_ms_per_step", "ours ms/step", ".3f"),
                         ("loop_ratio", "loop/ref", ".3f"), ("loop_ci95_lo", "95% lo", ".3f"),
                         ("loop_ci95_hi", "95% hi", ".3f"), ("ours_ratio", "ours/ref", ".3f"),
-                        ("ours_ci95_lo", "95% lo", ".3f"), ("ours_ci95_hi", "95% hi", ".3f")]))
+                        ("ours_ci95_lo", "95% lo", ".3f"), ("ours_ci95_hi", "95% hi", ".3f"),
+                        ("uncounted_ratio", "uncounted/ref", ".3f"), ("uncounted_ci95_lo", "95% lo", ".3f"),
+                        ("uncounted_ci95_hi", "95% hi", ".3f")]))
     path = save("train_throughput", {"steps": args.steps, "reps": args.reps, "warmup": args.warmup,
                                      "optimizer": r["optimizer"], "rows": rows}, report.text, out=args.out)
     print(f"json: {path}")
