@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dqrm.sharding.byte_counter import ByteCounter
-from dqrm.sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
+from dqrm.sharding.ddp_hooks import Fp32AllReduceCount, Int8ErrorFeedbackHook, fp16_hook
 from dqrm.sharding.int8_allreduce import Int8ReduceScatterHook
 from dqrm.sharding.tbe import find_tbes
 from dqrm.sharding.touched_rows import TouchedRowsHook
@@ -104,8 +104,8 @@ def _dp_table_ddps(model: nn.Module) -> list[DistributedDataParallel]:
 
 
 def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter | None = None) -> list:
-    """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training); returns the
-    hooks that keep state: the INT8 error-feedback hook, either kind (checkpointed with the model), and the
+    """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training; an FP32 exchange
+    keeps DDP's own all-reduce, counted beside it when ``counter`` is given); returns the hooks that keep state: the INT8 error-feedback hook, either kind (checkpointed with the model), and the
     touched-rows hooks. Collective with int8_rs_ag (it makes the group its all-gathers use)."""
     hooks: list[Int8ErrorFeedbackHook | TouchedRowsHook] = []
     dense = _dense_ddp(model)
@@ -122,8 +122,7 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
             dense.register_comm_hook(dense.process_group, int8.__call__)
             hooks.append(int8)
         elif counter is not None:
-            fp32 = Fp32AllReduceHook(counter, "all_reduce fp32 (MLP)", dense.module.parameters())
-            dense.register_comm_hook(dense.process_group, fp32.__call__)
+            Fp32AllReduceCount(counter, "all_reduce fp32 (MLP)", dense)
     layouts = {}
     for lay in find_tbes(model):
         weights = getattr(lay.tbe, "weights", None)
@@ -132,8 +131,7 @@ def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter |
     for ddp in _dp_table_ddps(model):
         if cfg.dp_tables == "dense":
             if counter is not None:
-                fp32 = Fp32AllReduceHook(counter, "all_reduce fp32 (DP tables)", ddp.module.parameters())
-                ddp.register_comm_hook(ddp.process_group, fp32.__call__)
+                Fp32AllReduceCount(counter, "all_reduce fp32 (DP tables)", ddp)
         else:
             own = {id(p): layouts[id(p)] for p in ddp.module.parameters() if id(p) in layouts}
             own = {k: lay for k, lay in own.items() if sum(lay.local_rows) > cfg.dp_whole_max_rows}

@@ -92,7 +92,7 @@ def test_uncompressed_matches_single_process(runs, qat):
 
 def _counted_and_not(rank, world_size, data_dir):
     """The sharded DLRM trained by the job's optimizer (it drops gradients, so DDP copies each), without counting and
-    with (comm.count_bytes, on by default): the counting hooks then reduce the MLP and data-parallel tables."""
+    with (comm.count_bytes, on by default): the MLP's and data-parallel tables' all-reduces are then counted."""
     local = batches(data_dir / "train.parquet", LOCAL, rank=rank, world_size=world_size, limit=STEPS)
     out = {}
     for count in (False, True):
@@ -107,7 +107,8 @@ def _counted_and_not(rank, world_size, data_dir):
 
 
 def test_counting_bytes_changes_no_bit_of_training_at_three_ranks(data_dir):
-    # DDP scales by 1/W in two ways, which round differently at W = 3 (sharding.ddp_hooks.Fp32AllReduceHook)
+    # DDP scales by 1/W in two ways, which round differently at W = 3: counting must leave DDP's all-reduce alone
+    # (sharding.ddp_hooks.Fp32AllReduceCount)
     runs = run_distributed(_counted_and_not, data_dir, world_size=3)[0]
     sent = runs[True]["bytes"]
     assert sent["all_reduce fp32 (MLP)"] > 0 and sent["all_reduce fp32 (DP tables)"] > 0

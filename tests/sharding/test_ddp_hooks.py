@@ -1,5 +1,6 @@
-"""The counted FP32 all-reduce is DDP's own averaging all-reduce bit for bit, at world sizes 2 and 3 (gloo): DDP
-scales a gradient by 1/W in one of two ways, which round differently unless W is a power of two. The INT8 hooks'
+"""Counting the FP32 all-reduce leaves DDP's own all-reduce in place (no comm hook: DDP scales a gradient by 1/W in
+one of two ways, which round differently unless W is a power of two, and keeps doing so) and counts one all-reduce
+of every gradient per synced backward, none under ``no_sync``, at world sizes 2 and 3 (gloo). The INT8 hooks'
 error-feedback residuals resume at another world size through the job's Checkpointer, carried over as their mean."""
 
 from __future__ import annotations
@@ -20,18 +21,18 @@ STEPS = 3
 MODES = [(True, "zero"), (True, "none"), (True, "mixed"), (False, "zero")]
 
 
-def _grads(rank, world_size, counted: bool, bucket_view: bool, clear: str) -> list[torch.Tensor]:
+def _grads(rank, world_size, counted: bool, bucket_view: bool, clear: str) -> tuple[list[torch.Tensor], dict]:
     from torch.nn.parallel import DistributedDataParallel
 
     from dqrm.sharding.byte_counter import ByteCounter
-    from dqrm.sharding.ddp_hooks import Fp32AllReduceHook
+    from dqrm.sharding.ddp_hooks import Fp32AllReduceCount
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
-    ddp = DistributedDataParallel(net, gradient_as_bucket_view=bucket_view)
+    ddp = DistributedDataParallel(net, gradient_as_bucket_view=bucket_view, bucket_cap_mb=0.01)  # several buckets
     counter = ByteCounter()
     if counted:
-        ddp.register_comm_hook(None, Fp32AllReduceHook(counter, "all_reduce fp32 (MLP)", net.parameters()).__call__)
+        Fp32AllReduceCount(counter, "all_reduce fp32 (MLP)", ddp)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(rank)
     out = []
@@ -42,24 +43,31 @@ def _grads(rank, world_size, counted: bool, bucket_view: bool, clear: str) -> li
         ddp(torch.randn(32, 64, generator=gen)).square().sum().backward()
         out += [p.grad.clone() for p in net.parameters()]
         opt.step()
-    assert (sum(counter.bytes.values()) > 0) == counted
-    return out
+    with ddp.no_sync():  # a backward that does not all-reduce is not counted
+        ddp(torch.randn(32, 64, generator=gen)).sum().backward()
+    return out, dict(counter.bytes)
 
 
-def _compare(rank, world_size) -> dict[tuple[bool, str], int]:
-    """Per mode, how many gradient values (all steps, all parameters) differ with the counting hook and without."""
+def _compare(rank, world_size) -> dict:
+    """Per mode, how many gradient values (all steps, all parameters) differ with the counter and without, and the
+    counts of each."""
     out = {}
     for bucket_view, clear in MODES:
-        plain = _grads(rank, world_size, False, bucket_view, clear)
-        counted = _grads(rank, world_size, True, bucket_view, clear)
-        out[bucket_view, clear] = sum(int((a != b).sum()) for a, b in zip(plain, counted))
+        plain, plain_bytes = _grads(rank, world_size, False, bucket_view, clear)
+        counted, counted_bytes = _grads(rank, world_size, True, bucket_view, clear)
+        out[bucket_view, clear] = (sum(int((a != b).sum()) for a, b in zip(plain, counted)), plain_bytes,
+                                   counted_bytes)
     return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_counting_hook_averages_bit_for_bit_as_ddp_does(world):
-    for differ in run_distributed(_compare, world_size=world):
-        assert differ == {mode: 0 for mode in MODES}
+def test_fp32_count_leaves_ddp_alone_and_counts_each_synced_backward(world):
+    n = 2 * (64 * 64 + 64)  # gradient elements, float32
+    for per_mode in run_distributed(_compare, world_size=world):
+        for mode, (differ, plain_bytes, counted_bytes) in per_mode.items():
+            assert differ == 0, mode
+            assert plain_bytes == {}
+            assert counted_bytes == {"all_reduce fp32 (MLP)": pytest.approx(STEPS * 2 * (world - 1) * 4 * n / world)}
 
 
 # INT8 error-feedback residuals through the job's Checkpointer at another world size.

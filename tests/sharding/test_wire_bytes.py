@@ -30,7 +30,7 @@ def _hooks(rank, world_size):
     """One DDP step of a small MLP under each hook, with the bytes counted."""
     from torch.nn.parallel import DistributedDataParallel
 
-    from dqrm.sharding.ddp_hooks import Fp32AllReduceHook, Int8ErrorFeedbackHook, fp16_hook
+    from dqrm.sharding.ddp_hooks import Fp32AllReduceCount, Int8ErrorFeedbackHook, fp16_hook
 
     out = {}
     for name in ("fp32", "fp16", "int8_ef"):
@@ -38,9 +38,11 @@ def _hooks(rank, world_size):
         net = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 1))
         ddp = DistributedDataParallel(net)
         counter = ByteCounter()
-        hook = {"fp32": Fp32AllReduceHook(counter, "all_reduce fp32 (MLP)", net.parameters()).__call__,
-                "fp16": fp16_hook(counter), "int8_ef": Int8ErrorFeedbackHook(counter).__call__}[name]
-        ddp.register_comm_hook(None, hook)
+        if name == "fp32":  # DDP's own all-reduce, counted beside it
+            Fp32AllReduceCount(counter, "all_reduce fp32 (MLP)", ddp)
+        else:
+            ddp.register_comm_hook(None, {"fp16": fp16_hook(counter),
+                                          "int8_ef": Int8ErrorFeedbackHook(counter).__call__}[name])
         ddp(torch.randn(8, 13)).sum().backward()
         out[name] = dict(counter.bytes)
     return out
