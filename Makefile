@@ -11,7 +11,7 @@ ARGS ?=
 # The benchmarks that fit in one session (about 42-47 minutes on 2 cores, estimated), each run as docs/benchmarks.md lists it and
 # writing bench/results/NAME.{json,txt}; docs/benchmarks.md names the longer ones (compare_quant, comm_auc, ingest --scale,
 # scale_run, gpu_fake_quant).
-BENCHES ?= reader_headroom artifact_sizes checkpoint_memory comm inference train_throughput serving_limits \
+BENCHES ?= reader_headroom artifact_sizes checkpoint_memory comm inference serving_paths train_throughput serving_limits \
 	row_alignment qat_overhead qat_profile parse_paths convert_stages scale_plans logging_overhead
 
 .PHONY: train test bench env clean-env kaggle-sample
