@@ -8,7 +8,7 @@ RUN_DIR ?= runs/$(CONFIG)-$(shell date +%Y%m%d-%H%M%S)
 NPROC ?= 2
 RETRIES ?= 0
 ARGS ?=
-# The benchmarks that fit in one session (about 42-47 minutes on 2 cores, estimated), each run as docs/benchmarks.md lists it and
+# The benchmarks that fit in one session (about 46-51 minutes on 2 cores, estimated), each run as docs/benchmarks.md lists it and
 # writing bench/results/NAME.{json,txt}; docs/benchmarks.md names the longer ones (compare_quant, comm_auc, ingest --scale,
 # scale_run, gpu_fake_quant).
 BENCHES ?= reader_headroom artifact_sizes checkpoint_memory comm inference serving_paths train_throughput serving_limits \
