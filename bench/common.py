@@ -53,6 +53,13 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def optimizer_name(optim) -> str:
+    """The optimizer a step figure uses, from the job's ``OptimConfig``: e.g. ``dense sgd lr 0.1, tables sgd lr 1.0
+    (fused into the embedding kernels)``."""
+    return (f"dense {optim.dense} lr {optim.lr}, tables {optim.embedding} lr {optim.embedding_lr} (fused into the "
+            f"embedding kernels)")
+
+
 def paired_ratio(xs: list[float], base: list[float], draws: int = 2000) -> dict:
     """Median of the ratios ``xs[i] / base[i]`` of measurements taken side by side, its quartiles, and a 95% interval
     of the median from resampling the pairs (percentile bootstrap)."""

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import (Report, add_out_argument, median, paired_ratio, prepared_model, provenance, random_batches,
-                          save, sharded_model, table, train_step_seconds)
+from bench.common import (Report, add_out_argument, median, optimizer_name, paired_ratio, prepared_model, provenance,
+                          random_batches, save, sharded_model, table, train_step_seconds)
 from dqrm.datasets.reader import ParquetBatches, ReaderConfig
 from dqrm.datasets.schema import FEATURE_NAMES
 from dqrm.datasets.synthetic import ensure_synthetic
@@ -317,7 +317,9 @@ def main() -> None:
     train_rows = [{"batch": batch, "variant": name, **{k: v for k, v in r.items() if k != "raw_s"},
                    "ci_lo": r["ci95"][0], "ci_hi": r["ci95"][1]} for batch, by_v in train.items()
                   for name, r in by_v.items()]
-    report(f"training step, world size 1, default model: median of {args.train_reps} x {args.train_steps} steps, "
+    report(f"training step, world size 1, default model, optimizer: {optimizer_name(cfg.optim)}: median of "
+           f"{args.train_reps} x {args.train_steps} steps ({args.train_reps * (args.train_steps // TRAIN_CHUNK)} chunk "
+           f"ratios), "
            f"variants alternated every {TRAIN_CHUNK} steps; x FP32 = median of the chunk ratios [95% bootstrap]")
     report(table(train_rows, [("batch", "batch", "d"), ("variant", "variant", "s"), ("ms_per_step", "ms/step", ".2f"),
                               ("vs_fp32", "x FP32 time", ".3f"), ("ci_lo", "95% lo", ".3f"),

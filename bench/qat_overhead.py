@@ -26,8 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from bench.common import (Report, add_out_argument, median, paired_ratio, random_batches, save, sharded_model, table,
-                          train_step_seconds)
+from bench.common import (Report, add_out_argument, median, optimizer_name, paired_ratio, random_batches, save,
+                          sharded_model, table, train_step_seconds)
 from dqrm.pipeline.config import ModelConfig, OptimConfig
 from dqrm.pipeline.optimizer import build_optimizer
 from dqrm.pipeline.quiet import quiet_library_noise
@@ -117,9 +117,10 @@ def main() -> None:
     quiet_library_noise()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     report = Report()
-    report(f"world size 1, {torch.get_num_threads()} torch threads; {args.steps} timed steps per repetition, "
-           f"{args.reps} repetitions, variants alternated every {CHUNK} steps; qat/fp32: median of the chunks' "
-           f"ratios [95% bootstrap interval]")
+    report(f"world size 1, {torch.get_num_threads()} torch threads, optimizer: {optimizer_name(OptimConfig())}; "
+           f"{args.steps} timed steps per repetition, {args.reps} repetitions, variants alternated every {CHUNK} "
+           f"steps; qat/fp32: median of the {args.reps * (args.steps // CHUNK)} chunks' ratios [95% bootstrap "
+           f"interval]")
     rows = []
     sizes = [int(b) for b in args.batch.split(",")]
     for n in map(int, args.rows.split(",")):

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import Report, add_out_argument, random_batches, save, table, train_step_seconds
+from bench.common import Report, add_out_argument, optimizer_name, random_batches, save, table, train_step_seconds
 from bench.qat_overhead import _build
+from dqrm.pipeline.config import OptimConfig
 from dqrm.pipeline.quiet import quiet_library_noise
 
 CHUNK = 10
@@ -51,7 +52,8 @@ def main() -> None:
     report = Report()
     cards = tuple([1000] * 22 + [args.rows] * 4)
     models = {v: _build(cards, v) for v in ("fp32", "qat")}
-    report(f"world size 1, {torch.get_num_threads()} torch threads, 4 tables of {args.rows:,} rows + 22 of 1,000; "
+    report(f"world size 1, {torch.get_num_threads()} torch threads, optimizer: {optimizer_name(OptimConfig())}; 4 "
+           f"tables of {args.rows:,} rows + 22 of 1,000; "
            f"{args.steps} profiled steps per variant, alternated every {CHUNK}; self CPU time per step (profiler "
            f"overhead included alike in both)")
     results = []

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
-from bench.common import Report, add_out_argument, median, paired_ratio, save, table
+from bench.common import Report, add_out_argument, median, optimizer_name, paired_ratio, save, table
 from dqrm.datasets.reader import ParquetBatches
 from dqrm.datasets.synthetic import ensure_synthetic
 from dqrm.pipeline.checkpoint import Checkpointer
@@ -107,8 +107,7 @@ def _worker(rank, world_size, steps, reps, warmup):
         for v in VARIANTS[k:] + VARIANTS[:k]:
             times[v].append(run[v](steps))
     return {"times": times, "batch_size": cfg.data.batch_size,
-            "optimizer": f"dense {cfg.optim.dense} lr {cfg.optim.lr}, tables {cfg.optim.embedding} (fused) lr "
-                         f"{cfg.optim.embedding_lr}"}
+            "optimizer": optimizer_name(cfg.optim)}
 
 
 def main() -> None:
