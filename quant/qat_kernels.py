@@ -32,7 +32,8 @@ def _prefetch(typingctx, array, index):  # pragma: no cover - compiled
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
                                             "llvm.prefetch.p0i8")
-        builder.call(fn, [builder.bitcast(ptr, byte_ptr), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        read, all_levels, data = ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)
+        builder.call(fn, [builder.bitcast(ptr, byte_ptr), read, all_levels, data])
         return context.get_dummy_value()
     return types.void(array, index), codegen
 
