@@ -129,6 +129,18 @@ def _time(module, inputs):
     return (time.perf_counter() - t0) / (len(inputs) * BATCH)
 
 
+def alternated_times(modules: dict, inputs: list, reps: int) -> dict[str, list[float]]:
+    """{name: seconds per sample of each repetition}: every module warmed up on two batches, then ``reps``
+    repetitions over ``inputs``, the modules in turn within each (so that drift reaches them alike)."""
+    for m in modules.values():
+        _time(m, inputs[:2])
+    times = {name: [] for name in modules}
+    for _ in range(reps):
+        for name, m in modules.items():
+            times[name].append(_time(m, inputs))
+    return times
+
+
 # Where a serving batch's time goes, by the ops the profiler names (self CPU time, summed over a few batches).
 _PARTS = {"embedding lookups (FBGEMM TBE)": ("int_nbit_split_embedding", "bounds_check_indices", "cumsum"),
           "MLPs (addmm, relu)": ("aten::addmm", "aten::linear", "aten::mm", "aten::clamp_min", "aten::relu"),
@@ -266,12 +278,7 @@ def main() -> None:
                     raise AssertionError(f"{name}: the program differs from the artifact by "
                                          f"{(a - b).abs().max().item():.3g}")
             bf16_shift = float((modules[BF16](*inputs[0]) - modules[INT4](*inputs[0])).abs().max())
-        for m in modules.values():
-            _time(m, inputs[:2])
-        times = {name: [] for name in modules}
-        for _ in range(args.reps):
-            for name, m in modules.items():
-                times[name].append(_time(m, inputs))
+        times = alternated_times(modules, inputs, args.reps)
         latency = {rows: _latency(modules, inputs, rows, args.latency_calls) for rows in LATENCY_BATCHES}
         shares = {name: _breakdown(modules[name], inputs[:5]) for name in ("fp32", INT4, BF16)}
         del modules

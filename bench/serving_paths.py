@@ -26,7 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bench.common import Report, add_out_argument, median, paired_ratio, provenance, save, table
-from bench.inference import BATCH, BF16, LATENCY_BATCHES, _artifacts, _fp32_artifact, _inputs, _latency, _slice, _time
+from bench.inference import (BATCH, BF16, LATENCY_BATCHES, _artifacts, _fp32_artifact, _inputs, _latency, _slice,
+                             alternated_times)
 from dqrm.datasets.schema import FEATURE_NAMES
 from dqrm.pipeline.configs import get_config
 from dqrm.pipeline.quiet import quiet_library_noise
@@ -123,13 +124,8 @@ def main() -> None:
         modules = _served(paths)
         inputs = _inputs(cfg, args.batches)
         compile_s, diffs = _compile_and_check(modules, inputs)
-        with torch.no_grad():
-            for m in modules.values():
-                _time(m, inputs[:2])
-            times = {name: [] for name in modules}
-            for _ in range(args.reps):
-                for name, m in modules.items():
-                    times[name].append(_time(m, inputs))
+        with torch.no_grad():  # as the compiled modules were compiled: no recompilation in the timed calls
+            times = alternated_times(modules, inputs, args.reps)
         latency = {rows: _latency(modules, inputs, rows, args.latency_calls) for rows in LATENCY_BATCHES}
         del modules
     rows = []
