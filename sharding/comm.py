@@ -105,8 +105,9 @@ def _dp_table_ddps(model: nn.Module) -> list[DistributedDataParallel]:
 
 def compress_gradients(model: nn.Module, cfg: CommConfig, counter: ByteCounter | None = None) -> list:
     """Register the DDP comm hooks ``cfg`` asks for on a DMP model (call once, before training; an FP32 exchange
-    keeps DDP's own all-reduce, counted beside it when ``counter`` is given); returns the hooks that keep state: the INT8 error-feedback hook, either kind (checkpointed with the model), and the
-    touched-rows hooks. Collective with int8_rs_ag (it makes the group its all-gathers use)."""
+    keeps DDP's own all-reduce, counted beside it when ``counter`` is given); returns the hooks that keep state: the
+    INT8 error-feedback hook, either kind (checkpointed with the model), and the touched-rows hooks. Collective with
+    int8_rs_ag (it makes the group its all-gathers use)."""
     hooks: list[Int8ErrorFeedbackHook | TouchedRowsHook] = []
     dense = _dense_ddp(model)
     if dense is not None:
