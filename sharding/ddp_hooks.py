@@ -30,8 +30,9 @@ class Fp32AllReduceCount:
     [1.035, 1.054] TorchRec's bare loop against 1.003x without it: ``bench/results/train_throughput.txt`` of code
     commit b21f3d5). DDP all-reduces every bucket once per backward that syncs, and its buckets hold exactly the
     gradients of the parameters it manages, so each such backward adds the ring all-reduce of their bytes. The
-    backward is seen by a post-accumulate-grad hook on one parameter; a backward under ``no_sync`` (no all-reduce)
-    is not counted."""
+    backward is seen by a post-accumulate-grad hook on one parameter (without ``find_unused_parameters``, as TorchRec
+    wraps the dense part, every managed parameter gets a gradient in every backward); a backward under ``no_sync``
+    (no all-reduce) is not counted."""
 
     def __init__(self, counter: ByteCounter, kind: str, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
         self.counter, self.kind, self.ddp = counter, kind, ddp
